@@ -1,0 +1,42 @@
+"""Plain conv nets: the Fashion-MNIST default and a tiny test model."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qnet.models.layers import HEAD, STEM, QuantConv, QuantDense, batch_norm
+
+
+class SimpleCNN(nn.Module):
+  """VGG-style CNN: `stages` of conv-BN pairs, each stage ending in a 2x2 max-pool.
+
+  Every conv after `stem` quantizes its input (the activation quantizer is the ReLU);
+  max-pooling before a quantizer equals pooling after it because the quantizer is monotone.
+  `hidden` adds a quantized fully-connected layer before the classifier.
+  """
+  num_classes: int
+  stages: Sequence[Sequence[int]] = ((32, 32), (64, 64))
+  hidden: int = 0
+  act: str = "quant"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    x = x.astype(self.dtype)
+    first = True
+    for s, widths in enumerate(self.stages):
+      for c, width in enumerate(widths):
+        name = STEM if first else f"conv{s + 1}_{c + 1}"
+        x = QuantConv(width, quantize_input=not first, act=self.act, dtype=self.dtype, name=name)(x)
+        x = batch_norm(train, self.dtype, name=f"{name}_bn")(x)
+        first = False
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    self.sow("intermediates", "features", x)
+    if self.hidden:
+      x = QuantDense(self.hidden, reduce="flatten", act=self.act, dtype=self.dtype, name="fc")(x)
+      x = batch_norm(train, self.dtype, name="fc_bn")(x)
+    x = QuantDense(self.num_classes, reduce="flatten", act=self.act, dtype=self.dtype, name=HEAD)(x)
+    return x.astype(jnp.float32)

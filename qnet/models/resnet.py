@@ -1,0 +1,89 @@
+"""Pre-activation ResNets (He et al. 2016), the family the paper quantizes.
+
+CIFAR family (ResNet-20/32/56, 3 stages of 16/32/64 channels, any input >= 28x28) and the
+ImageNet family (ResNet-18/34 basic blocks, ResNet-50 bottlenecks, 7x7 stem + max-pool).
+Each residual block is one top-level module named `stage{i}_block{j}`; stochastic precision
+with `sp_unit='block'` samples those modules as units. The residual stream stays full
+precision; each conv quantizes its own input (the pre-activation) and its kernel.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qnet.models.layers import HEAD, STEM, QuantConv, QuantDense, batch_norm
+
+
+class BasicBlock(nn.Module):
+  features: int
+  strides: int = 1
+  act: str = "quant"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    conv = lambda f, k, s, name: QuantConv(f, (k, k), (s, s), act=self.act, dtype=self.dtype, name=name)
+    pre = batch_norm(train, self.dtype, "bn1")(x)
+    y = conv(self.features, 3, self.strides, "conv1")(pre)
+    y = batch_norm(train, self.dtype, "bn2")(y)
+    y = conv(self.features, 3, 1, "conv2")(y)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = conv(self.features, 1, self.strides, "shortcut")(pre)
+    return x + y
+
+
+class Bottleneck(nn.Module):
+  features: int
+  strides: int = 1
+  act: str = "quant"
+  dtype: Any = jnp.float32
+  expansion: int = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    conv = lambda f, k, s, name: QuantConv(f, (k, k), (s, s), act=self.act, dtype=self.dtype, name=name)
+    out = self.features * self.expansion
+    pre = batch_norm(train, self.dtype, "bn1")(x)
+    y = conv(self.features, 1, 1, "conv1")(pre)
+    y = batch_norm(train, self.dtype, "bn2")(y)
+    y = conv(self.features, 3, self.strides, "conv2")(y)
+    y = batch_norm(train, self.dtype, "bn3")(y)
+    y = conv(out, 1, 1, "conv3")(y)
+    if self.strides != 1 or x.shape[-1] != out:
+      x = conv(out, 1, self.strides, "shortcut")(pre)
+    return x + y
+
+
+class PreActResNet(nn.Module):
+  num_classes: int
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+  block: str = "basic"
+  imagenet_stem: bool = False
+  act: str = "quant"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    x = x.astype(self.dtype)
+    if self.imagenet_stem:
+      x = QuantConv(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+                    quantize_input=False, dtype=self.dtype, name=STEM)(x)
+      x = batch_norm(train, self.dtype, "stem_bn")(x)
+      x = nn.relu(x)
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    else:
+      x = QuantConv(self.widths[0], quantize_input=False, dtype=self.dtype, name=STEM)(x)
+    block_cls = BasicBlock if self.block == "basic" else Bottleneck
+    for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for j in range(n):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = block_cls(width, strides, act=self.act, dtype=self.dtype,
+                      name=f"stage{i + 1}_block{j + 1}")(x, train)
+    x = batch_norm(train, self.dtype, "final_bn")(x)
+    self.sow("intermediates", "features", x)
+    x = QuantDense(self.num_classes, reduce="mean", act=self.act, dtype=self.dtype, name=HEAD)(x)
+    return x.astype(jnp.float32)

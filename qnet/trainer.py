@@ -1,0 +1,336 @@
+"""`train_and_evaluate`: the training loop around the pure steps of `qnet.train`.
+
+Data parallel the `jit` way: a 1-D device `Mesh` with axis `data`; the state is replicated
+(`P()`), the global batch is sharded over `data` (`P('data')`), and XLA inserts the
+all-reduces (BatchNorm statistics are over the global batch). Works across hosts after
+`jax.distributed.initialize()`: each process feeds its own share of the batch.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from qnet import checkpointing, config_validation, conv, input_pipeline, metrics_io, models
+from qnet import precision as precision_lib
+from qnet import schedule as schedule_lib
+from qnet import train
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """1-D mesh over every device of every process, axis `data`."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def total_train_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(total steps, steps per epoch)."""
+  per_epoch = input_pipeline.steps_per_epoch(config.dataset, config.batch_size,
+                                             config.data_dir or None)
+  if config.num_train_steps > 0:
+    return config.num_train_steps, per_epoch
+  return max(1, int(math.ceil(config.num_epochs * per_epoch))), per_epoch
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  spec = input_pipeline.DATASETS[config.dataset]
+  size = config.image_size or spec.image_size
+  return size, size, spec.channels
+
+
+def build_specs(config: ml_collections.ConfigDict, total_steps: int
+                ) -> tuple[tuple[train.NetSpec, ...], train.NetSpec | None]:
+  """Static descriptions of the students and (with distillation) the teacher."""
+  ds = input_pipeline.DATASETS[config.dataset]
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  sample = jnp.zeros((1, *input_shape(config)), jnp.float32)
+  tx = train.create_optimizer(config.momentum, config.weight_decay, config.nesterov)
+
+  def lr_fn(base_lr, restart):
+    return train.create_learning_rate_fn(base_lr, config.lr_schedule, config.warmup_steps,
+                                         tuple(config.lr_step_at), config.lr_step_factor, restart)
+
+  def make_model(name):
+    return models.create_model(name, ds.num_classes, act=config.model_act, dtype=dtype)
+
+  student_model = make_model(config.model)
+  layout = precision_lib.layout_of(student_model, sample)
+  targets = [(config.quant.weight_bits, config.quant.act_bits)]
+  if config.distill.enabled:
+    targets += [tuple(p) for p in config.distill.extra_students]
+  students = tuple(
+      train.NetSpec(model=student_model, layout=layout,
+                    schedule=schedule_lib.from_config(config.schedule, w, a, total_steps,
+                                                      config.quant.keep_first_last_fp),
+                    tx=tx, lr_fn=lr_fn(config.learning_rate, config.schedule.lr_restart),
+                    reset_momentum=config.schedule.reset_momentum)
+      for w, a in targets)
+  teacher = None
+  if config.distill.enabled:
+    t_model = make_model(config.distill.teacher_model or config.model)
+    t_layout = precision_lib.layout_of(t_model, sample)
+    t_lr = config.distill.teacher_learning_rate
+    teacher = train.NetSpec(
+        model=t_model, layout=t_layout,
+        schedule=schedule_lib.Schedule(starts=(0,), weight_bits=(32.0,), act_bits=(32.0,),
+                                       total_steps=total_steps, keep_first_last_fp=False),
+        tx=tx, lr_fn=lr_fn(config.learning_rate if t_lr == -1 else t_lr, False),
+        frozen=bool(config.distill.teacher_from))
+  return students, teacher
+
+
+def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:
+  """What a checkpoint must agree on with the config that resumes it."""
+  return {
+      "dataset": config.dataset, "model": config.model, "batch_size": config.batch_size,
+      "image_size": list(input_shape(config)),
+      "quantized_layers": ["/".join(p) for p in students[0].layout.paths],
+      "num_students": len(students),
+      "teacher_model": None if teacher is None else (config.distill.teacher_model or config.model),
+  }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def device_batches(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
+                   prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Global arrays from each process's local batches, `prefetch` transfers in flight."""
+  queue: collections.deque = collections.deque()
+  for batch in batches:
+    queue.append({k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()})
+    if len(queue) > prefetch:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def first_nonfinite(rows: list[tuple[int, dict[str, float]]]) -> tuple[int, str, float] | None:
+  """(step, metric, value) of the first non-finite metric, losses checked first."""
+  for step, row in rows:
+    for name in sorted(row, key=lambda k: ("loss" not in k, k)):
+      if not math.isfinite(row[name]):
+        return step, name, row[name]
+  return None
+
+
+def load_students_from(workdir: str, state: train.TrainState) -> train.TrainState:
+  """`config.init_from`: every student's weights and BN statistics from another run's latest
+  checkpoint (its first student); the optimiser state stays fresh."""
+  params, batch_stats = _read_net(workdir, "students", "0")
+  for i, net in enumerate(state.students):
+    _check_shapes(net.params, params, f"init_from={workdir}: params")
+    _check_shapes(net.batch_stats, batch_stats, f"init_from={workdir}: batch_stats")
+  students = tuple(net.replace(params=_like(net.params, params),
+                               batch_stats=_like(net.batch_stats, batch_stats))
+                   for net in state.students)
+  return state.replace(students=students)
+
+
+def load_teacher_from(workdir: str, state: train.TrainState) -> train.TrainState:
+  """`config.distill.teacher_from`: a frozen teacher = the first student of another run."""
+  params, batch_stats = _read_net(workdir, "students", "0")
+  _check_shapes(state.teacher.params, params, f"distill.teacher_from={workdir}: params")
+  _check_shapes(state.teacher.batch_stats, batch_stats, f"distill.teacher_from={workdir}: batch_stats")
+  return state.replace(teacher=state.teacher.replace(
+      params=_like(state.teacher.params, params),
+      batch_stats=_like(state.teacher.batch_stats, batch_stats)))
+
+
+def _read_net(workdir: str, *path: str) -> tuple[PyTree, PyTree]:
+  import orbax.checkpoint as ocp
+  manager = checkpointing.create_manager(workdir)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+  raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  node = raw
+  for key in path:
+    node = node[key] if isinstance(node, dict) else node[int(key)]
+  return node["params"], node["batch_stats"]
+
+
+def _check_shapes(expected: PyTree, got: PyTree, what: str) -> None:
+  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(got)}
+  diffs = [f"{k}: model {want.get(k)} vs checkpoint {have.get(k)}"
+           for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+  if diffs:
+    raise ValueError(f"{what} do not match the model ({len(diffs)} differences): "
+                     + "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else ""))
+
+
+def _like(target: PyTree, source: PyTree) -> PyTree:
+  """`source` values in `target`'s structure, dtype and sharding."""
+  flat = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(source))
+  return jax.tree_util.tree_map_with_path(
+      lambda k, t: jax.device_put(np.asarray(flat[jax.tree_util.keystr(k)], t.dtype), t.sharding),
+      target)
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step (save, then exit 0)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (resuming from `WORKDIR/checkpoints` if present), evaluates, and returns the
+  final evaluation metrics (`eval_accuracy` is the first student's top-1)."""
+  config_validation.validate(config, jax.device_count(), jax.process_count())
+  os.makedirs(workdir, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  data_dir = config.data_dir or None
+  total_steps, per_epoch = total_train_steps(config)
+  students, teacher = build_specs(config, total_steps)
+  for i, s in enumerate(students):
+    logging.info("student %d precision schedule: %s", i, schedule_lib.describe(s.schedule))
+  meta = run_meta(config, students, teacher)
+
+  mesh = create_mesh()
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P("data"))
+  sample = jnp.zeros((1, *input_shape(config)), jnp.float32)
+  init = functools.partial(train.init_state, students, teacher, config.seed)
+  state = jax.jit(init, out_shardings=replicated)(sample)
+
+  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
+  restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state)) \
+      if manager.all_steps() else None
+  if restored is not None:
+    step0, state, saved_meta = restored
+    checkpointing.check_compatible(saved_meta, meta)
+    logging.info("resumed from %s at step %d", manager.directory, step0)
+  else:
+    if config.init_from:
+      state = load_students_from(config.init_from, state)
+      logging.info("students initialised from %s", config.init_from)
+    if config.distill.teacher_from:
+      state = load_teacher_from(config.distill.teacher_from, state)
+      logging.info("frozen teacher loaded from %s", config.distill.teacher_from)
+  start_step = int(state.step)
+
+  compiler_options = conv.cpu_compiler_options() or None
+  p_train = jax.jit(functools.partial(train.train_step, students=students, teacher=teacher,
+                                      distill=_distill_spec(config)),
+                    in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+                    donate_argnums=(0,), compiler_options=compiler_options)
+  p_eval = jax.jit(functools.partial(train.eval_step, students=students, teacher=teacher),
+                   in_shardings=(replicated, data_sharding), out_shardings=replicated,
+                   compiler_options=compiler_options)
+
+  writer = metrics_io.create_writer(workdir, is_chief)
+  if start_step == 0:
+    writer.write_hparams({k: str(v) for k, v in config_validation._flatten(config).items()})
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
+
+  def evaluate(state) -> dict[str, float]:
+    sums = collections.defaultdict(float)
+    batches = input_pipeline.create_eval_iterator(
+        config.dataset, global_batch_size=config.batch_size, data_dir=data_dir,
+        image_size=config.image_size or None)
+    for batch in device_batches(batches, data_sharding):
+      for k, v in jax.device_get(p_eval(state, batch)).items():
+        sums[k] += float(v)
+    count = sums.pop("eval_count")
+    return {k: v / count for k, v in sums.items()} | {"eval_examples": count}
+
+  train_iter = device_batches(input_pipeline.create_train_iterator(
+      config.dataset, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step, data_dir=data_dir, augment=config.augment,
+      image_size=config.image_size or None), data_sharding)
+  progress = metrics_io.Progress(start_step, total_steps)
+  pending: list[tuple[int, dict]] = []
+  eval_metrics: dict[str, float] = {}
+
+  def flush(step: int) -> None:
+    """Fetches buffered metrics (the only host sync in the loop), checks them, logs them."""
+    rows = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+    pending.clear()
+    bad = first_nonfinite(rows)
+    if bad is not None:
+      raise FloatingPointError(f"non-finite {bad[1]}={bad[2]} at step {bad[0]}; stopping "
+                               f"without checkpointing the poisoned state")
+    if not rows:
+      return
+    mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
+    rate, eta = progress.update(step)
+    mean["steps_per_sec"] = rate
+    writer.write_scalars(step, mean)
+    logging.info("step %d/%d  loss %.4f  train_acc %.4f  W%gA%g  q-frac %.3f  %.2f steps/s  ETA %s",
+                 step, total_steps, mean["train_loss"], mean["train_accuracy"],
+                 mean["weight_bits"], mean["act_bits"], mean["quantized_fraction"], rate,
+                 metrics_io.format_duration(eta))
+
+  with _Preemption() as preemption:
+    step = start_step
+    if step >= total_steps and restored is not None:
+      eval_metrics = evaluate(state)
+    while step < total_steps:
+      batch = next(train_iter)
+      state, metrics = p_train(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      last = step == total_steps
+      if step % config.log_every_steps == 0 or last:
+        flush(step)
+      if step % eval_every == 0 or last:
+        flush(step)
+        eval_metrics = evaluate(state)
+        writer.write_scalars(step, eval_metrics)
+        logging.info("eval at step %d: %s", step,
+                     "  ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
+      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+        flush(step)
+        checkpointing.save(manager, step, state, meta)
+      if preemption.requested:
+        manager.wait_until_finished()
+        logging.warning("checkpoint at step %d saved after SIGTERM; exiting", step)
+        break
+  manager.wait_until_finished()
+  writer.flush()
+  return eval_metrics
+
+
+def _distill_spec(config: ml_collections.ConfigDict) -> train.DistillSpec | None:
+  if not config.distill.enabled:
+    return None
+  d = config.distill
+  return train.DistillSpec(temperature=d.temperature, student_ce=d.student_ce,
+                           student_kl=d.student_kl, teacher_ce=d.teacher_ce,
+                           teacher_kl=d.teacher_kl, hint_weight=d.hint_weight)

@@ -1,0 +1,89 @@
+"""Models: registry, output shapes, parameter counts, precision pytree built from the model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qnet import models, precision
+
+
+def _count(model, shape):
+  v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros(shape))
+  return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(v["params"])), v
+
+
+def _cifar_preact_resnet_params(n: int, in_ch: int, classes: int) -> int:
+  """Hand count: bias-free 3x3 convs, BN (scale+bias) before each conv pair, 1x1 projection
+  shortcuts where the shape changes, a final BN and a dense head with bias."""
+  total, c_in = 3 * 3 * in_ch * 16, 16
+  for width in (16, 32, 64):
+    for _ in range(n):
+      total += 2 * c_in + 9 * c_in * width + 2 * width + 9 * width * width
+      total += c_in * width if c_in != width else 0
+      c_in = width
+  return total + 2 * 64 + 64 * classes + classes
+
+
+@pytest.mark.parametrize("name,n,shape,classes", [
+    ("resnet20", 3, (1, 32, 32, 3), 10), ("resnet20", 3, (1, 28, 28, 1), 10),
+    ("resnet32", 5, (1, 32, 32, 3), 100), ("resnet56", 9, (1, 32, 32, 3), 100)])
+def test_cifar_resnet_parameter_counts(name, n, shape, classes):
+  got, _ = _count(models.create_model(name, classes), shape)
+  assert got == _cifar_preact_resnet_params(n, shape[-1], classes)
+  if name == "resnet20" and shape[-1] == 3:
+    assert got == 272_282  # the familiar "0.27M" of He et al.
+
+
+@pytest.mark.parametrize("name,reference", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+def test_imagenet_resnet_parameter_counts_match_torchvision_within_0_1_percent(name, reference):
+  # torchvision's counts; pre-activation moves BNs around, which changes a few thousand.
+  got, _ = _count(models.create_model(name, 1000), (1, 224, 224, 3))
+  assert abs(got - reference) / reference < 1e-3
+
+
+def test_fmnist_cnn_parameter_count():
+  got, _ = _count(models.create_model("fmnist_cnn", 10), (1, 28, 28, 1))
+  convs = 9 * 1 * 32 + 9 * 32 * 32 + 9 * 32 * 64 + 9 * 64 * 64
+  bns = 2 * (32 + 32 + 64 + 64 + 256)
+  assert got == convs + bns + (7 * 7 * 64 * 256 + 256) + (256 * 10 + 10)
+
+
+@pytest.mark.parametrize("name,shape", [("tiny_cnn", (3, 28, 28, 1)), ("tiny_resnet", (3, 32, 32, 3)),
+                                        ("resnet20", (2, 28, 28, 1))])
+def test_output_shapes_and_precision_collection(name, shape):
+  model = models.create_model(name, 7)
+  x = jnp.ones(shape)
+  v = model.init(jax.random.key(0), x, train=False)
+  layout = precision.layout_of(model, x)
+  out = model.apply({"params": v["params"], "batch_stats": v["batch_stats"],
+                     "precision": precision.uniform(layout, 4, 4)}, x, train=False)
+  assert out.shape == (shape[0], 7) and out.dtype == jnp.float32
+  # One (weight_bits, act_bits) pair per layer with a kernel, keyed like the params.
+  kernels = {p[:-1] for p in (tuple(k.key for k in path)
+                              for path, _ in jax.tree_util.tree_leaves_with_path(v["params"]))
+             if p[-1] == "kernel"}
+  assert set(layout.paths) == kernels
+  assert ("head",) in layout.paths and ("stem",) in layout.paths
+
+
+def test_alexnet_shapes():
+  n, v = _count(models.create_model("alexnet_bn", 1000), (1, 224, 224, 3))
+  assert n > 40_000_000 and "fc6" in v["params"] and "fc6_bn" in v["params"]
+
+
+def test_unknown_model_is_a_clear_error():
+  with pytest.raises(ValueError, match="allowed: .*resnet20"):
+    models.create_model("resnet21", 10)
+
+
+def test_precision_changes_the_output_and_apply_requires_it():
+  model = models.create_model("tiny_resnet", 10)
+  x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
+  v = model.init(jax.random.key(0), x, train=False)
+  layout = precision.layout_of(model, x)
+  base = {"params": v["params"], "batch_stats": v["batch_stats"]}
+  outs = [model.apply(base | {"precision": precision.uniform(layout, b, b)}, x, train=False)
+          for b in (32, 2)]
+  assert not np.allclose(outs[0], outs[1])
+  with pytest.raises(Exception, match="precision"):
+    model.apply(base, x, train=False)
