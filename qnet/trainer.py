@@ -209,9 +209,14 @@ class _Preemption:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_at_step: int | None = None) -> dict[str, float]:
   """Trains (resuming from `WORKDIR/checkpoints` if present), evaluates, and returns the
-  final evaluation metrics (`eval_accuracy` is the first student's top-1)."""
+  final evaluation metrics (`eval_accuracy` is the first student's top-1).
+
+  `stop_at_step` ends the run early at that step, after checkpointing it, exactly as a
+  preemption would (used to test resumption).
+  """
   config_validation.validate(config, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -315,12 +320,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_scalars(step, eval_metrics)
         logging.info("eval at step %d: %s", step,
                      "  ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
-      if step % config.checkpoint_every_steps == 0 or last or preemption.requested:
+      stop = preemption.requested or step == stop_at_step
+      if step % config.checkpoint_every_steps == 0 or last or stop:
         flush(step)
         checkpointing.save(manager, step, state, meta)
-      if preemption.requested:
+      if stop:
         manager.wait_until_finished()
-        logging.warning("checkpoint at step %d saved after SIGTERM; exiting", step)
+        logging.warning("checkpoint at step %d saved; stopping early (%s)", step,
+                        "SIGTERM" if preemption.requested else "stop_at_step")
         break
   manager.wait_until_finished()
   writer.flush()
