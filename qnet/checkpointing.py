@@ -42,28 +42,42 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: PyTree
-                   ) -> tuple[int, PyTree, dict] | None:
-  """(step, state, meta) of the newest checkpoint that loads, or None if there is none.
+def restore_latest(workdir: str, abstract_state: PyTree, current_meta: dict,
+                   max_to_keep: int = 3) -> tuple[ocp.CheckpointManager, tuple[int, PyTree] | None]:
+  """The manager and (step, state) of the newest checkpoint that loads (None if none).
 
-  A checkpoint that fails to load is logged and skipped (never deleted), falling back to
-  the previous one; if none loads, the last error is raised.
+  The run metadata is read and compared with `current_meta` first, so a checkpoint of a
+  different run is an `IncompatibleCheckpointError` (naming what differs), never
+  mistaken for damage. A checkpoint that fails to load is logged and moved aside to
+  `STEP.damaged` (kept for inspection, never deleted), and the previous one is tried.
   """
-  steps = sorted(manager.all_steps(), reverse=True)
-  last_error = None
-  for step in steps:
+  manager = create_manager(workdir, max_to_keep)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      saved_meta = read_meta(manager, step)
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint.
+      manager = _quarantine(manager, workdir, step, e, max_to_keep)
+      continue
+    check_compatible(saved_meta, current_meta)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      return step, restored["state"], restored["meta"]
+          state=ocp.args.StandardRestore(abstract_state)))
+      return manager, (step, restored["state"])
     except Exception as e:  # noqa: BLE001 - any failure to read means "damaged", try older.
-      logging.error("checkpoint at step %d is damaged or unreadable (%s: %s); trying an older one",
-                    step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-      last_error = e
-  if last_error is not None:
-    raise RuntimeError(f"no readable checkpoint in {manager.directory}: all of steps {steps} "
-                       "failed to load") from last_error
-  return None
+      manager = _quarantine(manager, workdir, step, e, max_to_keep)
+  return manager, None
+
+
+def _quarantine(manager, workdir: str, step: int, error: Exception, max_to_keep: int
+                ) -> ocp.CheckpointManager:
+  path = os.path.join(str(manager.directory), str(step))
+  target = f"{path}.damaged"
+  logging.error("checkpoint at step %d is damaged or unreadable (%s: %s); moved to %s, "
+                "trying an older one", step, type(error).__name__,
+                (str(error).splitlines() or [""])[0][:300], target)
+  manager.close()
+  os.replace(path, target) if not os.path.exists(target) else None
+  return create_manager(workdir, max_to_keep)
 
 
 def check_compatible(saved: dict, current: dict) -> None:

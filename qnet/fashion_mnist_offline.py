@@ -29,13 +29,19 @@ def source_dir() -> str:
     return os.environ.get(DIR_ENV_VAR) or DEFAULT_DIR
 
 
+def files_present(directory: str | None = None) -> bool:
+    """Whether all four IDX files are in `directory` (default: `source_dir()`)."""
+    directory = directory or source_dir()
+    return all(os.path.exists(os.path.join(directory, n)) for pair in _FILES.values() for n in pair)
+
+
 def _missing_files_error(directory: str, missing: list[str]) -> FileNotFoundError:
     return FileNotFoundError(
         f"Fashion-MNIST IDX files not found in {directory!r} (missing: {', '.join(missing)}). "
         f"Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the "
         f"four *-ubyte.gz files in a directory and set {DIR_ENV_VAR} to it. Alternatively, run "
-        f"`tfds build fashion_mnist` on a machine with internet, copy its data_dir here and train "
-        f"with `--config.dataset_builder=tfds`.")
+        f"`tfds build fashion_mnist` on a machine with internet and copy its data_dir to "
+        f"--config.data_dir (qnet then uses TFDS's prepared `fashion_mnist`).")
 
 
 def _read_idx(path: str) -> np.ndarray:

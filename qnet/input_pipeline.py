@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -29,6 +30,7 @@ except (RuntimeError, ValueError):  # Devices already initialised.
     pass
 
 AUTOTUNE = tf.data.AUTOTUNE
+_DATA_THREADS = int(os.environ.get("QNET_DATA_THREADS", "2"))
 _STREAM_SHUFFLE_BUFFER = 10_000  # Examples (encoded) for datasets too big to cache.
 _IMAGENET_CROP_FRACTION = 0.875
 
@@ -74,6 +76,10 @@ def get_builder(dataset: str, data_dir: str | None = None) -> tfds.core.DatasetB
     if dataset != "fashion_mnist":
         return tfds.builder(dataset, data_dir=data_dir)
     builder = fashion_mnist_offline.FashionMnistOffline(data_dir=data_dir)
+    if not builder.is_prepared() and not fashion_mnist_offline.files_present():
+        tfds_builder = tfds.builder("fashion_mnist", data_dir=data_dir)
+        if tfds_builder.is_prepared():  # prepared elsewhere with `tfds build fashion_mnist`
+            return tfds_builder
     if not builder.is_prepared():
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -223,6 +229,9 @@ def _image_label(example):
 def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.deterministic = True
+    # A small private pool: the pipeline needs a few percent of a core for the datasets
+    # here, and TF's default (one thread per core, spinning) competes with XLA's step.
+    options.threading.private_threadpool_size = _DATA_THREADS
     return ds.with_options(options)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only our data loader: keep it quiet
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -22,7 +24,15 @@ def _reference_config():
   return default.get_config()
 
 
+class _QuietLibraries:
+  """Drops INFO lines of orbax (several per checkpoint) from the console; warnings stay."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   import jax
@@ -42,8 +52,37 @@ def main(argv: list[str]) -> None:
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, but a bad `--config.FIELD=VALUE` is one line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    from qnet import config_validation
+    reference = config_validation._flatten(_reference_config())
+    for arg in argv[1:]:
+      if arg.startswith("--config."):
+        field = arg[len("--config."):].split("=", 1)[0]
+        if field not in reference:
+          import difflib
+          near = difflib.get_close_matches(field, list(reference), n=1, cutoff=0.5)
+          hint = f"did you mean config.{near[0]}?" if near else "see configs/default.py"
+          print(f"qnet: config error: config.{field} is not a known field; {hint}", file=sys.stderr)
+          sys.exit(2)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    expected = ""
+    for arg in argv[1:]:
+      field = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else None
+      if field in reference and field in first:
+        default = reference[field]
+        allowed = (config_validation.BITS_ALLOWED if field.endswith("_bits")
+                   else f"a {type(default).__name__} like the default {default!r}")
+        expected = f"; allowed: {allowed}"
+    print(f"qnet: config error: {first}{expected}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run() -> None:
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

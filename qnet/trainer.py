@@ -107,6 +107,24 @@ def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:
   }
 
 
+def compile_steps(mesh: jax.sharding.Mesh, students: tuple[train.NetSpec, ...],
+                  teacher: train.NetSpec | None, distill: train.DistillSpec | None):
+  """The jitted, data-parallel train and eval steps (state replicated, batch on `data`).
+
+  The train step donates the old state. On CPU both get qnet.conv's compiler options.
+  """
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  options = conv.cpu_compiler_options() or None
+  p_train = jax.jit(functools.partial(train.train_step, students=students, teacher=teacher,
+                                      distill=distill),
+                    in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                    donate_argnums=(0,), compiler_options=options)
+  p_eval = jax.jit(functools.partial(train.eval_step, students=students, teacher=teacher),
+                   in_shardings=(replicated, data), out_shardings=replicated,
+                   compiler_options=options)
+  return p_train, p_eval
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -234,12 +252,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init = functools.partial(train.init_state, students, teacher, config.seed)
   state = jax.jit(init, out_shardings=replicated)(sample)
 
-  manager = checkpointing.create_manager(workdir, config.keep_checkpoints)
-  restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state)) \
-      if manager.all_steps() else None
+  manager, restored = checkpointing.restore_latest(
+      workdir, checkpointing.abstract_like(state), meta, config.keep_checkpoints)
   if restored is not None:
-    step0, state, saved_meta = restored
-    checkpointing.check_compatible(saved_meta, meta)
+    step0, state = restored
     logging.info("resumed from %s at step %d", manager.directory, step0)
   else:
     if config.init_from:
@@ -250,14 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info("frozen teacher loaded from %s", config.distill.teacher_from)
   start_step = int(state.step)
 
-  compiler_options = conv.cpu_compiler_options() or None
-  p_train = jax.jit(functools.partial(train.train_step, students=students, teacher=teacher,
-                                      distill=_distill_spec(config)),
-                    in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
-                    donate_argnums=(0,), compiler_options=compiler_options)
-  p_eval = jax.jit(functools.partial(train.eval_step, students=students, teacher=teacher),
-                   in_shardings=(replicated, data_sharding), out_shardings=replicated,
-                   compiler_options=compiler_options)
+  p_train, p_eval = compile_steps(mesh, students, teacher, _distill_spec(config))
 
   writer = metrics_io.create_writer(workdir, is_chief)
   if start_step == 0:
@@ -330,6 +339,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         "SIGTERM" if preemption.requested else "stop_at_step")
         break
   manager.wait_until_finished()
+  # Compile counts of this process (a precision change must never add one), for benchmarks.
+  writer.write_scalars(step, {"train_step_compiles": p_train._cache_size(),
+                              "eval_step_compiles": p_eval._cache_size()})
   writer.flush()
   return eval_metrics
 

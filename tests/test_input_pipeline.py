@@ -1,7 +1,6 @@
 """Tests of qnet.input_pipeline and the offline Fashion-MNIST builder (offline, ~30 s)."""
 
 import collections
-import gzip
 import itertools
 import os
 
@@ -13,14 +12,7 @@ from qnet import fashion_mnist_offline
 from qnet import input_pipeline as ip
 
 DEBIAN_DIR = fashion_mnist_offline.DEFAULT_DIR
-FAKE_TRAIN, FAKE_TEST = 50, 23
-
-
-def _write_idx(path, array):
-    header = (0x0800 | array.ndim).to_bytes(4, "big")
-    header += b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+from conftest import FAKE_TEST, FAKE_TRAIN  # the fake_data_dir fixture's sizes
 
 
 def _take(iterator, n):
@@ -41,22 +33,6 @@ def _assert_same_batches(a, b):
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-
-
-@pytest.fixture(scope="session")
-def fake_data_dir(tmp_path_factory):
-    """A data_dir holding a tiny `fashion_mnist_offline` built from fake IDX files whose
-    images are constant = example index (train 1..50, test 100..122), label = index % 10."""
-    src = tmp_path_factory.mktemp("fake_idx")
-    for split, n, offset in (("train", FAKE_TRAIN, 1), ("t10k", FAKE_TEST, 100)):
-        index = np.arange(offset, offset + n)
-        _write_idx(src / f"{split}-images-idx3-ubyte.gz", np.repeat(index, 784).reshape(n, 28, 28))
-        _write_idx(src / f"{split}-labels-idx1-ubyte.gz", index % 10)
-    data_dir = tmp_path_factory.mktemp("fake_tfds")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(fashion_mnist_offline.DIR_ENV_VAR, str(src))
-        ip.get_builder("fashion_mnist", str(data_dir))
-    return str(data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -43,9 +43,10 @@ def test_imagenet_resnet_parameter_counts_match_torchvision_within_0_1_percent(n
 
 def test_fmnist_cnn_parameter_count():
   got, _ = _count(models.create_model("fmnist_cnn", 10), (1, 28, 28, 1))
-  convs = 9 * 1 * 32 + 9 * 32 * 32 + 9 * 32 * 64 + 9 * 64 * 64
-  bns = 2 * (32 + 32 + 64 + 64 + 256)
-  assert got == convs + bns + (7 * 7 * 64 * 256 + 256) + (256 * 10 + 10)
+  # 28 -> conv 32 -> pool 14 -> conv 64 -> pool 7 -> conv 128 -> pool 3 -> fc 256 -> 10
+  convs = 9 * 1 * 32 + 9 * 32 * 64 + 9 * 64 * 128
+  bns = 2 * (32 + 64 + 128 + 256)
+  assert got == convs + bns + (3 * 3 * 128 * 256 + 256) + (256 * 10 + 10)
 
 
 @pytest.mark.parametrize("name,shape", [("tiny_cnn", (3, 28, 28, 1)), ("tiny_resnet", (3, 32, 32, 3)),

@@ -42,8 +42,9 @@ def saved_state(config, workdir):
   with tfds.testing.mock_data(num_examples=64):
     students, teacher = trainer.build_specs(config, trainer.total_train_steps(config)[0])
   state = train.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
-  manager = checkpointing.create_manager(str(workdir))
-  step, restored, meta = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  with tfds.testing.mock_data(num_examples=64):
+    meta = trainer.run_meta(config, students, teacher)
+  _, (step, restored) = checkpointing.restore_latest(str(workdir), checkpointing.abstract_like(state), meta)
   return step, restored
 
 
@@ -88,9 +89,9 @@ def test_checkpoint_save_then_restore_is_equal(tmp_path):
   checkpointing.save(manager, 7, state, {"model": "tiny_cnn"})
   manager.wait_until_finished()
   fresh = train.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
-  step, restored, meta = checkpointing.restore_latest(
-      checkpointing.create_manager(str(tmp_path)), checkpointing.abstract_like(fresh))
-  assert step == 7 and meta == {"model": "tiny_cnn"} and int(restored.step) == 7
+  _, (step, restored) = checkpointing.restore_latest(
+      str(tmp_path), checkpointing.abstract_like(fresh), {"model": "tiny_cnn"})
+  assert step == 7 and int(restored.step) == 7
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(x, y)

@@ -15,7 +15,7 @@ _IMAGENET = dict(widths=(64, 128, 256, 512), imagenet_stem=True)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     # Fashion-MNIST default (see configs/fashion_mnist_w4a4.py for why this one).
-    "fmnist_cnn": functools.partial(SimpleCNN, stages=((32, 32), (64, 64)), hidden=256),
+    "fmnist_cnn": functools.partial(SimpleCNN, stages=((32,), (64,), (128,)), hidden=256),
     "resnet20": functools.partial(PreActResNet, stage_sizes=(3, 3, 3), **_CIFAR),
     "resnet32": functools.partial(PreActResNet, stage_sizes=(5, 5, 5), **_CIFAR),
     "resnet56": functools.partial(PreActResNet, stage_sizes=(9, 9, 9), **_CIFAR),
