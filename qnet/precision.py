@@ -89,7 +89,7 @@ def layout_from_collection(collection: PyTree) -> Layout:
 
 def layout_of(model, sample_input: jax.Array) -> Layout:
   """Reads the quantizable layers off `model` (shapes only, no compute)."""
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), sample_input)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False), sample_input)
   if PRECISION not in variables:
     raise ValueError(f"{type(model).__name__} has no quantizable layers")
   return layout_from_collection(variables[PRECISION])

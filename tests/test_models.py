@@ -8,7 +8,7 @@ from qnet import models, precision
 
 
 def _count(model, shape):
-  v = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), jnp.zeros(shape))
+  v = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False), jnp.zeros(shape))
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(v["params"])), v
 
 
@@ -54,10 +54,11 @@ def test_fmnist_cnn_parameter_count():
 def test_output_shapes_and_precision_collection(name, shape):
   model = models.create_model(name, 7)
   x = jnp.ones(shape)
-  v = model.init(jax.random.key(0), x, train=False)
+  v = jax.jit(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
   layout = precision.layout_of(model, x)
-  out = model.apply({"params": v["params"], "batch_stats": v["batch_stats"],
-                     "precision": precision.uniform(layout, 4, 4)}, x, train=False)
+  out = jax.jit(lambda v, p: model.apply({"params": v["params"], "batch_stats": v["batch_stats"],
+                                           "precision": p}, x, train=False)
+                )(v, precision.uniform(layout, 4, 4))
   assert out.shape == (shape[0], 7) and out.dtype == jnp.float32
   # One (weight_bits, act_bits) pair per layer with a kernel, keyed like the params.
   kernels = {p[:-1] for p in (tuple(k.key for k in path)
@@ -79,12 +80,12 @@ def test_unknown_model_is_a_clear_error():
 
 def test_precision_changes_the_output_and_apply_requires_it():
   model = models.create_model("tiny_resnet", 10)
-  x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
-  v = model.init(jax.random.key(0), x, train=False)
+  x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 28, 28, 1))
+  v = jax.jit(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
   layout = precision.layout_of(model, x)
   base = {"params": v["params"], "batch_stats": v["batch_stats"]}
-  outs = [model.apply(base | {"precision": precision.uniform(layout, b, b)}, x, train=False)
-          for b in (32, 2)]
+  apply = jax.jit(lambda p: model.apply(base | {"precision": p}, x, train=False))
+  outs = [apply(precision.uniform(layout, b, b)) for b in (32, 2)]
   assert not np.allclose(outs[0], outs[1])
   with pytest.raises(Exception, match="precision"):
     model.apply(base, x, train=False)

@@ -31,6 +31,10 @@ def _cli(workdir, data_dir, *extra):
 def _env():
   env = dict(os.environ)
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  # Share the tests' persistent compilation cache: repeated runs skip compiling.
+  env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env
 
 

@@ -85,7 +85,7 @@ def test_sp_ratio_step_list_and_linear_ramp():
 def test_stochastic_fraction_within_three_standard_errors(unit, ratio):
   layout = _layout("resnet20")
   draws = 400
-  keys = jax.random.split(jax.random.key(0), draws)
+  keys = jax.random.split(jax.random.key(0, impl="rbg"), draws)
   masks, fractions = jax.vmap(lambda k: precision.stochastic_mask(k, ratio, layout, unit))(keys)
   _, num_units = layout.unit_ids(unit)
   eligible = num_units - 2  # stem and head are their own units and never sampled
@@ -97,7 +97,7 @@ def test_stochastic_fraction_within_three_standard_errors(unit, ratio):
 def test_block_unit_quantizes_a_whole_block_together():
   layout = _layout("resnet20")
   ids, _ = layout.unit_ids("block")
-  mask, _ = precision.stochastic_mask(jax.random.key(3), 0.5, layout, "block")
+  mask, _ = precision.stochastic_mask(jax.random.key(3, impl="rbg"), 0.5, layout, "block")
   mask = np.asarray(mask)
   for u in np.unique(ids):
     assert len(set(mask[ids == u])) == 1
@@ -111,14 +111,14 @@ def _apply(model, v, prec, x):
 @pytest.mark.parametrize("separate", [False, True])
 def test_ratio_one_is_fully_quantized_and_ratio_zero_is_full_precision(separate):
   model = models.create_model("tiny_resnet", 10)
-  x = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
-  v = model.init(jax.random.key(0), x, train=False)
+  x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 28, 28, 1))
+  v = model.init(jax.random.key(0, impl="rbg"), x, train=False)
   layout = precision.layout_of(model, x)
   for ratios, target in [((1.0,), precision.uniform(layout, 2, 2)),
                          ((0.0,), precision.uniform(layout, 32, 32))]:
     s = schedule.Schedule(starts=(0,), weight_bits=(2.0,), act_bits=(2.0,), total_steps=10,
                           stochastic=True, sp_ratios=ratios, sp_separate=separate)
-    prec, frac = s.sample(layout, jnp.int32(3), jax.random.key(7))
+    prec, frac = s.sample(layout, jnp.int32(3), jax.random.key(7, impl="rbg"))
     np.testing.assert_array_equal(_apply(model, v, prec, x), _apply(model, v, target, x))
     assert float(frac) == ratios[0]
 
