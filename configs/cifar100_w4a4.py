@@ -8,6 +8,7 @@ layers full precision. Needs TFDS's `cifar100` prepared (`tfds build cifar100`).
 Time: ~78k steps; on one modern GPU well under an hour, on 2 CPU cores days (not a CPU job).
 Target: the paper's CIFAR-100 ResNet-20 results (see README "Paper recipes").
 """
+
 from configs import default
 
 

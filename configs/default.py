@@ -3,6 +3,7 @@
 Run: python -m qnet.main --config=configs/default.py --workdir=/tmp/qnet_default
 (the same as configs/fashion_mnist_w4a4.py without its budget; see that file).
 """
+
 import ml_collections
 
 
@@ -10,18 +11,18 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # Data: fashion_mnist | cifar10 | cifar100 | imagenet2012 (via TFDS; fashion_mnist offline).
   c.dataset = "fashion_mnist"
-  c.data_dir = ""            # TFDS data dir; "" means TFDS's default (~/tensorflow_datasets).
+  c.data_dir = ""  # TFDS data dir; "" means TFDS's default (~/tensorflow_datasets).
   c.augment = True
-  c.image_size = 0           # 0: the dataset's native size (224 for imagenet2012).
+  c.image_size = 0  # 0: the dataset's native size (224 for imagenet2012).
   # Model: a name from qnet.models.MODELS.
   c.model = "fmnist_cnn"
-  c.model_act = "quant"      # quant: DoReFa activation quantizer (clip-ReLU at 32 bits); relu: plain ReLU FP baseline.
-  c.dtype = "float32"        # float32 | bfloat16 (compute dtype; weights and BN statistics stay float32).
+  c.model_act = "quant"  # quant: DoReFa activation quantizer (clip-ReLU at 32 bits); relu: plain ReLU FP baseline.
+  c.dtype = "float32"  # float32 | bfloat16 (compute dtype; weights and BN statistics stay float32).
   # Budget. batch_size is global (over all devices and hosts).
   c.batch_size = 128
   c.num_epochs = 5.0
-  c.num_train_steps = -1     # -1: derived from num_epochs.
-  c.eval_every_steps = -1    # -1: once per epoch and at the end.
+  c.num_train_steps = -1  # -1: derived from num_epochs.
+  c.eval_every_steps = -1  # -1: once per epoch and at the end.
   c.checkpoint_every_steps = 1000
   c.log_every_steps = 100
   c.keep_checkpoints = 3
@@ -30,28 +31,43 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 0.1
   c.momentum = 0.9
   c.nesterov = False
-  c.weight_decay = 1e-4      # on kernels only (not BN scales/biases or dense biases).
-  c.lr_schedule = "cosine"   # cosine | step | constant
+  c.weight_decay = 1e-4  # on kernels only (not BN scales/biases or dense biases).
+  c.lr_schedule = "cosine"  # cosine | step | constant
   c.warmup_steps = 0
-  c.lr_step_at = (0.5, 0.75) # step schedule: fractions of training where lr is multiplied by lr_step_factor.
+  c.lr_step_at = (
+    0.5,
+    0.75,
+  )  # step schedule: fractions of training where lr is multiplied by lr_step_factor.
   c.lr_step_factor = 0.1
   # Quantization (paper.md, "Quantizers"). Bits: 1..16, or 32 for full precision.
   c.quant = ml_collections.ConfigDict()
   c.quant.weight_bits = 4
   c.quant.act_bits = 4
   c.quant.keep_first_last_fp = True
-  c.quant.per_channel = False   # per-output-channel max in the weight normalisation (ours).
+  c.quant.per_channel = False  # per-output-channel max in the weight normalisation (ours).
   # Precision schedule (paper.md remedies 1 and 2). kind: direct | two_stage | progressive |
   # stochastic, or several joined with '+', e.g. 'progressive+two_stage' or 'two_stage+stochastic'.
   c.schedule = ml_collections.ConfigDict()
   c.schedule.kind = "direct"
-  c.schedule.phases = ()        # explicit ((start, weight_bits, act_bits), ...); start: float fraction or int step. Overrides kind's phases.
-  c.schedule.two_stage_at = 0.5 # two_stage: fraction of each stage spent with FP activations.
-  c.schedule.ladder = (32, 8, 4, 2)  # progressive: bits ladder down to the target (CVPR: (32, 16, 8, 4, 2)).
-  c.schedule.lr_restart = False      # restart the lr schedule at every phase start.
+  c.schedule.phases = ()  # explicit ((start, weight_bits, act_bits), ...); start: float fraction or int step. Overrides kind's phases.
+  c.schedule.two_stage_at = 0.5  # two_stage: fraction of each stage spent with FP activations.
+  c.schedule.ladder = (
+    32,
+    8,
+    4,
+    2,
+  )  # progressive: bits ladder down to the target (CVPR: (32, 16, 8, 4, 2)).
+  c.schedule.lr_restart = False  # restart the lr schedule at every phase start.
   c.schedule.reset_momentum = False  # zero the momentum buffer at every phase start.
-  c.schedule.sp_ratios = (0.5, 0.75, 0.875, 1.0)  # stochastic: quantized ratio over equal parts of a phase.
-  c.schedule.sp_ramp = "step"   # step: sp_ratios piecewise constant; linear: ramp from sp_ratios[0] to 1.
+  c.schedule.sp_ratios = (
+    0.5,
+    0.75,
+    0.875,
+    1.0,
+  )  # stochastic: quantized ratio over equal parts of a phase.
+  c.schedule.sp_ramp = (
+    "step"  # step: sp_ratios piecewise constant; linear: ramp from sp_ratios[0] to 1.
+  )
   c.schedule.sp_unit = "layer"  # layer | block (a residual block, or a layer outside blocks).
   c.schedule.sp_separate = False  # sample weights and activations of a unit separately.
   # Start from another run's latest checkpoint (weights and BN statistics, fresh optimizer).
@@ -64,9 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.student_kl = 0.7
   c.distill.teacher_ce = 1.0
   c.distill.teacher_kl = 0.5
-  c.distill.teacher_model = ""       # "": same architecture as the student.
+  c.distill.teacher_model = ""  # "": same architecture as the student.
   c.distill.teacher_learning_rate = -1.0  # -1: same as learning_rate.
-  c.distill.teacher_from = ""        # workdir of a trained run: frozen teacher loaded from it.
-  c.distill.hint_weight = 0.0        # beta of the feature-hint L2 term (CVPR version), 0 = off.
-  c.distill.extra_students = ()      # more students sharing the teacher: ((weight_bits, act_bits), ...).
+  c.distill.teacher_from = ""  # workdir of a trained run: frozen teacher loaded from it.
+  c.distill.hint_weight = 0.0  # beta of the feature-hint L2 term (CVPR version), 0 = off.
+  c.distill.extra_students = ()  # more students sharing the teacher: ((weight_bits, act_bits), ...).
   return c

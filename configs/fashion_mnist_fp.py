@@ -5,6 +5,7 @@
 32-bit weights and clip-ReLU activations everywhere (the paper's FP reference; set
 `--config.model_act=relu` for an ordinary-ReLU baseline). Expected: see README "Results".
 """
+
 from configs import fashion_mnist_w4a4
 
 

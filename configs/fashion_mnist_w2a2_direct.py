@@ -6,6 +6,7 @@ paper's remedies are measured against. Same model and total steps as fashion_mni
 Variants in this family differ only in `schedule.kind` / `distill` (see the sibling files).
 Expected: see README "Results" (experiments/results/fashion_mnist_w2a2_remedies.md).
 """
+
 from configs import fashion_mnist_w4a4
 
 

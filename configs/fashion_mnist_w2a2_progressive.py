@@ -4,6 +4,7 @@
 
 Same model and total steps as fashion_mnist_w4a4.py. Expected: README "Results".
 """
+
 from configs import fashion_mnist_w2a2_direct
 
 

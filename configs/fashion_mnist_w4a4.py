@@ -9,6 +9,7 @@ budget; this net reaches ~92% (FP) in ~4 epochs at a fraction of that cost, and 
 quantized layers lose well under a point at W4A4.
 Expected (measured, see README): see the README's table for wall time and accuracy.
 """
+
 from configs import default
 
 

@@ -10,6 +10,7 @@ Multi-host: set QNET_DISTRIBUTED=1 so main.py calls jax.distributed.initialize()
 Target: the paper reports W4A4 ResNet-50 matching full precision (~75-76% top-1).
 Time: ~450k steps at batch 256; one 8-GPU node roughly a few days.
 """
+
 from configs import default
 
 

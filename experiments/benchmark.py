@@ -13,12 +13,12 @@ Times (ms/step; median over rounds x steps after warm-up, with min and max):
 Steps are built by the same functions the trainer uses (`trainer.build_specs`,
 `trainer.compile_steps`). Prints a table and writes experiments/results/benchmark_BACKEND.json.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import jax
@@ -29,9 +29,9 @@ from configs import default
 from qnet import train, trainer
 
 SHAPES = {  # model -> (dataset for the config, input shape, classes, batch)
-    "fmnist_cnn": ("fashion_mnist", (28, 28, 1), 10, 128),
-    "resnet20": ("cifar10", (32, 32, 3), 10, 128),
-    "resnet50": ("imagenet2012", (224, 224, 3), 1000, 128),
+  "fmnist_cnn": ("fashion_mnist", (28, 28, 1), 10, 128),
+  "resnet20": ("cifar10", (32, 32, 3), 10, 128),
+  "resnet50": ("imagenet2012", (224, 224, 3), 1000, 128),
 }
 
 
@@ -49,8 +49,10 @@ def _config(model: str, bits: int, distill: bool = False, kind: str = "direct", 
 def _steps(config, total_steps: int, mesh):
   students, teacher = trainer.build_specs(config, total_steps)
   shape = SHAPES[config.model][1]
-  state = jax.jit(lambda: train.init_state(students, teacher, 0, jnp.zeros((1, *shape))),
-                  out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))()
+  state = jax.jit(
+    lambda: train.init_state(students, teacher, 0, jnp.zeros((1, *shape))),
+    out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )()
   p_train, p_eval = trainer.compile_steps(mesh, students, teacher, trainer._distill_spec(config))
   return state, p_train, p_eval
 
@@ -58,8 +60,10 @@ def _steps(config, total_steps: int, mesh):
 def _batch(model: str, mesh, with_mask=False):
   _, shape, classes, batch = SHAPES[model]
   rng = np.random.default_rng(0)
-  b = {"image": rng.normal(size=(batch, *shape)).astype(np.float32),
-       "label": rng.integers(0, classes, batch).astype(np.int32)}
+  b = {
+    "image": rng.normal(size=(batch, *shape)).astype(np.float32),
+    "label": rng.integers(0, classes, batch).astype(np.int32),
+  }
   if with_mask:
     b["mask"] = np.ones(batch, np.float32)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -88,8 +92,12 @@ class Timer:
 
   def stats(self, name):
     t = np.array(self.times[name])
-    return {"median_ms": float(np.median(t)), "min_ms": float(t.min()), "max_ms": float(t.max()),
-            "n": int(t.size)}
+    return {
+      "median_ms": float(np.median(t)),
+      "min_ms": float(t.min()),
+      "max_ms": float(t.max()),
+      "n": int(t.size),
+    }
 
 
 def _train_closure(state, p_train, batch):
@@ -98,14 +106,18 @@ def _train_closure(state, p_train, batch):
   def fn():
     box[0], m = p_train(box[0], batch)
     jax.block_until_ready(box[0])
+
   return fn
 
 
 def bench_model(model: str, mesh, rounds: int, steps: int, warmup: int, dtype: str) -> dict:
   batch = _batch(model, mesh)
   timer = Timer()
-  specs = {"fp": _config(model, 32, dtype=dtype), "w4a4": _config(model, 4, dtype=dtype),
-           "joint_distill_w4a4": _config(model, 4, distill=True, dtype=dtype)}
+  specs = {
+    "fp": _config(model, 32, dtype=dtype),
+    "w4a4": _config(model, 4, dtype=dtype),
+    "joint_distill_w4a4": _config(model, 4, distill=True, dtype=dtype),
+  }
   evals = {}
   for name, cfg in specs.items():
     state, p_train, p_eval = _steps(cfg, 1000, mesh)
@@ -127,6 +139,7 @@ def bench_model(model: str, mesh, rounds: int, steps: int, warmup: int, dtype: s
 def bench_pipeline(dataset: str, batch: int, n: int = 200) -> float:
   """Images/s of the training iterator alone (after its first batch)."""
   from qnet import input_pipeline
+
   it = input_pipeline.create_train_iterator(dataset, global_batch_size=batch, seed=0)
   next(it)
   t = time.perf_counter()
@@ -147,7 +160,9 @@ def compile_count(mesh, steps: int = 12) -> int:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   backend = jax.default_backend()
   p.add_argument("--models", default="fmnist_cnn,resnet20" if backend == "cpu" else "resnet50")
   p.add_argument("--rounds", type=int, default=3)
@@ -158,12 +173,19 @@ def main() -> None:
   p.add_argument("--out", default=None)
   args = p.parse_args()
   mesh = trainer.create_mesh()
-  result = {"backend": backend, "devices": [str(d) for d in jax.devices()],
-            "device_kind": jax.devices()[0].device_kind, "dtype": args.dtype,
-            "jax": jax.__version__, "models": {}}
+  result = {
+    "backend": backend,
+    "devices": [str(d) for d in jax.devices()],
+    "device_kind": jax.devices()[0].device_kind,
+    "dtype": args.dtype,
+    "jax": jax.__version__,
+    "models": {},
+  }
   for model in args.models.split(","):
     print(f"timing {model} ...", flush=True)
-    result["models"][model] = bench_model(model, mesh, args.rounds, args.steps, args.warmup, args.dtype)
+    result["models"][model] = bench_model(
+      model, mesh, args.rounds, args.steps, args.warmup, args.dtype
+    )
   if not args.skip_pipeline:
     result["pipeline_fashion_mnist_images_per_s"] = bench_pipeline("fashion_mnist", 128)
   result["train_step_compiles_full_schedule"] = compile_count(mesh)
@@ -171,13 +193,21 @@ def main() -> None:
   print("| model | step | median ms | min | max |\n|---|---|---|---|---|")
   for model, r in result["models"].items():
     for k in ("fp", "w4a4", "joint_distill_w4a4", "eval_w4a4"):
-      print(f"| {model} | {k} | {r[k]['median_ms']:.1f} | {r[k]['min_ms']:.1f} | {r[k]['max_ms']:.1f} |")
+      print(
+        f"| {model} | {k} | {r[k]['median_ms']:.1f} | {r[k]['min_ms']:.1f} | {r[k]['max_ms']:.1f} |"
+      )
   for model, r in result["models"].items():
-    print(f"{model}: W4A4/FP {r['ratio_w4a4_over_fp']:.3f}; joint/(teacher+student) "
-          f"{r['ratio_joint_over_teacher_plus_student']:.3f}; W4A4 train {r['images_per_s_w4a4_train']:.0f} img/s")
+    print(
+      f"{model}: W4A4/FP {r['ratio_w4a4_over_fp']:.3f}; joint/(teacher+student) "
+      f"{r['ratio_joint_over_teacher_plus_student']:.3f}; W4A4 train {r['images_per_s_w4a4_train']:.0f} img/s"
+    )
   if "pipeline_fashion_mnist_images_per_s" in result:
-    print(f"input pipeline (fashion_mnist, batch 128): {result['pipeline_fashion_mnist_images_per_s']:.0f} img/s")
-  print(f"train-step compiles over a full PQ+TS+SP+KD schedule run: {result['train_step_compiles_full_schedule']}")
+    print(
+      f"input pipeline (fashion_mnist, batch 128): {result['pipeline_fashion_mnist_images_per_s']:.0f} img/s"
+    )
+  print(
+    f"train-step compiles over a full PQ+TS+SP+KD schedule run: {result['train_step_compiles_full_schedule']}"
+  )
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"benchmark_{backend}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:

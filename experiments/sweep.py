@@ -10,6 +10,7 @@ resumes from its own checkpoints (workdir under --runs_dir). Writes NAME.json (o
 per run), NAME.md (mean/std per method and bit-width, gap to FP) and keeps each run's
 curve in experiments/results/curves/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,14 @@ RESULTS = os.path.join(HERE, "results")
 
 # Method -> config overrides (on top of the base config's model and budget).
 METHODS: dict[str, dict[str, str]] = {
-    "fp": {"schedule.kind": "direct"},
-    "direct": {"schedule.kind": "direct"},
-    "two_stage": {"schedule.kind": "two_stage"},
-    "progressive": {"schedule.kind": "progressive"},
-    "stochastic": {"schedule.kind": "stochastic"},
-    "distill": {"schedule.kind": "direct", "distill.enabled": "True"},
-    "progressive+distill": {"schedule.kind": "progressive", "distill.enabled": "True"},
-    "stochastic+distill": {"schedule.kind": "stochastic", "distill.enabled": "True"},
+  "fp": {"schedule.kind": "direct"},
+  "direct": {"schedule.kind": "direct"},
+  "two_stage": {"schedule.kind": "two_stage"},
+  "progressive": {"schedule.kind": "progressive"},
+  "stochastic": {"schedule.kind": "stochastic"},
+  "distill": {"schedule.kind": "direct", "distill.enabled": "True"},
+  "progressive+distill": {"schedule.kind": "progressive", "distill.enabled": "True"},
+  "stochastic+distill": {"schedule.kind": "stochastic", "distill.enabled": "True"},
 }
 
 
@@ -50,13 +51,18 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_one(config: str, method: str, bits: int, seed: int, runs_dir: str,
-            extra: list[str]) -> dict:
+def run_one(
+  config: str, method: str, bits: int, seed: int, runs_dir: str, extra: list[str]
+) -> dict:
   """Runs (or resumes) one training run and returns its result row."""
   b = 32 if method == "fp" else bits
   workdir = os.path.join(runs_dir, run_key(method, bits if method != "fp" else 32, seed))
-  overrides = {**METHODS[method], "quant.weight_bits": str(b), "quant.act_bits": str(b),
-               "seed": str(seed)}
+  overrides = {
+    **METHODS[method],
+    "quant.weight_bits": str(b),
+    "quant.act_bits": str(b),
+    "seed": str(seed),
+  }
   cmd = [sys.executable, "-m", "qnet.main", f"--config={config}", f"--workdir={workdir}"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()] + extra
   start = time.time()
@@ -71,17 +77,37 @@ def run_one(config: str, method: str, bits: int, seed: int, runs_dir: str,
   evals = [r for r in rows if "eval_accuracy" in r]
   train_rows = [r for r in rows if "train_loss" in r]
   compiles = [r for r in rows if "train_step_compiles" in r]
-  curve = [{k: r[k] for k in ("step", "train_loss", "train_accuracy", "eval_accuracy",
-                              "weight_bits", "act_bits", "quantized_fraction") if k in r}
-           for r in rows if "train_loss" in r or "eval_accuracy" in r]
+  curve = [
+    {
+      k: r[k]
+      for k in (
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "eval_accuracy",
+        "weight_bits",
+        "act_bits",
+        "quantized_fraction",
+      )
+      if k in r
+    }
+    for r in rows
+    if "train_loss" in r or "eval_accuracy" in r
+  ]
   os.makedirs(os.path.join(RESULTS, "curves"), exist_ok=True)
   with open(os.path.join(RESULTS, "curves", os.path.basename(workdir) + ".json"), "w") as f:
     json.dump(curve, f)
-  return {"method": method, "weight_bits": b, "act_bits": b, "seed": seed,
-          "test_accuracy": evals[-1]["eval_accuracy"],
-          "teacher_test_accuracy": evals[-1].get("teacher_eval_accuracy"),
-          "train_steps": train_rows[-1]["step"], "wall_s": round(wall, 1),
-          "train_step_compiles": compiles[-1]["train_step_compiles"] if compiles else None}
+  return {
+    "method": method,
+    "weight_bits": b,
+    "act_bits": b,
+    "seed": seed,
+    "test_accuracy": evals[-1]["eval_accuracy"],
+    "teacher_test_accuracy": evals[-1].get("teacher_eval_accuracy"),
+    "train_steps": train_rows[-1]["step"],
+    "wall_s": round(wall, 1),
+    "train_step_compiles": compiles[-1]["train_step_compiles"] if compiles else None,
+  }
 
 
 def table(rows: list[dict]) -> str:
@@ -92,21 +118,28 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     groups.setdefault((r["weight_bits"], r["method"]), []).append(r)
   order = list(METHODS)
-  lines = ["| bits | method | seeds | test accuracy (mean ± std) | gap to FP (points) | "
-           "wall s / run | train-step compiles |", "|---|---|---|---|---|---|---|"]
-  for (bits, method) in sorted(groups, key=lambda k: (-k[0], order.index(k[1]))):
+  lines = [
+    "| bits | method | seeds | test accuracy (mean ± std) | gap to FP (points) | "
+    "wall s / run | train-step compiles |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for bits, method in sorted(groups, key=lambda k: (-k[0], order.index(k[1]))):
     g = groups[(bits, method)]
     acc = np.array([r["test_accuracy"] for r in g])
     gap = f"{100 * (acc.mean() - fp_mean):+.2f}" if fp_mean is not None else "n/a"
     compiles = sorted({r.get("train_step_compiles") for r in g} - {None})
-    lines.append(f"| W{bits}A{bits} | {method} | {len(g)} | {100 * acc.mean():.2f} ± "
-                 f"{100 * acc.std(ddof=1) if len(g) > 1 else 0:.2f} | {gap} | "
-                 f"{np.mean([r['wall_s'] for r in g]):.0f} | {','.join(map(str, compiles))} |")
+    lines.append(
+      f"| W{bits}A{bits} | {method} | {len(g)} | {100 * acc.mean():.2f} ± "
+      f"{100 * acc.std(ddof=1) if len(g) > 1 else 0:.2f} | {gap} | "
+      f"{np.mean([r['wall_s'] for r in g]):.0f} | {','.join(map(str, compiles))} |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--config", default="configs/fashion_mnist_w4a4.py")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--bits", default="4,3,2")
@@ -141,8 +174,11 @@ def main() -> None:
       json.dump(rows, f, indent=1)
     with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
       f.write(table(rows))
-    print(f"[{i + 1}/{len(plan)}] {key}: test accuracy {row['test_accuracy']:.4f} "
-          f"in {time.time() - t0:.0f} s", flush=True)
+    print(
+      f"[{i + 1}/{len(plan)}] {key}: test accuracy {row['test_accuracy']:.4f} "
+      f"in {time.time() - t0:.0f} s",
+      flush=True,
+    )
   print(table(rows))
 
 

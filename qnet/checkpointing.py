@@ -9,6 +9,7 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 killed save leaves no half-written checkpoint under a step's name. A checkpoint that still
 fails to load (truncated or deleted file) is reported and the previous one is used.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,22 +29,25 @@ class IncompatibleCheckpointError(ValueError):
 def create_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
   """A manager for `WORKDIR/checkpoints` (created on first save)."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+  )
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, meta: dict) -> None:
   """Saves asynchronously; call `manager.wait_until_finished()` before exiting."""
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             meta=ocp.args.JsonSave(meta)))
+  manager.save(
+    step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  )
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def restore_latest(workdir: str, abstract_state: PyTree, current_meta: dict,
-                   max_to_keep: int = 3) -> tuple[ocp.CheckpointManager, tuple[int, PyTree] | None]:
+def restore_latest(
+  workdir: str, abstract_state: PyTree, current_meta: dict, max_to_keep: int = 3
+) -> tuple[ocp.CheckpointManager, tuple[int, PyTree] | None]:
   """The manager and (step, state) of the newest checkpoint that loads (None if none).
 
   The run metadata is read and compared with `current_meta` first, so a checkpoint of a
@@ -60,21 +64,27 @@ def restore_latest(workdir: str, abstract_state: PyTree, current_meta: dict,
       continue
     check_compatible(saved_meta, current_meta)
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
+      restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      )
       return manager, (step, restored["state"])
     except Exception as e:  # noqa: BLE001 - any failure to read means "damaged", try older.
       manager = _quarantine(manager, workdir, step, e, max_to_keep)
   return manager, None
 
 
-def _quarantine(manager, workdir: str, step: int, error: Exception, max_to_keep: int
-                ) -> ocp.CheckpointManager:
+def _quarantine(
+  manager, workdir: str, step: int, error: Exception, max_to_keep: int
+) -> ocp.CheckpointManager:
   path = os.path.join(str(manager.directory), str(step))
   target = f"{path}.damaged"
-  logging.error("checkpoint at step %d is damaged or unreadable (%s: %s); moved to %s, "
-                "trying an older one", step, type(error).__name__,
-                (str(error).splitlines() or [""])[0][:300], target)
+  logging.error(
+    "checkpoint at step %d is damaged or unreadable (%s: %s); moved to %s, trying an older one",
+    step,
+    type(error).__name__,
+    (str(error).splitlines() or [""])[0][:300],
+    target,
+  )
   manager.close()
   os.replace(path, target) if not os.path.exists(target) else None
   return create_manager(workdir, max_to_keep)
@@ -82,12 +92,16 @@ def _quarantine(manager, workdir: str, step: int, error: Exception, max_to_keep:
 
 def check_compatible(saved: dict, current: dict) -> None:
   """Raises `IncompatibleCheckpointError` naming every field that differs."""
-  diffs = [f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
-           for k in sorted(current) if saved.get(k) != current.get(k)]
+  diffs = [
+    f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
+    for k in sorted(current)
+    if saved.get(k) != current.get(k)
+  ]
   if diffs:
     raise IncompatibleCheckpointError(
-        "the workdir holds a checkpoint of a different run; use a new --workdir or the "
-        "original config. Differences: " + "; ".join(diffs))
+      "the workdir holds a checkpoint of a different run; use a new --workdir or the "
+      "original config. Differences: " + "; ".join(diffs)
+    )
 
 
 def abstract_like(state: PyTree) -> PyTree:

@@ -2,6 +2,7 @@
 
 Each error is one line that names the field, the value and what is allowed.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -32,8 +33,9 @@ def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def check_known_fields(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict
-                       ) -> None:
+def check_known_fields(
+  config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict
+) -> None:
   """Rejects fields that `reference` (configs/default.py) does not have, suggesting the nearest."""
   known = _flatten(reference)
   for name in _flatten(config):
@@ -79,8 +81,9 @@ def _get(config, field: str) -> Any:
 
 def valid_bits(value: Any) -> bool:
   """Bits are integers 1..16, or 32 (full precision)."""
-  return (isinstance(value, int) and not isinstance(value, bool)
-          and (1 <= value <= 16 or value == 32))
+  return (
+    isinstance(value, int) and not isinstance(value, bool) and (1 <= value <= 16 or value == 32)
+  )
 
 
 BITS_ALLOWED = "an integer 1..16, or 32 (full precision)"
@@ -94,12 +97,20 @@ def _bits(field: str, value: Any) -> None:
 def _workdir_with_checkpoints(config, field: str) -> None:
   path = _get(config, field)
   if path and not os.path.isdir(os.path.join(path, "checkpoints")):
-    _fail(field, path, "'' or the workdir of a run that has written checkpoints "
-          f"({os.path.join(path, 'checkpoints')} does not exist)")
+    _fail(
+      field,
+      path,
+      "'' or the workdir of a run that has written checkpoints "
+      f"({os.path.join(path, 'checkpoints')} does not exist)",
+    )
 
 
-def validate(config: ml_collections.ConfigDict, device_count: int, process_count: int = 1,
-             reference: ml_collections.ConfigDict | None = None) -> None:
+def validate(
+  config: ml_collections.ConfigDict,
+  device_count: int,
+  process_count: int = 1,
+  reference: ml_collections.ConfigDict | None = None,
+) -> None:
   """Raises `ConfigError` on the first invalid field."""
   if reference is not None:
     check_known_fields(config, reference)
@@ -113,8 +124,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int, process_count
   _int(config, "image_size", 0)
   batch = _int(config, "batch_size", 1)
   if batch % device_count or batch % process_count:
-    _fail("batch_size", batch, f"a multiple of the device count {device_count} "
-          f"(and of the process count {process_count})")
+    _fail(
+      "batch_size",
+      batch,
+      f"a multiple of the device count {device_count} (and of the process count {process_count})",
+    )
   _num(config, "num_epochs", 0.0, float("inf"), lo_open=True)
   _int(config, "num_train_steps", 1, allow=(-1,))
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
@@ -148,8 +162,11 @@ def _validate_schedule(config) -> None:
     raise ConfigError(f"config.{e}") from None
   for i, phase in enumerate(s.phases):
     if len(phase) != 3 or not isinstance(phase[0], (int, float)) or phase[0] < 0:
-      _fail(f"schedule.phases[{i}]", phase, "(start, weight_bits, act_bits) with start a "
-            "fraction (float) or a step (int) >= 0")
+      _fail(
+        f"schedule.phases[{i}]",
+        phase,
+        "(start, weight_bits, act_bits) with start a fraction (float) or a step (int) >= 0",
+      )
     _bits(f"schedule.phases[{i}].weight_bits", phase[1])
     _bits(f"schedule.phases[{i}].act_bits", phase[2])
   starts = [p[0] for p in s.phases]
@@ -164,9 +181,14 @@ def _validate_schedule(config) -> None:
   _bool(config, "schedule.lr_restart")
   _bool(config, "schedule.reset_momentum")
   ratios = tuple(s.sp_ratios)
-  if not ratios or not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios) \
-      or list(ratios) != sorted(ratios):
-    _fail("schedule.sp_ratios", ratios, "non-decreasing ratios in (0, 1], e.g. (0.5, 0.75, 0.875, 1.0)")
+  if (
+    not ratios
+    or not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios)
+    or list(ratios) != sorted(ratios)
+  ):
+    _fail(
+      "schedule.sp_ratios", ratios, "non-decreasing ratios in (0, 1], e.g. (0.5, 0.75, 0.875, 1.0)"
+    )
   _choice(config, "schedule.sp_ramp", schedule.SP_RAMPS)
   _choice(config, "schedule.sp_unit", precision.UNITS)
   _bool(config, "schedule.sp_separate")
@@ -189,5 +211,8 @@ def _validate_distill(config) -> None:
     _bits(f"distill.extra_students[{i}].weight_bits", pair[0])
     _bits(f"distill.extra_students[{i}].act_bits", pair[1])
   if config.distill.extra_students and not config.distill.enabled:
-    _fail("distill.extra_students", tuple(config.distill.extra_students),
-          "() unless distill.enabled=True (extra students share the teacher)")
+    _fail(
+      "distill.extra_students",
+      tuple(config.distill.extra_students),
+      "() unless distill.enabled=True (extra students share the teacher)",
+    )

@@ -3,6 +3,7 @@
 Overrides: `--config.batch_size=64`, `--config.quant.weight_bits=2`, ... A bad config stops
 before any data loading or compilation with a one-line error and exit status 2.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _reference_config():
   from configs import default  # the schema of every field
+
   return default.get_config()
 
 
@@ -41,14 +43,21 @@ def main(argv: list[str]) -> None:
   if os.environ.get("QNET_DISTRIBUTED") == "1":  # multi-host: coordinator from the environment
     jax.distributed.initialize()
   try:
-    config_validation.validate(FLAGS.config, jax.device_count(), jax.process_count(),
-                               reference=_reference_config())
+    config_validation.validate(
+      FLAGS.config, jax.device_count(), jax.process_count(), reference=_reference_config()
+    )
   except config_validation.ConfigError as e:
     print(f"qnet: config error: {e}", file=sys.stderr)
     sys.exit(2)
-  logging.info("JAX process %d/%d, %d local devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.default_backend())
+  logging.info(
+    "JAX process %d/%d, %d local devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.default_backend(),
+  )
   from qnet import trainer
+
   trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
@@ -58,12 +67,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     return FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     from qnet import config_validation
+
     reference = config_validation._flatten(_reference_config())
     for arg in argv[1:]:
       if arg.startswith("--config."):
-        field = arg[len("--config."):].split("=", 1)[0]
+        field = arg[len("--config.") :].split("=", 1)[0]
         if field not in reference:
           import difflib
+
           near = difflib.get_close_matches(field, list(reference), n=1, cutoff=0.5)
           hint = f"did you mean config.{near[0]}?" if near else "see configs/default.py"
           print(f"qnet: config error: config.{field} is not a known field; {hint}", file=sys.stderr)
@@ -71,11 +82,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     expected = ""
     for arg in argv[1:]:
-      field = arg[len("--config."):].split("=", 1)[0] if arg.startswith("--config.") else None
+      field = arg[len("--config.") :].split("=", 1)[0] if arg.startswith("--config.") else None
       if field in reference and field in first:
         default = reference[field]
-        allowed = (config_validation.BITS_ALLOWED if field.endswith("_bits")
-                   else f"a {type(default).__name__} like the default {default!r}")
+        allowed = (
+          config_validation.BITS_ALLOWED
+          if field.endswith("_bits")
+          else f"a {type(default).__name__} like the default {default!r}"
+        )
         expected = f"; allowed: {allowed}"
     print(f"qnet: config error: {first}{expected}", file=sys.stderr)
     sys.exit(2)

@@ -1,4 +1,5 @@
 """Metric output: clu writers (TensorBoard + log) and `WORKDIR/metrics.jsonl`, plus progress."""
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,12 @@ def create_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
   """TensorBoard + log + metrics.jsonl on the chief process; log only elsewhere."""
   if not is_chief:
     return metric_writers.create_default_writer(workdir, just_logging=True)
-  return metric_writers.MultiWriter([
+  return metric_writers.MultiWriter(
+    [
       metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+    ]
+  )
 
 
 def read_jsonl(path: str) -> list[dict]:

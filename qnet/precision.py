@@ -8,6 +8,7 @@ float32 scalars, so schedules can compute them inside a jitted step.
 `Layout` is the static description (layer paths in a fixed order); the functions here map
 per-layer vectors of bits to the tree and back.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ UNITS = ("layer", "block")
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """Static list of the quantizable layers of a model (hashable: safe as a jit static)."""
+
   paths: tuple[tuple[str, ...], ...]
 
   @property
@@ -62,14 +64,18 @@ class Layout:
 
   def vectors(self, tree: PyTree) -> tuple[jax.Array, jax.Array]:
     """Inverse of `tree`: per-layer `(weight_bits, act_bits)` vectors."""
+
     def get(path):
       node = tree
       for key in path:
         node = node[key]
       return node
+
     nodes = [get(p) for p in self.paths]
-    return (jnp.stack([jnp.asarray(n["weight_bits"]) for n in nodes]),
-            jnp.stack([jnp.asarray(n["act_bits"]) for n in nodes]))
+    return (
+      jnp.stack([jnp.asarray(n["weight_bits"]) for n in nodes]),
+      jnp.stack([jnp.asarray(n["act_bits"]) for n in nodes]),
+    )
 
 
 def layout_from_collection(collection: PyTree) -> Layout:
@@ -89,14 +95,17 @@ def layout_from_collection(collection: PyTree) -> Layout:
 
 def layout_of(model, sample_input: jax.Array) -> Layout:
   """Reads the quantizable layers off `model` (shapes only, no compute)."""
-  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False), sample_input)
+  variables = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False), sample_input
+  )
   if PRECISION not in variables:
     raise ValueError(f"{type(model).__name__} has no quantizable layers")
   return layout_from_collection(variables[PRECISION])
 
 
-def layer_bits(layout: Layout, weight_bits, act_bits, keep_first_last_fp: bool = True
-               ) -> tuple[jax.Array, jax.Array]:
+def layer_bits(
+  layout: Layout, weight_bits, act_bits, keep_first_last_fp: bool = True
+) -> tuple[jax.Array, jax.Array]:
   """Per-layer vectors for a uniform precision, edges at 32 bits if `keep_first_last_fp`."""
   shape = (layout.num_layers,)
   w = jnp.broadcast_to(jnp.asarray(weight_bits, jnp.float32), shape)
@@ -118,8 +127,9 @@ def full_precision(layout: Layout) -> PyTree:
   return uniform(layout, FULL_PRECISION, FULL_PRECISION, keep_first_last_fp=False)
 
 
-def stochastic_mask(key: jax.Array, ratio: jax.Array, layout: Layout, unit: str,
-                    keep_first_last_fp: bool = True) -> tuple[jax.Array, jax.Array]:
+def stochastic_mask(
+  key: jax.Array, ratio: jax.Array, layout: Layout, unit: str, keep_first_last_fp: bool = True
+) -> tuple[jax.Array, jax.Array]:
   """Which layers run at low precision this step (stochastic precision, paper.md remedy 2).
 
   Each unit is drawn low-precision with probability `ratio`, independently; all layers of a

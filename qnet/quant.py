@@ -10,6 +10,7 @@ Edge cases (documented behaviour, tested):
   * +-Inf weights saturate (tanh(+-inf) = +-1); +-Inf activations clip to 1 or 0;
   * NaN inputs propagate NaN (never silently replaced), so the trainer's NaN check sees them.
 """
+
 from __future__ import annotations
 
 import jax

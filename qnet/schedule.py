@@ -5,6 +5,7 @@ methods are pure jnp functions of a traced step (and PRNG key), evaluated inside
 compiled train step. Passing a phase boundary or drawing new units changes array values
 only, never shapes or code, so nothing recompiles.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ SP_RAMPS = ("step", "linear")
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Phases `(start_step, weight_bits, act_bits)` plus stochastic-precision options."""
+
   starts: tuple[int, ...]
   weight_bits: tuple[float, ...]
   act_bits: tuple[float, ...]
@@ -52,8 +54,10 @@ class Schedule:
   def phase_bits(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Target (weight_bits, act_bits) of the current phase."""
     idx = self.phase(step)
-    return (jnp.asarray(self.weight_bits, jnp.float32)[idx],
-            jnp.asarray(self.act_bits, jnp.float32)[idx])
+    return (
+      jnp.asarray(self.weight_bits, jnp.float32)[idx],
+      jnp.asarray(self.act_bits, jnp.float32)[idx],
+    )
 
   def sp_ratio(self, step: jax.Array) -> jax.Array:
     """Quantized ratio at `step`, over the progress within the current phase."""
@@ -73,8 +77,9 @@ class Schedule:
     w, a = self.phase_bits(step)
     return precision_lib.uniform(layout, w, a, self.keep_first_last_fp)
 
-  def sample(self, layout: precision_lib.Layout, step: jax.Array, key: jax.Array
-             ) -> tuple[Any, jax.Array]:
+  def sample(
+    self, layout: precision_lib.Layout, step: jax.Array, key: jax.Array
+  ) -> tuple[Any, jax.Array]:
     """The precision tree for a training step, and the realised quantized fraction.
 
     Without stochastic precision this is `deterministic` and the fraction is 1.
@@ -84,11 +89,13 @@ class Schedule:
       return layout.tree(w, a), jnp.float32(1.0)
     ratio = self.sp_ratio(step)
     key_w, key_a = jax.random.split(key)
-    mask_w, frac_w = precision_lib.stochastic_mask(key_w, ratio, layout, self.sp_unit,
-                                                   self.keep_first_last_fp)
+    mask_w, frac_w = precision_lib.stochastic_mask(
+      key_w, ratio, layout, self.sp_unit, self.keep_first_last_fp
+    )
     if self.sp_separate:
-      mask_a, frac_a = precision_lib.stochastic_mask(key_a, ratio, layout, self.sp_unit,
-                                                     self.keep_first_last_fp)
+      mask_a, frac_a = precision_lib.stochastic_mask(
+        key_a, ratio, layout, self.sp_unit, self.keep_first_last_fp
+      )
       fraction = (frac_w + frac_a) / 2
     else:
       mask_a, fraction = mask_w, frac_w
@@ -101,11 +108,15 @@ def parse_kind(kind: str) -> frozenset[str]:
   parts = frozenset(p.strip() for p in kind.split("+") if p.strip())
   unknown = sorted(parts - set(KINDS))
   if not parts or unknown:
-    raise ValueError(f"schedule.kind={kind!r}: unknown part {unknown or kind!r}; allowed: "
-                     f"{', '.join(KINDS)}, or several joined with '+'")
+    raise ValueError(
+      f"schedule.kind={kind!r}: unknown part {unknown or kind!r}; allowed: "
+      f"{', '.join(KINDS)}, or several joined with '+'"
+    )
   if "direct" in parts and len(parts) > 1:
-    raise ValueError(f"schedule.kind={kind!r}: 'direct' cannot be combined; allowed: "
-                     "two_stage, progressive, stochastic joined with '+'")
+    raise ValueError(
+      f"schedule.kind={kind!r}: 'direct' cannot be combined; allowed: "
+      "two_stage, progressive, stochastic joined with '+'"
+    )
   return parts
 
 
@@ -116,8 +127,9 @@ def to_step(start: float | int, total_steps: int) -> int:
   return int(start)
 
 
-def default_phases(kind: str, weight_bits: int, act_bits: int, ladder: Sequence[int],
-                   two_stage_at: float) -> list[tuple[float, int, int]]:
+def default_phases(
+  kind: str, weight_bits: int, act_bits: int, ladder: Sequence[int], two_stage_at: float
+) -> list[tuple[float, int, int]]:
   """Phases as (start fraction, weight_bits, act_bits) for a schedule kind.
 
   direct: one phase at the target. two_stage: k-bit weights with FP activations, then
@@ -145,36 +157,46 @@ def default_phases(kind: str, weight_bits: int, act_bits: int, ladder: Sequence[
   return phases
 
 
-def from_config(sched_cfg: Any, weight_bits: int, act_bits: int, total_steps: int,
-                keep_first_last_fp: bool) -> Schedule:
+def from_config(
+  sched_cfg: Any, weight_bits: int, act_bits: int, total_steps: int, keep_first_last_fp: bool
+) -> Schedule:
   """Builds the schedule of one network from `config.schedule` and its target bits."""
   parts = parse_kind(sched_cfg.kind)
   phases = list(sched_cfg.phases) or default_phases(
-      sched_cfg.kind, weight_bits, act_bits, sched_cfg.ladder, sched_cfg.two_stage_at)
+    sched_cfg.kind, weight_bits, act_bits, sched_cfg.ladder, sched_cfg.two_stage_at
+  )
   starts = [to_step(p[0], total_steps) for p in phases]
   if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
-    raise ValueError(f"schedule.phases={tuple(map(tuple, phases))!r}: starts must begin at 0 "
-                     f"and strictly increase (as steps: {starts})")
+    raise ValueError(
+      f"schedule.phases={tuple(map(tuple, phases))!r}: starts must begin at 0 "
+      f"and strictly increase (as steps: {starts})"
+    )
   return Schedule(
-      starts=tuple(starts),
-      weight_bits=tuple(float(p[1]) for p in phases),
-      act_bits=tuple(float(p[2]) for p in phases),
-      total_steps=int(total_steps),
-      keep_first_last_fp=bool(keep_first_last_fp),
-      stochastic="stochastic" in parts,
-      sp_ratios=tuple(float(r) for r in sched_cfg.sp_ratios),
-      sp_ramp=str(sched_cfg.sp_ramp),
-      sp_unit=str(sched_cfg.sp_unit),
-      sp_separate=bool(sched_cfg.sp_separate))
+    starts=tuple(starts),
+    weight_bits=tuple(float(p[1]) for p in phases),
+    act_bits=tuple(float(p[2]) for p in phases),
+    total_steps=int(total_steps),
+    keep_first_last_fp=bool(keep_first_last_fp),
+    stochastic="stochastic" in parts,
+    sp_ratios=tuple(float(r) for r in sched_cfg.sp_ratios),
+    sp_ramp=str(sched_cfg.sp_ramp),
+    sp_unit=str(sched_cfg.sp_unit),
+    sp_separate=bool(sched_cfg.sp_separate),
+  )
 
 
 def describe(schedule: Schedule) -> str:
   """One line per phase, for the log."""
   ends = schedule.starts[1:] + (schedule.total_steps,)
-  rows = [f"steps [{s}, {e}): W{w:g}A{a:g}" for s, e, w, a in
-          zip(schedule.starts, ends, schedule.weight_bits, schedule.act_bits)]
-  sp = f"; stochastic precision {schedule.sp_ratios} ({schedule.sp_ramp}, per {schedule.sp_unit})" \
-      if schedule.stochastic else ""
+  rows = [
+    f"steps [{s}, {e}): W{w:g}A{a:g}"
+    for s, e, w, a in zip(schedule.starts, ends, schedule.weight_bits, schedule.act_bits)
+  ]
+  sp = (
+    f"; stochastic precision {schedule.sp_ratios} ({schedule.sp_ramp}, per {schedule.sp_unit})"
+    if schedule.stochastic
+    else ""
+  )
   return "; ".join(rows) + sp
 
 

@@ -7,6 +7,7 @@ distillation there is one student and no teacher. Each network's precision comes
 
 Everything here is pure; `qnet.trainer` runs the loop (data, checkpoints, metrics).
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,8 +41,8 @@ class NetState:
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array                 # int32 scalar: steps taken.
-  key: jax.Array                  # raw PRNG key data (PRNG_IMPL); per-step keys fold in `step`.
+  step: jax.Array  # int32 scalar: steps taken.
+  key: jax.Array  # raw PRNG key data (PRNG_IMPL); per-step keys fold in `step`.
   students: tuple[NetState, ...]
   teacher: NetState | None
 
@@ -49,6 +50,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class NetSpec:
   """Static description of one network: model, precision layout/schedule, optimiser, lr."""
+
   model: nn.Module
   layout: precision_lib.Layout
   schedule: schedule_lib.Schedule
@@ -61,6 +63,7 @@ class NetSpec:
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
   """Loss weights of joint distillation (paper.md; defaults = released CIFAR-100 settings)."""
+
   temperature: float = 1.0
   student_ce: float = 0.7
   student_kl: float = 0.7
@@ -72,8 +75,9 @@ class DistillSpec:
 # ----------------------------------------------------------------------------- optimiser
 
 
-def create_optimizer(momentum: float, weight_decay: float, nesterov: bool = False
-                     ) -> optax.GradientTransformation:
+def create_optimizer(
+  momentum: float, weight_decay: float, nesterov: bool = False
+) -> optax.GradientTransformation:
   """SGD direction (PyTorch semantics: decay added to the gradient, then momentum).
 
   The learning rate is applied by the step (`params - lr * update`), not inside optax, so a
@@ -81,18 +85,21 @@ def create_optimizer(momentum: float, weight_decay: float, nesterov: bool = Fals
   Weight decay applies to kernels only (ndim > 1), not to BN parameters or biases.
   """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(optax.add_decayed_weights(weight_decay, mask=decay_mask),
-                     optax.trace(decay=momentum, nesterov=nesterov))
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    optax.trace(decay=momentum, nesterov=nesterov),
+  )
 
 
-def create_learning_rate_fn(base_lr: float, kind: str, warmup_steps: int, step_at: tuple,
-                            step_factor: float, restart: bool
-                            ) -> Callable[[jax.Array, schedule_lib.Schedule], jax.Array]:
+def create_learning_rate_fn(
+  base_lr: float, kind: str, warmup_steps: int, step_at: tuple, step_factor: float, restart: bool
+) -> Callable[[jax.Array, schedule_lib.Schedule], jax.Array]:
   """lr(step, schedule): linear warmup then cosine / step / constant decay.
 
   With `restart` the decay runs over each phase of `schedule` separately (restarted at
   each phase start); otherwise over the whole run. `step_at` are fractions of that span.
   """
+
   def lr_fn(step, schedule):
     step = jnp.asarray(step, jnp.float32)
     if restart:
@@ -106,10 +113,13 @@ def create_learning_rate_fn(base_lr: float, kind: str, warmup_steps: int, step_a
     if kind == "cosine":
       decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
     elif kind == "step":
-      decay = step_factor ** jnp.sum(t / jnp.maximum(span, 1.0) >= jnp.asarray(step_at, jnp.float32))
+      decay = step_factor ** jnp.sum(
+        t / jnp.maximum(span, 1.0) >= jnp.asarray(step_at, jnp.float32)
+      )
     else:
       decay = 1.0
     return base_lr * warm * decay
+
   return lr_fn
 
 
@@ -120,21 +130,24 @@ def init_net(spec: NetSpec, key: jax.Array, sample: jax.Array) -> NetState:
   """Parameters and BN statistics of `spec.model`, and a fresh optimiser state."""
   variables = spec.model.init(key, sample, train=False)
   params = variables["params"]
-  return NetState(params=params, batch_stats=variables.get("batch_stats", {}),
-                  opt_state=spec.tx.init(params))
+  return NetState(
+    params=params, batch_stats=variables.get("batch_stats", {}), opt_state=spec.tx.init(params)
+  )
 
 
-def init_state(students: tuple[NetSpec, ...], teacher: NetSpec | None, seed: int,
-               sample: jax.Array) -> TrainState:
+def init_state(
+  students: tuple[NetSpec, ...], teacher: NetSpec | None, seed: int, sample: jax.Array
+) -> TrainState:
   """The joint state; every network gets its own init key from `seed`."""
   root = jax.random.key(seed, impl=PRNG_IMPL)
   init_key, step_key = jax.random.split(root)
   keys = jax.random.split(init_key, len(students) + 1)
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      key=jax.random.key_data(step_key),
-      students=tuple(init_net(s, k, sample) for s, k in zip(students, keys)),
-      teacher=None if teacher is None else init_net(teacher, keys[-1], sample))
+    step=jnp.zeros((), jnp.int32),
+    key=jax.random.key_data(step_key),
+    students=tuple(init_net(s, k, sample) for s, k in zip(students, keys)),
+    teacher=None if teacher is None else init_net(teacher, keys[-1], sample),
+  )
 
 
 # ----------------------------------------------------------------------------- losses
@@ -189,9 +202,14 @@ def _update(spec: NetSpec, net: NetState, grads, batch_stats, lr, reset) -> NetS
   return NetState(params=params, batch_stats=batch_stats, opt_state=opt_state)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
-               students: tuple[NetSpec, ...], teacher: NetSpec | None = None,
-               distill: DistillSpec | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  students: tuple[NetSpec, ...],
+  teacher: NetSpec | None = None,
+  distill: DistillSpec | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of every network on the shared batch; returns the new state and metrics.
 
   Students: `a_s CE + b_s T^2 KL(p_s || sg(p_t)) [+ beta ||f_t - f_s||^2]`; teacher:
@@ -217,14 +235,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   def loss_fn(trainable):
     student_params, teacher_params = trainable
     metrics, aux = {}, {"batch_stats": []}
-    outs = [_forward(spec, p, net.batch_stats, prec, images, True, hint)
-            for spec, p, net, prec in zip(students, student_params, state.students, precs)]
+    outs = [
+      _forward(spec, p, net.batch_stats, prec, images, True, hint)
+      for spec, p, net, prec in zip(students, student_params, state.students, precs)
+    ]
     total = 0.0
     t_logits = t_feat = None
     if teacher is not None:
       t_params = teacher_params if teacher_trains else state.teacher.params
-      t_logits, t_bs, t_feat = _forward(teacher, t_params, state.teacher.batch_stats, teacher_prec,
-                                        images, teacher_trains, hint)
+      t_logits, t_bs, t_feat = _forward(
+        teacher, t_params, state.teacher.batch_stats, teacher_prec, images, teacher_trains, hint
+      )
       aux["teacher_batch_stats"] = t_bs
     for i, (logits, bs, feat) in enumerate(outs):
       ce = cross_entropy(logits, labels)
@@ -255,14 +276,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
         total = total + loss_t
     return total, (metrics, aux)
 
-  trainable = (tuple(n.params for n in state.students),
-               state.teacher.params if teacher_trains else None)
+  trainable = (
+    tuple(n.params for n in state.students),
+    state.teacher.params if teacher_trains else None,
+  )
   grads, (metrics, aux) = jax.grad(loss_fn, has_aux=True)(trainable)
   student_grads, teacher_grads = grads
 
   new_students = []
-  for i, (spec, net, g, bs) in enumerate(zip(students, state.students, student_grads,
-                                             aux["batch_stats"])):
+  for i, (spec, net, g, bs) in enumerate(
+    zip(students, state.students, student_grads, aux["batch_stats"])
+  ):
     lr = spec.lr_fn(step, spec.schedule)
     start, _ = spec.schedule.phase_bounds(step)
     reset = (step == start) & (step > 0)
@@ -277,16 +301,21 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   new_teacher = state.teacher
   if teacher_trains:
     lr_t = teacher.lr_fn(step, teacher.schedule)
-    new_teacher = _update(teacher, state.teacher, teacher_grads, aux["teacher_batch_stats"],
-                          lr_t, jnp.bool_(False))
+    new_teacher = _update(
+      teacher, state.teacher, teacher_grads, aux["teacher_batch_stats"], lr_t, jnp.bool_(False)
+    )
     metrics["teacher_learning_rate"] = lr_t
   new_state = state.replace(step=step + 1, students=tuple(new_students), teacher=new_teacher)
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
-              students: tuple[NetSpec, ...], teacher: NetSpec | None = None
-              ) -> dict[str, jax.Array]:
+def eval_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  students: tuple[NetSpec, ...],
+  teacher: NetSpec | None = None,
+) -> dict[str, jax.Array]:
   """Masked sums (loss, top-1, top-5 correct, count) of every network on one eval batch.
 
   Students are evaluated fully quantized at the current phase's bits (no stochastic
@@ -294,9 +323,15 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   """
   TRACE_COUNTS["eval_step"] += 1
   images, labels, mask = batch["image"], batch["label"], batch["mask"]
-  nets = [(("" if i == 0 else f"student{i}_"), spec, net,
-           spec.schedule.deterministic(spec.layout, state.step))
-          for i, (spec, net) in enumerate(zip(students, state.students))]
+  nets = [
+    (
+      ("" if i == 0 else f"student{i}_"),
+      spec,
+      net,
+      spec.schedule.deterministic(spec.layout, state.step),
+    )
+    for i, (spec, net) in enumerate(zip(students, state.students))
+  ]
   if teacher is not None:
     nets.append(("teacher_", teacher, state.teacher, precision_lib.full_precision(teacher.layout)))
   sums = {"eval_count": jnp.sum(mask)}

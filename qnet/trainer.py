@@ -5,6 +5,7 @@ Data parallel the `jit` way: a 1-D device `Mesh` with axis `data`; the state is 
 all-reduces (BatchNorm statistics are over the global batch). Works across hosts after
 `jax.distributed.initialize()`: each process feeds its own share of the batch.
 """
+
 from __future__ import annotations
 
 import collections
@@ -13,7 +14,6 @@ import math
 import os
 import signal
 import threading
-import time
 from typing import Any, Iterator
 
 from absl import logging
@@ -36,14 +36,14 @@ PyTree = Any
 
 def create_mesh() -> jax.sharding.Mesh:
   """1-D mesh over every device of every process, axis `data`."""
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def total_train_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(total steps, steps per epoch)."""
-  per_epoch = input_pipeline.steps_per_epoch(config.dataset, config.batch_size,
-                                             config.data_dir or None)
+  per_epoch = input_pipeline.steps_per_epoch(
+    config.dataset, config.batch_size, config.data_dir or None
+  )
   if config.num_train_steps > 0:
     return config.num_train_steps, per_epoch
   return max(1, int(math.ceil(config.num_epochs * per_epoch))), per_epoch
@@ -55,8 +55,9 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return size, size, spec.channels
 
 
-def build_specs(config: ml_collections.ConfigDict, total_steps: int
-                ) -> tuple[tuple[train.NetSpec, ...], train.NetSpec | None]:
+def build_specs(
+  config: ml_collections.ConfigDict, total_steps: int
+) -> tuple[tuple[train.NetSpec, ...], train.NetSpec | None]:
   """Static descriptions of the students and (with distillation) the teacher."""
   ds = input_pipeline.DATASETS[config.dataset]
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
@@ -64,8 +65,14 @@ def build_specs(config: ml_collections.ConfigDict, total_steps: int
   tx = train.create_optimizer(config.momentum, config.weight_decay, config.nesterov)
 
   def lr_fn(base_lr, restart):
-    return train.create_learning_rate_fn(base_lr, config.lr_schedule, config.warmup_steps,
-                                         tuple(config.lr_step_at), config.lr_step_factor, restart)
+    return train.create_learning_rate_fn(
+      base_lr,
+      config.lr_schedule,
+      config.warmup_steps,
+      tuple(config.lr_step_at),
+      config.lr_step_factor,
+      restart,
+    )
 
   def make_model(name):
     return models.create_model(name, ds.num_classes, act=config.model_act, dtype=dtype)
@@ -76,60 +83,87 @@ def build_specs(config: ml_collections.ConfigDict, total_steps: int
   if config.distill.enabled:
     targets += [tuple(p) for p in config.distill.extra_students]
   students = tuple(
-      train.NetSpec(model=student_model, layout=layout,
-                    schedule=schedule_lib.from_config(config.schedule, w, a, total_steps,
-                                                      config.quant.keep_first_last_fp),
-                    tx=tx, lr_fn=lr_fn(config.learning_rate, config.schedule.lr_restart),
-                    reset_momentum=config.schedule.reset_momentum)
-      for w, a in targets)
+    train.NetSpec(
+      model=student_model,
+      layout=layout,
+      schedule=schedule_lib.from_config(
+        config.schedule, w, a, total_steps, config.quant.keep_first_last_fp
+      ),
+      tx=tx,
+      lr_fn=lr_fn(config.learning_rate, config.schedule.lr_restart),
+      reset_momentum=config.schedule.reset_momentum,
+    )
+    for w, a in targets
+  )
   teacher = None
   if config.distill.enabled:
     t_model = make_model(config.distill.teacher_model or config.model)
     t_layout = precision_lib.layout_of(t_model, sample)
     t_lr = config.distill.teacher_learning_rate
     teacher = train.NetSpec(
-        model=t_model, layout=t_layout,
-        schedule=schedule_lib.Schedule(starts=(0,), weight_bits=(32.0,), act_bits=(32.0,),
-                                       total_steps=total_steps, keep_first_last_fp=False),
-        tx=tx, lr_fn=lr_fn(config.learning_rate if t_lr == -1 else t_lr, False),
-        frozen=bool(config.distill.teacher_from))
+      model=t_model,
+      layout=t_layout,
+      schedule=schedule_lib.Schedule(
+        starts=(0,),
+        weight_bits=(32.0,),
+        act_bits=(32.0,),
+        total_steps=total_steps,
+        keep_first_last_fp=False,
+      ),
+      tx=tx,
+      lr_fn=lr_fn(config.learning_rate if t_lr == -1 else t_lr, False),
+      frozen=bool(config.distill.teacher_from),
+    )
   return students, teacher
 
 
 def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:
   """What a checkpoint must agree on with the config that resumes it."""
   return {
-      "dataset": config.dataset, "model": config.model, "batch_size": config.batch_size,
-      "image_size": list(input_shape(config)),
-      "quantized_layers": ["/".join(p) for p in students[0].layout.paths],
-      "num_students": len(students),
-      "teacher_model": None if teacher is None else (config.distill.teacher_model or config.model),
+    "dataset": config.dataset,
+    "model": config.model,
+    "batch_size": config.batch_size,
+    "image_size": list(input_shape(config)),
+    "quantized_layers": ["/".join(p) for p in students[0].layout.paths],
+    "num_students": len(students),
+    "teacher_model": None if teacher is None else (config.distill.teacher_model or config.model),
   }
 
 
-def compile_steps(mesh: jax.sharding.Mesh, students: tuple[train.NetSpec, ...],
-                  teacher: train.NetSpec | None, distill: train.DistillSpec | None):
+def compile_steps(
+  mesh: jax.sharding.Mesh,
+  students: tuple[train.NetSpec, ...],
+  teacher: train.NetSpec | None,
+  distill: train.DistillSpec | None,
+):
   """The jitted, data-parallel train and eval steps (state replicated, batch on `data`).
 
   The train step donates the old state. On CPU both get qnet.conv's compiler options.
   """
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   options = conv.cpu_compiler_options() or None
-  p_train = jax.jit(functools.partial(train.train_step, students=students, teacher=teacher,
-                                      distill=distill),
-                    in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                    donate_argnums=(0,), compiler_options=options)
-  p_eval = jax.jit(functools.partial(train.eval_step, students=students, teacher=teacher),
-                   in_shardings=(replicated, data), out_shardings=replicated,
-                   compiler_options=options)
+  p_train = jax.jit(
+    functools.partial(train.train_step, students=students, teacher=teacher, distill=distill),
+    in_shardings=(replicated, data),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+    compiler_options=options,
+  )
+  p_eval = jax.jit(
+    functools.partial(train.eval_step, students=students, teacher=teacher),
+    in_shardings=(replicated, data),
+    out_shardings=replicated,
+    compiler_options=options,
+  )
   return p_train, p_eval
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def device_batches(batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding,
-                   prefetch: int = 2) -> Iterator[dict[str, jax.Array]]:
+def device_batches(
+  batches: Iterator[dict[str, np.ndarray]], sharding: NamedSharding, prefetch: int = 2
+) -> Iterator[dict[str, jax.Array]]:
   """Global arrays from each process's local batches, `prefetch` transfers in flight."""
   queue: collections.deque = collections.deque()
   for batch in batches:
@@ -156,9 +190,10 @@ def load_students_from(workdir: str, state: train.TrainState) -> train.TrainStat
   for i, net in enumerate(state.students):
     _check_shapes(net.params, params, f"init_from={workdir}: params")
     _check_shapes(net.batch_stats, batch_stats, f"init_from={workdir}: batch_stats")
-  students = tuple(net.replace(params=_like(net.params, params),
-                               batch_stats=_like(net.batch_stats, batch_stats))
-                   for net in state.students)
+  students = tuple(
+    net.replace(params=_like(net.params, params), batch_stats=_like(net.batch_stats, batch_stats))
+    for net in state.students
+  )
   return state.replace(students=students)
 
 
@@ -166,14 +201,20 @@ def load_teacher_from(workdir: str, state: train.TrainState) -> train.TrainState
   """`config.distill.teacher_from`: a frozen teacher = the first student of another run."""
   params, batch_stats = _read_net(workdir, "students", "0")
   _check_shapes(state.teacher.params, params, f"distill.teacher_from={workdir}: params")
-  _check_shapes(state.teacher.batch_stats, batch_stats, f"distill.teacher_from={workdir}: batch_stats")
-  return state.replace(teacher=state.teacher.replace(
+  _check_shapes(
+    state.teacher.batch_stats, batch_stats, f"distill.teacher_from={workdir}: batch_stats"
+  )
+  return state.replace(
+    teacher=state.teacher.replace(
       params=_like(state.teacher.params, params),
-      batch_stats=_like(state.teacher.batch_stats, batch_stats)))
+      batch_stats=_like(state.teacher.batch_stats, batch_stats),
+    )
+  )
 
 
 def _read_net(workdir: str, *path: str) -> tuple[PyTree, PyTree]:
   import orbax.checkpoint as ocp
+
   manager = checkpointing.create_manager(workdir)
   step = manager.latest_step()
   if step is None:
@@ -186,21 +227,33 @@ def _read_net(workdir: str, *path: str) -> tuple[PyTree, PyTree]:
 
 
 def _check_shapes(expected: PyTree, got: PyTree, what: str) -> None:
-  want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  have = {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(got)}
-  diffs = [f"{k}: model {want.get(k)} vs checkpoint {have.get(k)}"
-           for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+  want = {
+    jax.tree_util.keystr(k): tuple(v.shape)
+    for k, v in jax.tree_util.tree_leaves_with_path(expected)
+  }
+  have = {
+    jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(got)
+  }
+  diffs = [
+    f"{k}: model {want.get(k)} vs checkpoint {have.get(k)}"
+    for k in sorted(set(want) | set(have))
+    if want.get(k) != have.get(k)
+  ]
   if diffs:
-    raise ValueError(f"{what} do not match the model ({len(diffs)} differences): "
-                     + "; ".join(diffs[:5]) + ("; ..." if len(diffs) > 5 else ""))
+    raise ValueError(
+      f"{what} do not match the model ({len(diffs)} differences): "
+      + "; ".join(diffs[:5])
+      + ("; ..." if len(diffs) > 5 else "")
+    )
 
 
 def _like(target: PyTree, source: PyTree) -> PyTree:
   """`source` values in `target`'s structure, dtype and sharding."""
   flat = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(source))
   return jax.tree_util.tree_map_with_path(
-      lambda k, t: jax.device_put(np.asarray(flat[jax.tree_util.keystr(k)], t.dtype), t.sharding),
-      target)
+    lambda k, t: jax.device_put(np.asarray(flat[jax.tree_util.keystr(k)], t.dtype), t.sharding),
+    target,
+  )
 
 
 class _Preemption:
@@ -227,8 +280,9 @@ class _Preemption:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_at_step: int | None = None) -> dict[str, float]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None
+) -> dict[str, float]:
   """Trains (resuming from `WORKDIR/checkpoints` if present), evaluates, and returns the
   final evaluation metrics (`eval_accuracy` is the first student's top-1).
 
@@ -253,7 +307,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = jax.jit(init, out_shardings=replicated)(sample)
 
   manager, restored = checkpointing.restore_latest(
-      workdir, checkpointing.abstract_like(state), meta, config.keep_checkpoints)
+    workdir, checkpointing.abstract_like(state), meta, config.keep_checkpoints
+  )
   if restored is not None:
     step0, state = restored
     logging.info("resumed from %s at step %d", manager.directory, step0)
@@ -276,18 +331,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def evaluate(state) -> dict[str, float]:
     sums = collections.defaultdict(float)
     batches = input_pipeline.create_eval_iterator(
-        config.dataset, global_batch_size=config.batch_size, data_dir=data_dir,
-        image_size=config.image_size or None)
+      config.dataset,
+      global_batch_size=config.batch_size,
+      data_dir=data_dir,
+      image_size=config.image_size or None,
+    )
     for batch in device_batches(batches, data_sharding):
       for k, v in jax.device_get(p_eval(state, batch)).items():
         sums[k] += float(v)
     count = sums.pop("eval_count")
     return {k: v / count for k, v in sums.items()} | {"eval_examples": count}
 
-  train_iter = device_batches(input_pipeline.create_train_iterator(
-      config.dataset, global_batch_size=config.batch_size, seed=config.seed,
-      start_step=start_step, data_dir=data_dir, augment=config.augment,
-      image_size=config.image_size or None), data_sharding)
+  train_iter = device_batches(
+    input_pipeline.create_train_iterator(
+      config.dataset,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      start_step=start_step,
+      data_dir=data_dir,
+      augment=config.augment,
+      image_size=config.image_size or None,
+    ),
+    data_sharding,
+  )
   progress = metrics_io.Progress(start_step, total_steps)
   pending: list[tuple[int, dict]] = []
   eval_metrics: dict[str, float] = {}
@@ -298,18 +364,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     pending.clear()
     bad = first_nonfinite(rows)
     if bad is not None:
-      raise FloatingPointError(f"non-finite {bad[1]}={bad[2]} at step {bad[0]}; stopping "
-                               f"without checkpointing the poisoned state")
+      raise FloatingPointError(
+        f"non-finite {bad[1]}={bad[2]} at step {bad[0]}; stopping "
+        f"without checkpointing the poisoned state"
+      )
     if not rows:
       return
     mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
     rate, eta = progress.update(step)
     mean["steps_per_sec"] = rate
     writer.write_scalars(step, mean)
-    logging.info("step %d/%d  loss %.4f  train_acc %.4f  W%gA%g  q-frac %.3f  %.2f steps/s  ETA %s",
-                 step, total_steps, mean["train_loss"], mean["train_accuracy"],
-                 mean["weight_bits"], mean["act_bits"], mean["quantized_fraction"], rate,
-                 metrics_io.format_duration(eta))
+    logging.info(
+      "step %d/%d  loss %.4f  train_acc %.4f  W%gA%g  q-frac %.3f  %.2f steps/s  ETA %s",
+      step,
+      total_steps,
+      mean["train_loss"],
+      mean["train_accuracy"],
+      mean["weight_bits"],
+      mean["act_bits"],
+      mean["quantized_fraction"],
+      rate,
+      metrics_io.format_duration(eta),
+    )
 
   with _Preemption() as preemption:
     step = start_step
@@ -327,21 +403,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         flush(step)
         eval_metrics = evaluate(state)
         writer.write_scalars(step, eval_metrics)
-        logging.info("eval at step %d: %s", step,
-                     "  ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
+        logging.info(
+          "eval at step %d: %s",
+          step,
+          "  ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())),
+        )
       stop = preemption.requested or step == stop_at_step
       if step % config.checkpoint_every_steps == 0 or last or stop:
         flush(step)
         checkpointing.save(manager, step, state, meta)
       if stop:
         manager.wait_until_finished()
-        logging.warning("checkpoint at step %d saved; stopping early (%s)", step,
-                        "SIGTERM" if preemption.requested else "stop_at_step")
+        logging.warning(
+          "checkpoint at step %d saved; stopping early (%s)",
+          step,
+          "SIGTERM" if preemption.requested else "stop_at_step",
+        )
         break
   manager.wait_until_finished()
   # Compile counts of this process (a precision change must never add one), for benchmarks.
-  writer.write_scalars(step, {"train_step_compiles": p_train._cache_size(),
-                              "eval_step_compiles": p_eval._cache_size()})
+  writer.write_scalars(
+    step, {"train_step_compiles": p_train._cache_size(), "eval_step_compiles": p_eval._cache_size()}
+  )
   writer.flush()
   return eval_metrics
 
@@ -350,6 +433,11 @@ def _distill_spec(config: ml_collections.ConfigDict) -> train.DistillSpec | None
   if not config.distill.enabled:
     return None
   d = config.distill
-  return train.DistillSpec(temperature=d.temperature, student_ce=d.student_ce,
-                           student_kl=d.student_kl, teacher_ce=d.teacher_ce,
-                           teacher_kl=d.teacher_kl, hint_weight=d.hint_weight)
+  return train.DistillSpec(
+    temperature=d.temperature,
+    student_ce=d.student_ce,
+    student_kl=d.student_kl,
+    teacher_ce=d.teacher_ce,
+    teacher_kl=d.teacher_kl,
+    hint_weight=d.hint_weight,
+  )

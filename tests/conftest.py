@@ -1,4 +1,5 @@
 """Test set-up: 4 fake CPU devices (before JAX initialises) and shared fixtures."""
+
 import gzip
 import os
 
@@ -12,7 +13,8 @@ import pytest  # noqa: E402
 # Many tests compile the same small steps; a per-session persistent cache makes the
 # repeats cheap (stack-notes: 3.2 s -> 0.27 s per compile).
 _CACHE = os.environ.get("QNET_TEST_JAX_CACHE") or os.path.join(
-    os.path.dirname(__file__), "..", ".pytest_cache", "jax")
+  os.path.dirname(__file__), "..", ".pytest_cache", "jax"
+)
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -35,6 +37,7 @@ def fake_data_dir(tmp_path_factory):
   images are constant = example index (train 1..50, test 100..122), label = index % 10."""
   from qnet import fashion_mnist_offline
   from qnet import input_pipeline as ip
+
   src = tmp_path_factory.mktemp("fake_idx")
   for split, n, offset in (("train", FAKE_TRAIN, 1), ("t10k", FAKE_TEST, 100)):
     index = np.arange(offset, offset + n)

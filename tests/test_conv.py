@@ -1,4 +1,5 @@
 """qnet.conv: equal to the stock conv, and the CPU speed fixes are really compiled in."""
+
 import re
 
 import jax
@@ -15,162 +16,180 @@ CASES = [(k, s, p) for k in (1, 3) for s in (1, 2) for p in ("SAME", "VALID")]
 
 
 def stock(x, k, strides=(1, 1), padding="SAME"):
-    return lax.conv_general_dilated(x, k, strides, padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return lax.conv_general_dilated(
+    x, k, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
 
 
 def data(ksize, cin=5, cout=7, seed=0):
-    kx, kk, kw = jax.random.split(jax.random.key(seed), 3)
-    x = jax.random.normal(kx, (4, 9, 9, cin))  # odd size: asymmetric SAME padding at stride 2
-    k = jax.random.normal(kk, (ksize, ksize, cin, cout)) * 0.3
-    return x, k, kw
+  kx, kk, kw = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (4, 9, 9, cin))  # odd size: asymmetric SAME padding at stride 2
+  k = jax.random.normal(kk, (ksize, ksize, cin, cout)) * 0.3
+  return x, k, kw
 
 
 @pytest.mark.parametrize("ksize,s,pad", CASES)
 def test_forward_equal(ksize, s, pad):
-    x, k, _ = data(ksize)
-    opts = qconv.cpu_compiler_options()
-    got = jax.jit(lambda x, k: qconv.conv(x, k, strides=(s, s), padding=pad),
-                  compiler_options=opts)(x, k)
-    want = jax.jit(lambda x, k: stock(x, k, (s, s), pad), compiler_options=opts)(x, k)
-    diff = float(jnp.max(jnp.abs(got - want)))
-    print(f"forward k={ksize} s={s} {pad}: max|diff|={diff}")
-    assert got.shape == want.shape and diff == 0.0
-    eager = qconv.conv(x, k, strides=(s, s), padding=pad)
-    assert float(jnp.max(jnp.abs(eager - stock(x, k, (s, s), pad)))) == 0.0
+  x, k, _ = data(ksize)
+  opts = qconv.cpu_compiler_options()
+  got = jax.jit(lambda x, k: qconv.conv(x, k, strides=(s, s), padding=pad), compiler_options=opts)(
+    x, k
+  )
+  want = jax.jit(lambda x, k: stock(x, k, (s, s), pad), compiler_options=opts)(x, k)
+  diff = float(jnp.max(jnp.abs(got - want)))
+  print(f"forward k={ksize} s={s} {pad}: max|diff|={diff}")
+  assert got.shape == want.shape and diff == 0.0
+  eager = qconv.conv(x, k, strides=(s, s), padding=pad)
+  assert float(jnp.max(jnp.abs(eager - stock(x, k, (s, s), pad)))) == 0.0
 
 
 @pytest.mark.parametrize("ksize,s,pad", CASES + [(3, 2, ((1, 0), (0, 2)))])
 def test_gradients_equal(ksize, s, pad):
-    x, k, kw = data(ksize)
-    w = jax.random.normal(kw, stock(x, k, (s, s), pad).shape)
+  x, k, kw = data(ksize)
+  w = jax.random.normal(kw, stock(x, k, (s, s), pad).shape)
 
-    def grads(fn):
-        loss = lambda x, k: jnp.sum(jax.nn.relu(fn(x, k, (s, s), pad)) * w)
-        return qconv.jit(jax.grad(loss, argnums=(0, 1)))(x, k)
+  def grads(fn):
+    loss = lambda x, k: jnp.sum(jax.nn.relu(fn(x, k, (s, s), pad)) * w)
+    return qconv.jit(jax.grad(loss, argnums=(0, 1)))(x, k)
 
-    got = grads(lambda x, k, st, p: qconv.conv(x, k, strides=st, padding=p))
-    want = grads(stock)
-    dx, dk = (float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
-    print(f"grad k={ksize} s={s} {pad}: max|dx diff|={dx} max|dk diff|={dk}")
-    assert dx == 0.0 and dk == 0.0
+  got = grads(lambda x, k, st, p: qconv.conv(x, k, strides=st, padding=p))
+  want = grads(stock)
+  dx, dk = (float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
+  print(f"grad k={ksize} s={s} {pad}: max|dx diff|={dx} max|dk diff|={dk}")
+  assert dx == 0.0 and dk == 0.0
 
 
 @needs_cpu
 def test_nan_input_still_identity():
-    # The cond predicate (a == a) | (a != a) must hold when a is NaN too.
-    x, k, _ = data(3)
-    x = x.at[0, 0, 0, 0].set(jnp.nan)
-    g = lambda fn: qconv.jit(jax.grad(lambda x, k: jnp.sum(fn(x, k)), argnums=(0, 1)))(x, k)
-    for a, b in zip(g(qconv.conv), g(stock)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The cond predicate (a == a) | (a != a) must hold when a is NaN too.
+  x, k, _ = data(3)
+  x = x.at[0, 0, 0, 0].set(jnp.nan)
+  g = lambda fn: qconv.jit(jax.grad(lambda x, k: jnp.sum(fn(x, k)), argnums=(0, 1)))(x, k)
+  for a, b in zip(g(qconv.conv), g(stock)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ---- compiled HLO checks -------------------------------------------------------------
 
+
 def _computations(hlo: str) -> dict[str, str]:
-    """Name -> body of every computation in an HLO module's text."""
-    comps = {}
-    for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)^\}", hlo, re.M | re.S):
-        comps[m.group(1)] = m.group(2)
-    return comps
+  """Name -> body of every computation in an HLO module's text."""
+  comps = {}
+  for m in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) .*?\{\n(.*?)^\}", hlo, re.M | re.S):
+    comps[m.group(1)] = m.group(2)
+  return comps
 
 
 def ynn_wrapped_convs(hlo: str) -> int:
-    """Number of __ynn_fusion instructions whose fused computation holds a convolution."""
-    comps, n = _computations(hlo), 0
-    for line in hlo.splitlines():
-        if '"__ynn_fusion"' in line and (m := re.search(r"calls=%([\w.\-]+)", line)):
-            n += "convolution(" in comps.get(m.group(1), "")
-    return n
+  """Number of __ynn_fusion instructions whose fused computation holds a convolution."""
+  comps, n = _computations(hlo), 0
+  for line in hlo.splitlines():
+    if '"__ynn_fusion"' in line and (m := re.search(r"calls=%([\w.\-]+)", line)):
+      n += "convolution(" in comps.get(m.group(1), "")
+  return n
 
 
 def refused_conv_operands(hlo: str) -> int:
-    """Convolution operands that are layout-transpose fusions of more than one input.
+  """Convolution operands that are layout-transpose fusions of more than one input.
 
-    A pure layout copy has one input; more means XLA re-fused (and recomputes) the
-    BN/ReLU/residual chain into the transpose in front of a kernel-gradient conv.
-    """
-    comps, defs = _computations(hlo), {}
-    for m in re.finditer(r"^\s+(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(([^)]*)\)(.*)$",
-                         hlo, re.M):
-        args = [a.strip().lstrip("%") for a in re.sub(r"/\*.*?\*/", "", m.group(3)).split(",")]
-        called = re.search(r"calls=%([\w.\-]+)", m.group(4))
-        defs[m.group(1)] = (m.group(2), [a for a in args if a],
-                            comps.get(called.group(1), "") if called else "")
-    n = 0
-    for op, args, _ in defs.values():
-        if op == "convolution":
-            for a in args:
-                aop, aargs, body = defs.get(a, ("", [], ""))
-                n += aop == "fusion" and len(aargs) > 1 and "transpose(" in body
-    return n
+  A pure layout copy has one input; more means XLA re-fused (and recomputes) the
+  BN/ReLU/residual chain into the transpose in front of a kernel-gradient conv.
+  """
+  comps, defs = _computations(hlo), {}
+  for m in re.finditer(
+    r"^\s+(?:ROOT )?%([\w.\-]+) = .*? ([a-z][\w\-]*)\(([^)]*)\)(.*)$", hlo, re.M
+  ):
+    args = [a.strip().lstrip("%") for a in re.sub(r"/\*.*?\*/", "", m.group(3)).split(",")]
+    called = re.search(r"calls=%([\w.\-]+)", m.group(4))
+    defs[m.group(1)] = (
+      m.group(2),
+      [a for a in args if a],
+      comps.get(called.group(1), "") if called else "",
+    )
+  n = 0
+  for op, args, _ in defs.values():
+    if op == "convolution":
+      for a in args:
+        aop, aargs, body = defs.get(a, ("", [], ""))
+        n += aop == "fusion" and len(aargs) > 1 and "transpose(" in body
+  return n
 
 
 def train_like_hlo(conv_fn, compiler_options):
-    """Compiled HLO of grad(conv -> BN-like -> relu -> conv -> loss)."""
-    def net(p, x):
-        h = conv_fn(x, p["k1"])
-        m, v = h.mean((0, 1, 2)), h.var((0, 1, 2))
-        h = jax.nn.relu((h - m) * lax.rsqrt(v + 1e-5) * p["s"] + p["b"])
-        return jnp.mean(conv_fn(h, p["k2"]) ** 2)
+  """Compiled HLO of grad(conv -> BN-like -> relu -> conv -> loss)."""
 
-    p = dict(k1=jnp.full((3, 3, 3, 32), 0.1), k2=jnp.full((3, 3, 32, 32), 0.01),
-             s=jnp.ones(32), b=jnp.zeros(32))
-    x = jnp.ones((8, 16, 16, 3))
-    f = jax.jit(jax.grad(net), compiler_options=compiler_options or None)
-    return f.lower(p, x).compile().as_text()
+  def net(p, x):
+    h = conv_fn(x, p["k1"])
+    m, v = h.mean((0, 1, 2)), h.var((0, 1, 2))
+    h = jax.nn.relu((h - m) * lax.rsqrt(v + 1e-5) * p["s"] + p["b"])
+    return jnp.mean(conv_fn(h, p["k2"]) ** 2)
+
+  p = dict(
+    k1=jnp.full((3, 3, 3, 32), 0.1),
+    k2=jnp.full((3, 3, 32, 32), 0.01),
+    s=jnp.ones(32),
+    b=jnp.zeros(32),
+  )
+  x = jnp.ones((8, 16, 16, 3))
+  f = jax.jit(jax.grad(net), compiler_options=compiler_options or None)
+  return f.lower(p, x).compile().as_text()
 
 
 def _summary(name, hlo):
-    print(f"{name}: conditional={'conditional(' in hlo} "
-          f"ynn-wrapped convs={ynn_wrapped_convs(hlo)} "
-          f"convs fed by re-fused transposes={refused_conv_operands(hlo)}")
+  print(
+    f"{name}: conditional={'conditional(' in hlo} "
+    f"ynn-wrapped convs={ynn_wrapped_convs(hlo)} "
+    f"convs fed by re-fused transposes={refused_conv_operands(hlo)}"
+  )
 
 
 @needs_cpu
 def test_hlo_has_barrier_and_no_ynn_conv(monkeypatch):
-    monkeypatch.delenv("QNET_CPU_CONV_OPTIONS", raising=False)
-    monkeypatch.delenv("QNET_CPU_CONV_BARRIER", raising=False)
-    opts = qconv.cpu_compiler_options()
-    assert opts == {"xla_cpu_experimental_ynn_fusion_type":
-                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-    _summary("stock conv, default options", train_like_hlo(stock, {}))
-    _summary("stock conv, cpu options", train_like_hlo(stock, opts))
-    hlo = train_like_hlo(qconv.conv, opts)
-    _summary("qnet conv, cpu options", hlo)
-    assert "conditional(" in hlo
-    assert "convolution(" in hlo
-    assert ynn_wrapped_convs(hlo) == 0
-    # Cause 2 gone: each conv reads plain layout copies, not a re-fused BN/ReLU chain.
-    assert refused_conv_operands(hlo) == 0
+  monkeypatch.delenv("QNET_CPU_CONV_OPTIONS", raising=False)
+  monkeypatch.delenv("QNET_CPU_CONV_BARRIER", raising=False)
+  opts = qconv.cpu_compiler_options()
+  assert opts == {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+  }
+  _summary("stock conv, default options", train_like_hlo(stock, {}))
+  _summary("stock conv, cpu options", train_like_hlo(stock, opts))
+  hlo = train_like_hlo(qconv.conv, opts)
+  _summary("qnet conv, cpu options", hlo)
+  assert "conditional(" in hlo
+  assert "convolution(" in hlo
+  assert ynn_wrapped_convs(hlo) == 0
+  # Cause 2 gone: each conv reads plain layout copies, not a re-fused BN/ReLU chain.
+  assert refused_conv_operands(hlo) == 0
 
 
 @needs_cpu
 def test_env_overrides_select_plain_path(monkeypatch):
-    monkeypatch.setenv("QNET_CPU_CONV_OPTIONS", "0")
-    monkeypatch.setenv("QNET_CPU_CONV_BARRIER", "0")
-    assert qconv.cpu_compiler_options() == {}
-    x, k, _ = data(3)
-    loss = lambda x, k: jnp.sum(qconv.conv(x, k))
-    assert " cond[" not in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k))
-    hlo = train_like_hlo(qconv.conv, qconv.cpu_compiler_options())
-    _summary("qnet conv, overrides off", hlo)
-    assert "conditional(" not in hlo
+  monkeypatch.setenv("QNET_CPU_CONV_OPTIONS", "0")
+  monkeypatch.setenv("QNET_CPU_CONV_BARRIER", "0")
+  assert qconv.cpu_compiler_options() == {}
+  x, k, _ = data(3)
+  loss = lambda x, k: jnp.sum(qconv.conv(x, k))
+  assert " cond[" not in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k))
+  hlo = train_like_hlo(qconv.conv, qconv.cpu_compiler_options())
+  _summary("qnet conv, overrides off", hlo)
+  assert "conditional(" not in hlo
 
-    monkeypatch.setenv("QNET_CPU_CONV_BARRIER", "1")
-    assert " cond[" in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k))
+  monkeypatch.setenv("QNET_CPU_CONV_BARRIER", "1")
+  assert " cond[" in str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k))
 
 
 def test_non_cpu_backend_is_plain(monkeypatch):
-    monkeypatch.setattr(qconv, "_on_cpu", lambda: False)
-    assert qconv.cpu_compiler_options() == {}
-    x, k, _ = data(3)
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(qconv.conv(x, k))))(x, k))
-    assert " cond[" not in jaxpr
+  monkeypatch.setattr(qconv, "_on_cpu", lambda: False)
+  assert qconv.cpu_compiler_options() == {}
+  x, k, _ = data(3)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, k: jnp.sum(qconv.conv(x, k))))(x, k))
+  assert " cond[" not in jaxpr
 
 
 def test_jit_wrapper_merges_options_and_kwargs():
-    f = qconv.jit(lambda x, n: x * n, static_argnums=1,
-                  compiler_options={"xla_cpu_enable_fast_math": False} if CPU else {})
-    assert float(f(jnp.float32(2.0), 3)) == 6.0
+  f = qconv.jit(
+    lambda x, n: x * n,
+    static_argnums=1,
+    compiler_options={"xla_cpu_enable_fast_math": False} if CPU else {},
+  )
+  assert float(f(jnp.float32(2.0), 3)) == 6.0

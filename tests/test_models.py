@@ -1,4 +1,5 @@
 """Models: registry, output shapes, parameter counts, precision pytree built from the model."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,9 @@ from qnet import models, precision
 
 
 def _count(model, shape):
-  v = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False), jnp.zeros(shape))
+  v = jax.eval_shape(
+    lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False), jnp.zeros(shape)
+  )
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(v["params"])), v
 
 
@@ -24,9 +27,15 @@ def _cifar_preact_resnet_params(n: int, in_ch: int, classes: int) -> int:
   return total + 2 * 64 + 64 * classes + classes
 
 
-@pytest.mark.parametrize("name,n,shape,classes", [
-    ("resnet20", 3, (1, 32, 32, 3), 10), ("resnet20", 3, (1, 28, 28, 1), 10),
-    ("resnet32", 5, (1, 32, 32, 3), 100), ("resnet56", 9, (1, 32, 32, 3), 100)])
+@pytest.mark.parametrize(
+  "name,n,shape,classes",
+  [
+    ("resnet20", 3, (1, 32, 32, 3), 10),
+    ("resnet20", 3, (1, 28, 28, 1), 10),
+    ("resnet32", 5, (1, 32, 32, 3), 100),
+    ("resnet56", 9, (1, 32, 32, 3), 100),
+  ],
+)
 def test_cifar_resnet_parameter_counts(name, n, shape, classes):
   got, _ = _count(models.create_model(name, classes), shape)
   assert got == _cifar_preact_resnet_params(n, shape[-1], classes)
@@ -49,21 +58,29 @@ def test_fmnist_cnn_parameter_count():
   assert got == convs + bns + (3 * 3 * 128 * 256 + 256) + (256 * 10 + 10)
 
 
-@pytest.mark.parametrize("name,shape", [("tiny_cnn", (3, 28, 28, 1)), ("tiny_resnet", (3, 32, 32, 3)),
-                                        ("resnet20", (2, 28, 28, 1))])
+@pytest.mark.parametrize(
+  "name,shape",
+  [("tiny_cnn", (3, 28, 28, 1)), ("tiny_resnet", (3, 32, 32, 3)), ("resnet20", (2, 28, 28, 1))],
+)
 def test_output_shapes_and_precision_collection(name, shape):
   model = models.create_model(name, 7)
   x = jnp.ones(shape)
   v = jax.jit(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
   layout = precision.layout_of(model, x)
-  out = jax.jit(lambda v, p: model.apply({"params": v["params"], "batch_stats": v["batch_stats"],
-                                           "precision": p}, x, train=False)
-                )(v, precision.uniform(layout, 4, 4))
+  out = jax.jit(
+    lambda v, p: model.apply(
+      {"params": v["params"], "batch_stats": v["batch_stats"], "precision": p}, x, train=False
+    )
+  )(v, precision.uniform(layout, 4, 4))
   assert out.shape == (shape[0], 7) and out.dtype == jnp.float32
   # One (weight_bits, act_bits) pair per layer with a kernel, keyed like the params.
-  kernels = {p[:-1] for p in (tuple(k.key for k in path)
-                              for path, _ in jax.tree_util.tree_leaves_with_path(v["params"]))
-             if p[-1] == "kernel"}
+  kernels = {
+    p[:-1]
+    for p in (
+      tuple(k.key for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(v["params"])
+    )
+    if p[-1] == "kernel"
+  }
   assert set(layout.paths) == kernels
   assert ("head",) in layout.paths and ("stem",) in layout.paths
 

@@ -1,4 +1,5 @@
 """Quantizers: values against the paper's formulas, STE gradients, levels, no recompiles."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ from qnet import quant
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_uniform_quantize_matches_hand_values(bits):
-  n = 2 ** bits - 1
+  n = 2**bits - 1
   x = np.linspace(0, 1, 101, dtype=np.float32)
   expected = np.round(x * n) / n
   np.testing.assert_allclose(quant.uniform_quantize(jnp.asarray(x), bits), expected, atol=1e-6)
@@ -57,8 +58,9 @@ def test_weight_gradient_flows_through_tanh_and_normalisation():
   w = jnp.array([-0.8, 0.3, 0.5])
   g = jax.grad(lambda w: jnp.sum(quant.quantize_weights(w, 4) * jnp.array([1.0, -2.0, 0.5])))(w)
   # With round as identity, the function is 2 * (tanh(w) / (2 max|tanh|) + 1/2) - 1.
-  ref = jax.grad(lambda w: jnp.sum((jnp.tanh(w) / jnp.max(jnp.abs(jnp.tanh(w))))
-                                    * jnp.array([1.0, -2.0, 0.5])))(w)
+  ref = jax.grad(
+    lambda w: jnp.sum((jnp.tanh(w) / jnp.max(jnp.abs(jnp.tanh(w)))) * jnp.array([1.0, -2.0, 0.5]))
+  )(w)
   np.testing.assert_allclose(g, ref, rtol=1e-5)
 
 
@@ -87,7 +89,7 @@ bits_st = st.integers(1, 8)
 def test_weights_in_range_with_at_most_2k_levels(w, bits):
   q = np.asarray(quant.quantize_weights(jnp.asarray(w), bits))
   assert np.all(np.isfinite(q)) and q.min() >= -1 - 1e-6 and q.max() <= 1 + 1e-6
-  assert len(np.unique(np.round(q, 5))) <= 2 ** bits
+  assert len(np.unique(np.round(q, 5))) <= 2**bits
 
 
 @settings(max_examples=60, deadline=None)
@@ -95,7 +97,7 @@ def test_weights_in_range_with_at_most_2k_levels(w, bits):
 def test_activations_in_range_levels_idempotent_monotone(x, bits):
   q = np.asarray(quant.quantize_activations(jnp.asarray(x), bits))
   assert q.min() >= 0 and q.max() <= 1
-  assert len(np.unique(q)) <= 2 ** bits
+  assert len(np.unique(q)) <= 2**bits
   np.testing.assert_allclose(quant.quantize_activations(jnp.asarray(q), bits), q, atol=1e-6)
   order = np.argsort(x, kind="stable")
   assert np.all(np.diff(q[order]) >= -1e-7)

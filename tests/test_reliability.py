@@ -1,4 +1,5 @@
 """Faults injected on purpose: SIGKILL, SIGTERM, damaged checkpoints, NaN, bad configs."""
+
 import os
 import random
 import shutil
@@ -21,11 +22,22 @@ STEPS = 24
 
 
 def _cli(workdir, data_dir, *extra):
-  return [sys.executable, "-m", "qnet.main", "--config=configs/fashion_mnist_w4a4.py",
-          f"--workdir={workdir}", f"--config.data_dir={data_dir}", "--config.model=tiny_cnn",
-          "--config.batch_size=8", f"--config.num_train_steps={STEPS}",
-          "--config.eval_every_steps=12", "--config.checkpoint_every_steps=5",
-          "--config.log_every_steps=1", "--config.schedule.kind=two_stage", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "qnet.main",
+    "--config=configs/fashion_mnist_w4a4.py",
+    f"--workdir={workdir}",
+    f"--config.data_dir={data_dir}",
+    "--config.model=tiny_cnn",
+    "--config.batch_size=8",
+    f"--config.num_train_steps={STEPS}",
+    "--config.eval_every_steps=12",
+    "--config.checkpoint_every_steps=5",
+    "--config.log_every_steps=1",
+    "--config.schedule.kind=two_stage",
+    *extra,
+  ]
 
 
 def _env():
@@ -54,6 +66,7 @@ def _wait_for_step(workdir, step, proc, timeout=240):
 
 def _final_params(workdir):
   import orbax.checkpoint as ocp
+
   manager = checkpointing.create_manager(workdir)
   step = manager.latest_step()
   raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
@@ -73,8 +86,13 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, fak
   subprocess.run(_cli(ref, fake_data_dir), cwd=ROOT, env=_env(), check=True, capture_output=True)
   kill_at = random.Random().randint(2, STEPS - 4)  # crosses the two-stage boundary (12) or not
   work = str(tmp_path / "killed")
-  proc = subprocess.Popen(_cli(work, fake_data_dir), cwd=ROOT, env=_env(),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _cli(work, fake_data_dir),
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   _wait_for_step(work, kill_at, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -88,8 +106,9 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, fak
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path, fake_data_dir):
   work = str(tmp_path / "run")
   cmd = _cli(work, fake_data_dir, "--config.checkpoint_every_steps=1000")
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
   _wait_for_step(work, 3, proc)
   t0 = time.time()
   proc.send_signal(signal.SIGTERM)
@@ -120,10 +139,14 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   with tfds.testing.mock_data(num_examples=64):
     students, teacher = trainer.build_specs(c, 12)
     meta = trainer.run_meta(c, students, teacher)
-  state = jax.jit(lambda: __import__("qnet.train", fromlist=["x"]).init_state(
-      students, teacher, 0, np.zeros((1, 32, 32, 3), np.float32)))()
-  _, restored = checkpointing.restore_latest(str(tmp_path / "a"),
-                                             checkpointing.abstract_like(state), meta)
+  state = jax.jit(
+    lambda: __import__("qnet.train", fromlist=["x"]).init_state(
+      students, teacher, 0, np.zeros((1, 32, 32, 3), np.float32)
+    )
+  )()
+  _, restored = checkpointing.restore_latest(
+    str(tmp_path / "a"), checkpointing.abstract_like(state), meta
+  )
   assert restored[0] == 6
   assert os.path.isdir(latest + ".damaged")  # kept, not deleted
   assert os.path.isdir(os.path.join(_ckpt_dir(tmp_path / "a"), "6"))
@@ -137,8 +160,10 @@ def test_unfinished_save_is_ignored(tmp_path):
   # A save killed mid-way leaves only orbax's temporary directory, never a step directory.
   c = mock_config(num_train_steps=6)
   run(c, tmp_path)
-  shutil.copytree(os.path.join(_ckpt_dir(tmp_path), "6"),
-                  os.path.join(_ckpt_dir(tmp_path), "9.orbax-checkpoint-tmp-1234"))
+  shutil.copytree(
+    os.path.join(_ckpt_dir(tmp_path), "6"),
+    os.path.join(_ckpt_dir(tmp_path), "9.orbax-checkpoint-tmp-1234"),
+  )
   assert checkpointing.create_manager(str(tmp_path)).all_steps() == [6]
 
 
@@ -150,7 +175,9 @@ def test_incompatible_config_stops_with_what_differs(tmp_path):
     run(mock_config(num_train_steps=12, model="tiny_resnet"), tmp_path)
   assert "model: checkpoint has 'tiny_cnn', config has 'tiny_resnet'" in str(info.value)
   assert "quantized_layers: checkpoint has ['conv2_1', 'head', 'stem']" in str(info.value)
-  with pytest.raises(checkpointing.IncompatibleCheckpointError, match="teacher_model: checkpoint has None"):
+  with pytest.raises(
+    checkpointing.IncompatibleCheckpointError, match="teacher_model: checkpoint has None"
+  ):
     run(mock_config(num_train_steps=12, **{"distill.enabled": True}), tmp_path)
   assert sorted(os.listdir(_ckpt_dir(tmp_path))) == before
 
@@ -160,29 +187,39 @@ def test_nan_loss_stops_and_writes_no_poisoned_checkpoint(tmp_path):
   with pytest.raises(FloatingPointError, match=r"non-finite \w+=\w+ at step (\d+)") as info:
     run(c, tmp_path)
   import re
+
   bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
   steps = checkpointing.create_manager(str(tmp_path)).all_steps()
   assert all(s < bad_step for s in steps)
 
 
 BAD_CONFIGS = [
-    ({"quant.weight_bits": 0}, "config.quant.weight_bits=0 is invalid; allowed: an integer 1..16, or 32"),
-    ({"quant.act_bits": 20}, "config.quant.act_bits=20"),
-    ({"quant.weight_bits": 4.5}, "config.quant.weight_bits=4.5"),
-    ({"model": "resnet21"}, "config.model='resnet21' is invalid; allowed: alexnet_bn"),
-    ({"dataset": "mnist"}, "config.dataset='mnist' is invalid; allowed: cifar10, cifar100"),
-    ({"batch_size": 6}, "config.batch_size=6 is invalid; allowed: a multiple of the device count 4"),
-    ({"schedule.kind": "progresive"}, "schedule.kind='progresive'"),
-    ({"schedule.phases": ((0, 4, 4), (0, 2, 2))}, "config.schedule.phases"),
-    ({"schedule.phases": ((0, 4, 33),)}, "config.schedule.phases[0].act_bits=33"),
-    ({"schedule.sp_unit": "stage"}, "config.schedule.sp_unit='stage' is invalid; allowed: layer, block"),
-    ({"schedule.sp_ratios": (0.9, 0.5)}, "config.schedule.sp_ratios"),
-    ({"distill.student_kl": -0.1}, "config.distill.student_kl=-0.1"),
-    ({"distill.temperature": 0.0}, "config.distill.temperature=0.0"),
-    ({"learning_rate": -1.0}, "config.learning_rate=-1.0"),
-    ({"lr_schedule": "linear"}, "config.lr_schedule='linear' is invalid; allowed: cosine, step, constant"),
-    ({"init_from": "/nonexistent"}, "config.init_from='/nonexistent'"),
-    ({"num_train_steps": 0}, "config.num_train_steps=0"),
+  (
+    {"quant.weight_bits": 0},
+    "config.quant.weight_bits=0 is invalid; allowed: an integer 1..16, or 32",
+  ),
+  ({"quant.act_bits": 20}, "config.quant.act_bits=20"),
+  ({"quant.weight_bits": 4.5}, "config.quant.weight_bits=4.5"),
+  ({"model": "resnet21"}, "config.model='resnet21' is invalid; allowed: alexnet_bn"),
+  ({"dataset": "mnist"}, "config.dataset='mnist' is invalid; allowed: cifar10, cifar100"),
+  ({"batch_size": 6}, "config.batch_size=6 is invalid; allowed: a multiple of the device count 4"),
+  ({"schedule.kind": "progresive"}, "schedule.kind='progresive'"),
+  ({"schedule.phases": ((0, 4, 4), (0, 2, 2))}, "config.schedule.phases"),
+  ({"schedule.phases": ((0, 4, 33),)}, "config.schedule.phases[0].act_bits=33"),
+  (
+    {"schedule.sp_unit": "stage"},
+    "config.schedule.sp_unit='stage' is invalid; allowed: layer, block",
+  ),
+  ({"schedule.sp_ratios": (0.9, 0.5)}, "config.schedule.sp_ratios"),
+  ({"distill.student_kl": -0.1}, "config.distill.student_kl=-0.1"),
+  ({"distill.temperature": 0.0}, "config.distill.temperature=0.0"),
+  ({"learning_rate": -1.0}, "config.learning_rate=-1.0"),
+  (
+    {"lr_schedule": "linear"},
+    "config.lr_schedule='linear' is invalid; allowed: cosine, step, constant",
+  ),
+  ({"init_from": "/nonexistent"}, "config.init_from='/nonexistent'"),
+  ({"num_train_steps": 0}, "config.num_train_steps=0"),
 ]
 
 
@@ -205,24 +242,44 @@ def test_bad_config_messages(overrides, message):
 def test_unknown_field_suggests_the_nearest():
   c = default.get_config()
   c.quant.weight_bitz = 4
-  with pytest.raises(config_validation.ConfigError, match="config.quant.weight_bitz is not a known "
-                     "field; did you mean config.quant.weight_bits"):
+  with pytest.raises(
+    config_validation.ConfigError,
+    match="config.quant.weight_bitz is not a known field; did you mean config.quant.weight_bits",
+  ):
     config_validation.validate(c, 4, reference=default.get_config())
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.bach_size=3"], "config.bach_size is not a known field; did you mean config.batch_size?"),
+@pytest.mark.parametrize(
+  "args,message",
+  [
+    (
+      ["--config.bach_size=3"],
+      "config.bach_size is not a known field; did you mean config.batch_size?",
+    ),
     (["--config.quant.weight_bits=17"], "config.quant.weight_bits=17 is invalid"),
     (["--config.model=resnet21"], "allowed: alexnet_bn"),
-])
+  ],
+)
 def test_cli_rejects_bad_input_before_compiling_and_keeps_checkpoints(tmp_path, args, message):
   work = tmp_path / "w"
   (work / "checkpoints" / "5").mkdir(parents=True)
   marker = work / "checkpoints" / "5" / "keep"
   marker.write_text("x")
-  proc = subprocess.run([sys.executable, "-m", "qnet.main", "--config=configs/fashion_mnist_w4a4.py",
-                         f"--workdir={work}", *args], cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "qnet.main",
+      "--config=configs/fashion_mnist_w4a4.py",
+      f"--workdir={work}",
+      *args,
+    ],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.startswith("qnet: config error")]
   assert len(lines) == 1 and message in lines[0], proc.stderr[-1500:]

@@ -1,7 +1,7 @@
 """Precision schedules: phases, boundaries, stochastic precision statistics."""
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -37,8 +37,16 @@ def test_direct_and_two_stage_defaults():
 def test_progressive_ladder_and_its_boundaries():
   p = schedule.from_config(_cfg("progressive"), 2, 2, 1000, True)
   assert p.starts == (0, 250, 500, 750)
-  expected = {0: (32, 32), 249: (32, 32), 250: (8, 8), 499: (8, 8), 500: (4, 4), 749: (4, 4),
-              750: (2, 2), 999: (2, 2)}
+  expected = {
+    0: (32, 32),
+    249: (32, 32),
+    250: (8, 8),
+    499: (8, 8),
+    500: (4, 4),
+    749: (4, 4),
+    750: (2, 2),
+    999: (2, 2),
+  }
   assert {s: _bits_at(p, s) for s in expected} == expected
   cvpr = schedule.from_config(_cfg("progressive", ladder=(32, 16, 8, 4, 2)), 2, 2, 1000, True)
   assert cvpr.weight_bits == (32, 16, 8, 4, 2)
@@ -52,12 +60,14 @@ def test_progressive_with_two_stage_drops_weights_first():
 
 
 def test_explicit_phases_as_fractions_or_steps():
-  p = schedule.from_config(_cfg("direct", phases=((0, 8, 32), (0.25, 8, 8), (600, 2, 2))),
-                           2, 2, 1000, True)
+  p = schedule.from_config(
+    _cfg("direct", phases=((0, 8, 32), (0.25, 8, 8), (600, 2, 2))), 2, 2, 1000, True
+  )
   assert p.starts == (0, 250, 600)
   with pytest.raises(ValueError, match="strictly increase"):
-    schedule.from_config(_cfg("direct", phases=((0, 8, 8), (0.8, 4, 4), (500, 2, 2))),
-                         2, 2, 1000, True)
+    schedule.from_config(
+      _cfg("direct", phases=((0, 8, 8), (0.8, 4, 4), (500, 2, 2))), 2, 2, 1000, True
+    )
 
 
 def test_precision_tree_at_boundaries_keeps_edges_fp():
@@ -74,14 +84,22 @@ def test_precision_tree_at_boundaries_keeps_edges_fp():
 
 def test_sp_ratio_step_list_and_linear_ramp():
   s = schedule.from_config(_cfg("stochastic"), 2, 2, 400, True)
-  assert [float(s.sp_ratio(jnp.int32(t))) for t in (0, 99, 100, 200, 300, 399)] == \
-      [0.5, 0.5, 0.75, 0.875, 1.0, 1.0]
+  assert [float(s.sp_ratio(jnp.int32(t))) for t in (0, 99, 100, 200, 300, 399)] == [
+    0.5,
+    0.5,
+    0.75,
+    0.875,
+    1.0,
+    1.0,
+  ]
   lin = schedule.from_config(_cfg("stochastic", sp_ramp="linear"), 2, 2, 400, True)
   r = [float(lin.sp_ratio(jnp.int32(t))) for t in (0, 150, 300, 399)]
   assert r[0] == 0.5 and 0.5 < r[1] < 1 and r[2] == r[3] == 1.0
 
 
-@pytest.mark.parametrize("unit,ratio", [("layer", 0.5), ("layer", 0.75), ("block", 0.5), ("block", 0.875)])
+@pytest.mark.parametrize(
+  "unit,ratio", [("layer", 0.5), ("layer", 0.75), ("block", 0.5), ("block", 0.875)]
+)
 def test_stochastic_fraction_within_three_standard_errors(unit, ratio):
   layout = _layout("resnet20")
   draws = 400
@@ -104,8 +122,9 @@ def test_block_unit_quantizes_a_whole_block_together():
 
 
 def _apply(model, v, prec, x):
-  return model.apply({"params": v["params"], "batch_stats": v["batch_stats"], "precision": prec},
-                     x, train=False)
+  return model.apply(
+    {"params": v["params"], "batch_stats": v["batch_stats"], "precision": prec}, x, train=False
+  )
 
 
 @pytest.mark.parametrize("separate", [False, True])
@@ -114,10 +133,19 @@ def test_ratio_one_is_fully_quantized_and_ratio_zero_is_full_precision(separate)
   x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 28, 28, 1))
   v = model.init(jax.random.key(0, impl="rbg"), x, train=False)
   layout = precision.layout_of(model, x)
-  for ratios, target in [((1.0,), precision.uniform(layout, 2, 2)),
-                         ((0.0,), precision.uniform(layout, 32, 32))]:
-    s = schedule.Schedule(starts=(0,), weight_bits=(2.0,), act_bits=(2.0,), total_steps=10,
-                          stochastic=True, sp_ratios=ratios, sp_separate=separate)
+  for ratios, target in [
+    ((1.0,), precision.uniform(layout, 2, 2)),
+    ((0.0,), precision.uniform(layout, 32, 32)),
+  ]:
+    s = schedule.Schedule(
+      starts=(0,),
+      weight_bits=(2.0,),
+      act_bits=(2.0,),
+      total_steps=10,
+      stochastic=True,
+      sp_ratios=ratios,
+      sp_separate=separate,
+    )
     prec, frac = s.sample(layout, jnp.int32(3), jax.random.key(7, impl="rbg"))
     np.testing.assert_array_equal(_apply(model, v, prec, x), _apply(model, v, target, x))
     assert float(frac) == ratios[0]

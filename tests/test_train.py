@@ -1,11 +1,11 @@
 """The joint train step: determinism, device-count independence, compile-once, distillation."""
+
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
@@ -26,15 +26,20 @@ def _config(model="tiny_resnet", **distill):
 
 def _batch(n=8, seed=0):
   rng = np.random.default_rng(seed)
-  return {"image": jnp.asarray(rng.normal(size=(n, 28, 28, 1)), jnp.float32),
-          "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32)}
+  return {
+    "image": jnp.asarray(rng.normal(size=(n, 28, 28, 1)), jnp.float32),
+    "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+  }
 
 
 def _setup(c, total=20):
   students, teacher = trainer.build_specs(c, total)
   state = train.init_state(students, teacher, c.seed, jnp.zeros((1, 28, 28, 1)))
-  step = jax.jit(functools.partial(train.train_step, students=students, teacher=teacher,
-                                   distill=trainer._distill_spec(c)))
+  step = jax.jit(
+    functools.partial(
+      train.train_step, students=students, teacher=teacher, distill=trainer._distill_spec(c)
+    )
+  )
   return students, teacher, state, step
 
 
@@ -61,12 +66,16 @@ def test_one_device_and_four_devices_give_the_same_loss():
   students, teacher = trainer.build_specs(c, 20)
   losses = {}
   for n in (1, 4):
-    mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n],
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh(
+      (n,), ("data",), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,)
+    )
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     state = jax.device_put(train.init_state(students, teacher, 0, jnp.zeros((1, 28, 28, 1))), repl)
-    step = jax.jit(functools.partial(train.train_step, students=students),
-                   in_shardings=(repl, data), out_shardings=(repl, repl))
+    step = jax.jit(
+      functools.partial(train.train_step, students=students),
+      in_shardings=(repl, data),
+      out_shardings=(repl, repl),
+    )
     out = []
     for i in range(3):
       state, m = step(state, jax.device_put(_batch(16, i), data))
@@ -110,8 +119,10 @@ def test_zero_distillation_weights_equal_independent_steps():
     joint, _ = step(joint, _batch(seed=i))
     s_state, _ = s_step(s_state, _batch(seed=i))
     t_state, _ = t_step(t_state, _batch(seed=i))
-  for a, b in [(joint.students[0].params, s_state.students[0].params),
-               (joint.teacher.params, t_state.students[0].params)]:
+  for a, b in [
+    (joint.students[0].params, s_state.students[0].params),
+    (joint.teacher.params, t_state.students[0].params),
+  ]:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
 
@@ -122,7 +133,7 @@ def test_kl_matches_a_hand_computation():
   for temp in (1.0, 4.0):
     ps = np.exp(np.asarray(s) / temp) / np.exp(np.asarray(s) / temp).sum(-1, keepdims=True)
     pt = np.exp(np.asarray(t) / temp) / np.exp(np.asarray(t) / temp).sum(-1, keepdims=True)
-    hand = temp ** 2 * np.mean(np.sum(pt * np.log(pt / ps), -1))
+    hand = temp**2 * np.mean(np.sum(pt * np.log(pt / ps), -1))
     np.testing.assert_allclose(train.distill_kl(s, t, temp), hand, rtol=1e-5)
 
 
@@ -149,8 +160,11 @@ def test_frozen_teacher_never_changes(tmp_path):
   students, teacher = trainer.build_specs(c2, 20)
   teacher = dataclasses.replace(teacher, frozen=True)
   state = train.init_state(students, teacher, 0, jnp.zeros((1, 28, 28, 1)))
-  step = jax.jit(functools.partial(train.train_step, students=students, teacher=teacher,
-                                   distill=train.DistillSpec()))
+  step = jax.jit(
+    functools.partial(
+      train.train_step, students=students, teacher=teacher, distill=train.DistillSpec()
+    )
+  )
   new = state
   for i in range(3):
     new, m = step(new, _batch(seed=i))
@@ -178,3 +192,13 @@ def test_hint_term_trains_students_only():
   _, _, state, step = _setup(c)
   _, m = step(state, _batch())
   assert float(m["hint_loss"]) > 0
+
+
+def test_bfloat16_compute_keeps_float32_master_weights_and_statistics():
+  c = _config()
+  c.dtype = "bfloat16"
+  _, _, state, step = _setup(c)
+  new, m = step(state, _batch())
+  assert np.isfinite(float(m["train_loss"]))
+  dtypes = {x.dtype for x in jax.tree.leaves((new.students[0].params, new.students[0].batch_stats))}
+  assert dtypes == {jnp.dtype("float32")}

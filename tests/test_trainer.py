@@ -1,6 +1,5 @@
 """train_and_evaluate end to end on mock data: loss, metrics, checkpoints, resume, compiles."""
-import functools
-import json
+
 import os
 
 import jax
@@ -44,7 +43,9 @@ def saved_state(config, workdir):
   state = train.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
   with tfds.testing.mock_data(num_examples=64):
     meta = trainer.run_meta(config, students, teacher)
-  _, (step, restored) = checkpointing.restore_latest(str(workdir), checkpointing.abstract_like(state), meta)
+  _, (step, restored) = checkpointing.restore_latest(
+    str(workdir), checkpointing.abstract_like(state), meta
+  )
   return step, restored
 
 
@@ -58,8 +59,9 @@ def test_train_and_eval_loss_goes_down_and_metrics_are_written(tmp_path):
   assert train_rows[-1]["train_loss"] < 0.8 * train_rows[0]["train_loss"]
   assert [r["step"] for r in evals] == [30, 60]
   assert 0.0 <= result["eval_accuracy"] <= 1.0 and result["eval_examples"] == 64
-  assert {"steps_per_sec", "weight_bits", "act_bits", "quantized_fraction", "learning_rate"} \
-      <= set(train_rows[-1])
+  assert {"steps_per_sec", "weight_bits", "act_bits", "quantized_fraction", "learning_rate"} <= set(
+    train_rows[-1]
+  )
   assert os.listdir(tmp_path / "checkpoints")
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
 
@@ -90,7 +92,8 @@ def test_checkpoint_save_then_restore_is_equal(tmp_path):
   manager.wait_until_finished()
   fresh = train.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
   _, (step, restored) = checkpointing.restore_latest(
-      str(tmp_path), checkpointing.abstract_like(fresh), {"model": "tiny_cnn"})
+    str(tmp_path), checkpointing.abstract_like(fresh), {"model": "tiny_cnn"}
+  )
   assert step == 7 and int(restored.step) == 7
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
@@ -99,13 +102,20 @@ def test_checkpoint_save_then_restore_is_equal(tmp_path):
 
 @pytest.mark.slow
 def test_full_schedule_run_compiles_train_and_eval_once(tmp_path):
-  c = mock_config(**{"schedule.kind": "progressive+two_stage+stochastic", "num_train_steps": 16,
-                     "eval_every_steps": 4, "distill.enabled": True})
+  c = mock_config(
+    **{
+      "schedule.kind": "progressive+two_stage+stochastic",
+      "num_train_steps": 16,
+      "eval_every_steps": 4,
+      "distill.enabled": True,
+    }
+  )
   before = dict(train.TRACE_COUNTS)
   run(c, tmp_path)
   assert train.TRACE_COUNTS["train_step"] - before.get("train_step", 0) == 1
   assert train.TRACE_COUNTS["eval_step"] - before.get("eval_step", 0) == 1
   rows = metrics_io.read_jsonl(tmp_path / "metrics.jsonl")
-  assert {"teacher_eval_accuracy", "eval_accuracy", "kl_teacher", "kl_student"} <= \
-      set().union(*rows)
+  assert {"teacher_eval_accuracy", "eval_accuracy", "kl_teacher", "kl_student"} <= set().union(
+    *rows
+  )
   assert len({r["weight_bits"] for r in rows if "weight_bits" in r}) >= 3

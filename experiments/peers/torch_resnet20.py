@@ -10,6 +10,7 @@ Torch is not a qnet dependency; install it in its own venv, e.g.
   python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy
   /tmp/torchvenv/bin/python experiments/peers/torch_resnet20.py --steps 10 --warmup 3 --bits 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,7 @@ def uniform_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
   """q_k(x) = round(n x) / n, n = 2^k - 1; gradient 1 (STE). No clipping."""
   if bits >= FULL_PRECISION:
     return x
-  n = float(2 ** bits - 1)
+  n = float(2**bits - 1)
   return _RoundSTE.apply(x * n) / n
 
 
@@ -75,7 +76,7 @@ class _ActQuant(torch.autograd.Function):
 
 
 def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
-  n = None if bits >= FULL_PRECISION else float(2 ** bits - 1)
+  n = None if bits >= FULL_PRECISION else float(2**bits - 1)
   return _ActQuant.apply(x, n)
 
 
@@ -142,7 +143,9 @@ def main():
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps")
   p.add_argument("--bits", type=int, default=4, help="weight/activation bits (32 = FP)")
-  p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+  p.add_argument(
+    "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+  )
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="optional path for a JSON summary")
@@ -177,18 +180,22 @@ def main():
     times.append((time.perf_counter() - t0) * 1e3)
 
   result = {
-      "median_ms": statistics.median(times),
-      "min_ms": min(times),
-      "max_ms": max(times),
-      "steps": args.steps,
-      "bits": args.bits,
-      "torch": torch.__version__,
-      "threads": torch.get_num_threads(),
+    "median_ms": statistics.median(times),
+    "min_ms": min(times),
+    "max_ms": max(times),
+    "steps": args.steps,
+    "bits": args.bits,
+    "torch": torch.__version__,
+    "threads": torch.get_num_threads(),
   }
-  print(f"torch {result['torch']} threads={result['threads']} bits={args.bits} batch={args.batch} "
-        f"steps={args.steps} warmup={args.warmup} loss={loss.item():.4f}")
-  print(f"median {result['median_ms']:.1f} ms/step (min {result['min_ms']:.1f}, "
-        f"max {result['max_ms']:.1f})")
+  print(
+    f"torch {result['torch']} threads={result['threads']} bits={args.bits} batch={args.batch} "
+    f"steps={args.steps} warmup={args.warmup} loss={loss.item():.4f}"
+  )
+  print(
+    f"median {result['median_ms']:.1f} ms/step (min {result['min_ms']:.1f}, "
+    f"max {result['max_ms']:.1f})"
+  )
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

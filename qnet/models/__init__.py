@@ -1,4 +1,5 @@
 """Model registry: every model is looked up by name with `create_model`."""
+
 from __future__ import annotations
 
 import functools
@@ -14,19 +15,20 @@ _CIFAR = dict(widths=(16, 32, 64))
 _IMAGENET = dict(widths=(64, 128, 256, 512), imagenet_stem=True)
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    # Fashion-MNIST default (see configs/fashion_mnist_w4a4.py for why this one).
-    "fmnist_cnn": functools.partial(SimpleCNN, stages=((32,), (64,), (128,)), hidden=256),
-    "resnet20": functools.partial(PreActResNet, stage_sizes=(3, 3, 3), **_CIFAR),
-    "resnet32": functools.partial(PreActResNet, stage_sizes=(5, 5, 5), **_CIFAR),
-    "resnet56": functools.partial(PreActResNet, stage_sizes=(9, 9, 9), **_CIFAR),
-    "resnet18": functools.partial(PreActResNet, stage_sizes=(2, 2, 2, 2), **_IMAGENET),
-    "resnet34": functools.partial(PreActResNet, stage_sizes=(3, 4, 6, 3), **_IMAGENET),
-    "resnet50": functools.partial(PreActResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck",
-                                  **_IMAGENET),
-    "alexnet_bn": AlexNetBN,
-    # Tiny variants, for tests only.
-    "tiny_cnn": functools.partial(SimpleCNN, stages=((4,), (8,))),
-    "tiny_resnet": functools.partial(PreActResNet, stage_sizes=(1, 1), widths=(4, 8)),
+  # Fashion-MNIST default (see configs/fashion_mnist_w4a4.py for why this one).
+  "fmnist_cnn": functools.partial(SimpleCNN, stages=((32,), (64,), (128,)), hidden=256),
+  "resnet20": functools.partial(PreActResNet, stage_sizes=(3, 3, 3), **_CIFAR),
+  "resnet32": functools.partial(PreActResNet, stage_sizes=(5, 5, 5), **_CIFAR),
+  "resnet56": functools.partial(PreActResNet, stage_sizes=(9, 9, 9), **_CIFAR),
+  "resnet18": functools.partial(PreActResNet, stage_sizes=(2, 2, 2, 2), **_IMAGENET),
+  "resnet34": functools.partial(PreActResNet, stage_sizes=(3, 4, 6, 3), **_IMAGENET),
+  "resnet50": functools.partial(
+    PreActResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck", **_IMAGENET
+  ),
+  "alexnet_bn": AlexNetBN,
+  # Tiny variants, for tests only.
+  "tiny_cnn": functools.partial(SimpleCNN, stages=((4,), (8,))),
+  "tiny_resnet": functools.partial(PreActResNet, stage_sizes=(1, 1), widths=(4, 8)),
 }
 
 

@@ -1,4 +1,5 @@
 """AlexNet with batch normalisation, the paper's AlexNet (BN after every conv and FC)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,9 @@ class AlexNetBN(nn.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     x = x.astype(self.dtype)
     pool = lambda y: nn.max_pool(y, (3, 3), (2, 2))
-    x = QuantConv(96, (11, 11), (4, 4), padding="VALID", quantize_input=False,
-                  dtype=self.dtype, name=STEM)(x)
+    x = QuantConv(
+      96, (11, 11), (4, 4), padding="VALID", quantize_input=False, dtype=self.dtype, name=STEM
+    )(x)
     x = pool(batch_norm(train, self.dtype, "stem_bn")(x))
     specs = [(256, 5, True), (384, 3, False), (384, 3, False), (256, 3, True)]
     for i, (f, k, do_pool) in enumerate(specs):

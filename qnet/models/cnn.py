@@ -1,4 +1,5 @@
 """Plain conv nets: the Fashion-MNIST default and a tiny test model."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -17,6 +18,7 @@ class SimpleCNN(nn.Module):
   max-pooling before a quantizer equals pooling after it because the quantizer is monotone.
   `hidden` adds a quantized fully-connected layer before the classifier.
   """
+
   num_classes: int
   stages: Sequence[Sequence[int]] = ((32, 32), (64, 64))
   hidden: int = 0

@@ -11,6 +11,7 @@ its kernel with `weight_bits`. The first layer (named `stem`) sees the image, so
 quantizes its input; the classifier is named `head`. `precision.keep_first_last_fp`
 relies on these two names.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -45,6 +46,7 @@ def activation(x: jax.Array, act_bits: jax.Array, kind: str) -> jax.Array:
 
 class QuantConv(nn.Module):
   """Conv (NHWC, HWIO) with a k-bit kernel and a k-bit input activation."""
+
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
@@ -58,15 +60,19 @@ class QuantConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     weight_bits, act_bits = _bits(self)
-    kernel = self.param("kernel", conv_init,
-                        (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+    kernel = self.param(
+      "kernel", conv_init, (*self.kernel_size, x.shape[-1], self.features), jnp.float32
+    )
     if self.quantize_input:
       x = activation(x, act_bits, self.act)
     w = quant.quantize_weights(kernel, weight_bits, self.per_channel)
-    y = conv_lib.conv(x.astype(self.dtype), w.astype(self.dtype),
-                      strides=tuple(self.strides), padding=self.padding)
+    y = conv_lib.conv(
+      x.astype(self.dtype), w.astype(self.dtype), strides=tuple(self.strides), padding=self.padding
+    )
     if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(
+        self.dtype
+      )
     return y
 
 
@@ -76,6 +82,7 @@ class QuantDense(nn.Module):
   `reduce` says how a 4-D input becomes a vector after the input quantizer: `mean`
   (global average pooling, the ResNet classifier) or `flatten`.
   """
+
   features: int
   quantize_input: bool = True
   per_channel: bool = False
@@ -90,8 +97,9 @@ class QuantDense(nn.Module):
       x = activation(x, act_bits, self.act)
     if x.ndim > 2:
       x = jnp.mean(x, axis=(1, 2)) if self.reduce == "mean" else x.reshape(x.shape[0], -1)
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     w = quant.quantize_weights(kernel, weight_bits, self.per_channel)
     y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
@@ -100,5 +108,11 @@ class QuantDense(nn.Module):
 
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.9 here = 0.1 there); fp32 statistics."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, param_dtype=jnp.float32, name=name)
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+  )

@@ -6,6 +6,7 @@ Each residual block is one top-level module named `stage{i}_block{j}`; stochasti
 with `sp_unit='block'` samples those modules as units. The residual stream stays full
 precision; each conv quantizes its own input (the pre-activation) and its kernel.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -25,7 +26,9 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = lambda f, k, s, name: QuantConv(f, (k, k), (s, s), act=self.act, dtype=self.dtype, name=name)
+    conv = lambda f, k, s, name: QuantConv(
+      f, (k, k), (s, s), act=self.act, dtype=self.dtype, name=name
+    )
     pre = batch_norm(train, self.dtype, "bn1")(x)
     y = conv(self.features, 3, self.strides, "conv1")(pre)
     y = batch_norm(train, self.dtype, "bn2")(y)
@@ -44,7 +47,9 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = lambda f, k, s, name: QuantConv(f, (k, k), (s, s), act=self.act, dtype=self.dtype, name=name)
+    conv = lambda f, k, s, name: QuantConv(
+      f, (k, k), (s, s), act=self.act, dtype=self.dtype, name=name
+    )
     out = self.features * self.expansion
     pre = batch_norm(train, self.dtype, "bn1")(x)
     y = conv(self.features, 1, 1, "conv1")(pre)
@@ -70,8 +75,15 @@ class PreActResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
     x = x.astype(self.dtype)
     if self.imagenet_stem:
-      x = QuantConv(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-                    quantize_input=False, dtype=self.dtype, name=STEM)(x)
+      x = QuantConv(
+        self.widths[0],
+        (7, 7),
+        (2, 2),
+        padding=[(3, 3), (3, 3)],
+        quantize_input=False,
+        dtype=self.dtype,
+        name=STEM,
+      )(x)
       x = batch_norm(train, self.dtype, "stem_bn")(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
@@ -81,8 +93,9 @@ class PreActResNet(nn.Module):
     for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(n):
         strides = 2 if i > 0 and j == 0 else 1
-        x = block_cls(width, strides, act=self.act, dtype=self.dtype,
-                      name=f"stage{i + 1}_block{j + 1}")(x, train)
+        x = block_cls(
+          width, strides, act=self.act, dtype=self.dtype, name=f"stage{i + 1}_block{j + 1}"
+        )(x, train)
     x = batch_norm(train, self.dtype, "final_bn")(x)
     self.sow("intermediates", "features", x)
     x = QuantDense(self.num_classes, reduce="mean", act=self.act, dtype=self.dtype, name=HEAD)(x)
