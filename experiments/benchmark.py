@@ -121,8 +121,8 @@ def bench_model(model: str, mesh, rounds: int, steps: int, warmup: int, dtype: s
   evals = {}
   for name, cfg in specs.items():
     state, p_train, p_eval = _steps(cfg, 1000, mesh)
+    evals[name] = (jax.tree.map(jnp.copy, state), p_eval)  # the train closure donates `state`
     timer.add(name, _train_closure(state, p_train, batch))
-    evals[name] = (state, p_eval)
   state, p_eval = evals["w4a4"]
   eval_batch = _batch(model, mesh, with_mask=True)
   timer.add("eval_w4a4", lambda: jax.block_until_ready(p_eval(state, eval_batch)))

@@ -183,32 +183,29 @@ def first_nonfinite(rows: list[tuple[int, dict[str, float]]]) -> tuple[int, str,
   return None
 
 
-def load_students_from(workdir: str, state: train.TrainState) -> train.TrainState:
-  """`config.init_from`: every student's weights and BN statistics from another run's latest
-  checkpoint (its first student); the optimiser state stays fresh."""
-  params, batch_stats = _read_net(workdir, "students", "0")
-  for i, net in enumerate(state.students):
-    _check_shapes(net.params, params, f"init_from={workdir}: params")
-    _check_shapes(net.batch_stats, batch_stats, f"init_from={workdir}: batch_stats")
-  students = tuple(
-    net.replace(params=_like(net.params, params), batch_stats=_like(net.batch_stats, batch_stats))
-    for net in state.students
-  )
-  return state.replace(students=students)
+def load_students_from(workdir: str, state: train.TrainState, teacher_too: bool) -> train.TrainState:
+  """`config.init_from`: every student's weights and BN statistics (and, with `teacher_too`,
+  the trainable teacher's, as the paper's ImageNet recipe starts both from one pretrained
+  net) from another run's latest checkpoint (its first student); optimisers stay fresh."""
+  what = f"init_from={workdir}"
+  students = tuple(_net_from(workdir, net, what) for net in state.students)
+  teacher = _net_from(workdir, state.teacher, what) if teacher_too else state.teacher
+  return state.replace(students=students, teacher=teacher)
 
 
 def load_teacher_from(workdir: str, state: train.TrainState) -> train.TrainState:
   """`config.distill.teacher_from`: a frozen teacher = the first student of another run."""
-  params, batch_stats = _read_net(workdir, "students", "0")
-  _check_shapes(state.teacher.params, params, f"distill.teacher_from={workdir}: params")
-  _check_shapes(
-    state.teacher.batch_stats, batch_stats, f"distill.teacher_from={workdir}: batch_stats"
-  )
   return state.replace(
-    teacher=state.teacher.replace(
-      params=_like(state.teacher.params, params),
-      batch_stats=_like(state.teacher.batch_stats, batch_stats),
-    )
+    teacher=_net_from(workdir, state.teacher, f"distill.teacher_from={workdir}")
+  )
+
+
+def _net_from(workdir: str, net: train.NetState, what: str) -> train.NetState:
+  params, batch_stats = _read_net(workdir, "students", "0")
+  _check_shapes(net.params, params, f"{what}: params")
+  _check_shapes(net.batch_stats, batch_stats, f"{what}: batch_stats")
+  return net.replace(
+    params=_like(net.params, params), batch_stats=_like(net.batch_stats, batch_stats)
   )
 
 
@@ -314,8 +311,11 @@ def train_and_evaluate(
     logging.info("resumed from %s at step %d", manager.directory, step0)
   else:
     if config.init_from:
-      state = load_students_from(config.init_from, state)
-      logging.info("students initialised from %s", config.init_from)
+      same_teacher = teacher is not None and not teacher.frozen and (
+        config.distill.teacher_model in ("", config.model)
+      )
+      state = load_students_from(config.init_from, state, teacher_too=same_teacher)
+      logging.info("students%s initialised from %s", " and teacher" * same_teacher, config.init_from)
     if config.distill.teacher_from:
       state = load_teacher_from(config.distill.teacher_from, state)
       logging.info("frozen teacher loaded from %s", config.distill.teacher_from)

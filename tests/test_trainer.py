@@ -119,3 +119,24 @@ def test_full_schedule_run_compiles_train_and_eval_once(tmp_path):
     *rows
   )
   assert len({r["weight_bits"] for r in rows if "weight_bits" in r}) >= 3
+
+
+def test_init_from_loads_weights_with_a_fresh_optimizer_and_rejects_other_shapes(tmp_path):
+  c = mock_config(num_train_steps=6)
+  run(c, tmp_path / "a")
+  _, trained = saved_state(c, tmp_path / "a")
+  c2 = mock_config(**{"distill.enabled": True})
+  with tfds.testing.mock_data(num_examples=64):
+    students, teacher = trainer.build_specs(c2, 12)
+  fresh = train.init_state(students, teacher, 1, jnp.zeros((1, 32, 32, 3)))
+  loaded = trainer.load_students_from(str(tmp_path / "a"), fresh, teacher_too=True)
+  for net in (loaded.students[0], loaded.teacher):
+    for x, y in zip(jax.tree.leaves(net.params), jax.tree.leaves(trained.students[0].params)):
+      np.testing.assert_array_equal(x, y)
+  assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree.leaves(loaded.students[0].opt_state))
+  c3 = mock_config(model="tiny_resnet")
+  with tfds.testing.mock_data(num_examples=64):
+    students, teacher = trainer.build_specs(c3, 12)
+  other = train.init_state(students, teacher, 1, jnp.zeros((1, 32, 32, 3)))
+  with pytest.raises(ValueError, match="init_from=.*do not match the model"):
+    trainer.load_students_from(str(tmp_path / "a"), other, teacher_too=False)
