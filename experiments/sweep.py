@@ -127,7 +127,7 @@ def table(rows: list[dict]) -> str:
     g = groups[(bits, method)]
     acc = np.array([r["test_accuracy"] for r in g])
     gap = f"{100 * (acc.mean() - fp_mean):+.2f}" if fp_mean is not None else "n/a"
-    compiles = sorted({r.get("train_step_compiles") for r in g} - {None})
+    compiles = sorted({int(r["train_step_compiles"]) for r in g if r.get("train_step_compiles")})
     lines.append(
       f"| W{bits}A{bits} | {method} | {len(g)} | {100 * acc.mean():.2f} ± "
       f"{100 * acc.std(ddof=1) if len(g) > 1 else 0:.2f} | {gap} | "
@@ -146,6 +146,7 @@ def main() -> None:
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--name", default="fashion_mnist")
   p.add_argument("--runs_dir", default=os.path.join(ROOT, "experiments", "runs"))
+  p.add_argument("--report_only", action="store_true", help="rewrite NAME.md from NAME.json")
   p.add_argument("extra", nargs="*", help="more --config.X=Y overrides for every run")
   args = p.parse_args()
   methods = args.methods.split(",")
@@ -154,6 +155,11 @@ def main() -> None:
     sys.exit(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
   out_json = os.path.join(RESULTS, f"{args.name}.json")
   rows = json.load(open(out_json)) if os.path.exists(out_json) else []
+  if args.report_only:
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
+      f.write(table(rows))
+    print(table(rows))
+    return
   done = {run_key(r["method"], r["weight_bits"], r["seed"]) for r in rows}
   plan = []
   # Seed-major order: an interrupted sweep leaves every method with the same seeds done.
