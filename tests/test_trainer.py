@@ -68,7 +68,8 @@ def test_train_and_eval_loss_goes_down_and_metrics_are_written(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
-  c = mock_config(**{"schedule.kind": "two_stage+stochastic"})
+  # Joint distillation too: teacher, student and their optimiser states all resume.
+  c = mock_config(**{"schedule.kind": "two_stage+stochastic", "distill.enabled": True})
   run(c, tmp_path / "full")
   # Interrupted at step 5 (inside the first phase, between checkpoints), resumed into the
   # second phase. Note 12 steps of batch 16 over 64 examples also cross epoch boundaries.

@@ -1,0 +1,89 @@
+"""Plots of a sweep's results (matplotlib, PNG into experiments/results/).
+
+  python experiments/plot.py --name fashion_mnist_w2a2_remedies
+
+Writes NAME_accuracy_vs_bits.png (mean +- std test accuracy per method against bit-width)
+and NAME_curves_w2a2.png (training loss and eval accuracy of every W2A2 run, from the
+curves the sweep keeps in experiments/results/curves/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sweep import METHODS, RESULTS, run_key  # noqa: E402
+
+
+def accuracy_vs_bits(rows: list[dict], path: str) -> None:
+  fig, ax = plt.subplots(figsize=(6, 4))
+  fp = [r["test_accuracy"] for r in rows if r["method"] == "fp"]
+  if fp:
+    ax.axhline(100 * np.mean(fp), color="k", ls="--", lw=1, label="fp")
+  for method in METHODS:
+    if method == "fp":
+      continue
+    bits = sorted({r["weight_bits"] for r in rows if r["method"] == method})
+    if not bits:
+      continue
+    acc = [[100 * r["test_accuracy"] for r in rows if r["method"] == method and r["weight_bits"] == b]
+           for b in bits]
+    ax.errorbar(bits, [np.mean(a) for a in acc], yerr=[np.std(a) for a in acc], marker="o",
+                capsize=3, label=f"{method} (n={min(map(len, acc))})")
+  ax.set_xlabel("bits (weights = activations)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_xticks(sorted({r["weight_bits"] for r in rows if r["method"] != "fp"}))
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def curves(rows: list[dict], bits: int, path: str) -> None:
+  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+  for r in rows:
+    if r["weight_bits"] != bits:
+      continue
+    name = run_key(r["method"], bits, r["seed"]) + ".json"
+    curve_path = os.path.join(RESULTS, "curves", name)
+    if not os.path.exists(curve_path):
+      continue
+    with open(curve_path) as f:
+      points = json.load(f)
+    label = r["method"] if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"]) else None
+    tr = [(p["step"], p["train_loss"]) for p in points if "train_loss" in p]
+    ev = [(p["step"], 100 * p["eval_accuracy"]) for p in points if "eval_accuracy" in p]
+    ax_loss.plot(*zip(*tr), color=colors[r["method"]], alpha=0.7, label=label)
+    ax_acc.plot(*zip(*ev), color=colors[r["method"]], marker="o", alpha=0.7, label=label)
+  ax_loss.set(xlabel="step", ylabel="train loss (mean over log interval)", yscale="log")
+  ax_acc.set(xlabel="step", ylabel="test accuracy (%)")
+  for ax in (ax_loss, ax_acc):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f"W{bits}A{bits} runs (every seed)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__)
+  p.add_argument("--name", default="fashion_mnist")
+  p.add_argument("--curve_bits", type=int, default=2)
+  args = p.parse_args()
+  with open(os.path.join(RESULTS, f"{args.name}.json")) as f:
+    rows = json.load(f)
+  accuracy_vs_bits(rows, os.path.join(RESULTS, f"{args.name}_accuracy_vs_bits.png"))
+  curves(rows, args.curve_bits, os.path.join(RESULTS, f"{args.name}_curves_w{args.curve_bits}a{args.curve_bits}.png"))
+  print("wrote plots to", RESULTS)
+
+
+if __name__ == "__main__":
+  main()
