@@ -400,7 +400,6 @@ def train_and_evaluate(
       if step % config.log_every_steps == 0 or last:
         flush(step)
       if step % eval_every == 0 or last:
-        flush(step)
         eval_metrics = evaluate(state)
         writer.write_scalars(step, eval_metrics)
         logging.info(
