@@ -53,7 +53,7 @@ def _steps(config, total_steps: int, mesh):
     lambda: train.init_state(students, teacher, 0, jnp.zeros((1, *shape))),
     out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )()
-  p_train, p_eval = trainer.compile_steps(mesh, students, teacher, trainer._distill_spec(config))
+  p_train, p_eval = trainer.compile_steps(mesh, students, teacher, trainer.distill_spec(config))
   return state, p_train, p_eval
 
 

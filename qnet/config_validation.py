@@ -22,12 +22,13 @@ def _fail(field: str, value: Any, allowed: str) -> None:
   raise ConfigError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+  """`{'quant.weight_bits': 4, ...}`: every leaf field of a config by its dotted name."""
   out = {}
   for key, value in cfg.items():
     name = f"{prefix}{key}"
     if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_flatten(value, name + "."))
+      out.update(flatten(value, name + "."))
     else:
       out[name] = value
   return out
@@ -37,8 +38,8 @@ def check_known_fields(
   config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict
 ) -> None:
   """Rejects fields that `reference` (configs/default.py) does not have, suggesting the nearest."""
-  known = _flatten(reference)
-  for name in _flatten(config):
+  known = flatten(reference)
+  for name in flatten(config):
     if name not in known:
       near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
       hint = f"did you mean config.{near[0]}?" if near else "see configs/default.py"

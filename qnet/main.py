@@ -68,7 +68,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     from qnet import config_validation
 
-    reference = config_validation._flatten(_reference_config())
+    reference = config_validation.flatten(_reference_config())
     for arg in argv[1:]:
       if arg.startswith("--config."):
         field = arg[len("--config.") :].split("=", 1)[0]

@@ -321,11 +321,11 @@ def train_and_evaluate(
       logging.info("frozen teacher loaded from %s", config.distill.teacher_from)
   start_step = int(state.step)
 
-  p_train, p_eval = compile_steps(mesh, students, teacher, _distill_spec(config))
+  p_train, p_eval = compile_steps(mesh, students, teacher, distill_spec(config))
 
   writer = metrics_io.create_writer(workdir, is_chief)
   if start_step == 0:
-    writer.write_hparams({k: str(v) for k, v in config_validation._flatten(config).items()})
+    writer.write_hparams({k: str(v) for k, v in config_validation.flatten(config).items()})
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
 
   def evaluate(state) -> dict[str, float]:
@@ -428,7 +428,8 @@ def train_and_evaluate(
   return eval_metrics
 
 
-def _distill_spec(config: ml_collections.ConfigDict) -> train.DistillSpec | None:
+def distill_spec(config: ml_collections.ConfigDict) -> train.DistillSpec | None:
+  """The loss weights of `config.distill`, or None without distillation."""
   if not config.distill.enabled:
     return None
   d = config.distill

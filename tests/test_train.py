@@ -37,7 +37,7 @@ def _setup(c, total=20):
   state = train.init_state(students, teacher, c.seed, jnp.zeros((1, 28, 28, 1)))
   step = jax.jit(
     functools.partial(
-      train.train_step, students=students, teacher=teacher, distill=trainer._distill_spec(c)
+      train.train_step, students=students, teacher=teacher, distill=trainer.distill_spec(c)
     )
   )
   return students, teacher, state, step
