@@ -13,7 +13,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qnet import precision as precision_lib
 from qnet.quant import FULL_PRECISION
@@ -198,8 +197,3 @@ def describe(schedule: Schedule) -> str:
     else ""
   )
   return "; ".join(rows) + sp
-
-
-def np_phase(schedule: Schedule, step: int) -> int:
-  """Host-side phase index (for logging without a device round trip)."""
-  return int(np.searchsorted(np.asarray(schedule.starts), step, side="right") - 1)

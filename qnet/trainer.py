@@ -183,7 +183,9 @@ def first_nonfinite(rows: list[tuple[int, dict[str, float]]]) -> tuple[int, str,
   return None
 
 
-def load_students_from(workdir: str, state: train.TrainState, teacher_too: bool) -> train.TrainState:
+def load_students_from(
+  workdir: str, state: train.TrainState, teacher_too: bool
+) -> train.TrainState:
   """`config.init_from`: every student's weights and BN statistics (and, with `teacher_too`,
   the trainable teacher's, as the paper's ImageNet recipe starts both from one pretrained
   net) from another run's latest checkpoint (its first student); optimisers stay fresh."""
@@ -195,9 +197,7 @@ def load_students_from(workdir: str, state: train.TrainState, teacher_too: bool)
 
 def load_teacher_from(workdir: str, state: train.TrainState) -> train.TrainState:
   """`config.distill.teacher_from`: a frozen teacher = the first student of another run."""
-  return state.replace(
-    teacher=_net_from(workdir, state.teacher, f"distill.teacher_from={workdir}")
-  )
+  return state.replace(teacher=_net_from(workdir, state.teacher, f"distill.teacher_from={workdir}"))
 
 
 def _net_from(workdir: str, net: train.NetState, what: str) -> train.NetState:
@@ -311,11 +311,15 @@ def train_and_evaluate(
     logging.info("resumed from %s at step %d", manager.directory, step0)
   else:
     if config.init_from:
-      same_teacher = teacher is not None and not teacher.frozen and (
-        config.distill.teacher_model in ("", config.model)
+      same_teacher = (
+        teacher is not None
+        and not teacher.frozen
+        and (config.distill.teacher_model in ("", config.model))
       )
       state = load_students_from(config.init_from, state, teacher_too=same_teacher)
-      logging.info("students%s initialised from %s", " and teacher" * same_teacher, config.init_from)
+      logging.info(
+        "students%s initialised from %s", " and teacher" * same_teacher, config.init_from
+      )
     if config.distill.teacher_from:
       state = load_teacher_from(config.distill.teacher_from, state)
       logging.info("frozen teacher loaded from %s", config.distill.teacher_from)

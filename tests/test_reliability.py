@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from qnet import checkpointing, config_validation, metrics_io, trainer
+from qnet import checkpointing, config_validation, metrics_io, train, trainer
 from test_trainer import mock_config, run, saved_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,9 +140,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     students, teacher = trainer.build_specs(c, 12)
     meta = trainer.run_meta(c, students, teacher)
   state = jax.jit(
-    lambda: __import__("qnet.train", fromlist=["x"]).init_state(
-      students, teacher, 0, np.zeros((1, 32, 32, 3), np.float32)
-    )
+    lambda: train.init_state(students, teacher, 0, np.zeros((1, 32, 32, 3), np.float32))
   )()
   _, restored = checkpointing.restore_latest(
     str(tmp_path / "a"), checkpointing.abstract_like(state), meta

@@ -154,8 +154,6 @@ def test_no_distillation_gradient_reaches_the_target_side():
 
 
 def test_frozen_teacher_never_changes(tmp_path):
-  c = _config()
-  students, teacher = trainer.build_specs(c, 20)
   c2 = _config(enabled=True)
   students, teacher = trainer.build_specs(c2, 20)
   teacher = dataclasses.replace(teacher, frozen=True)
