@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.image_size = 0  # 0: the dataset's native size (224 for imagenet2012).
   # Model: a name from qnet.models.MODELS.
   c.model = "fmnist_cnn"
-  c.model_act = "quant"  # quant: DoReFa activation quantizer (clip-ReLU at 32 bits); relu: plain ReLU FP baseline.
+  c.model_act = "quant"  # quant: DoReFa activation quantizer (clip-ReLU at 32 bits); relu: plain FP network (ReLU, unquantized weights, no quantizer op; bits must be 32).
   c.dtype = "float32"  # float32 | bfloat16 (compute dtype; weights and BN statistics stay float32).
   # Budget. batch_size is global (over all devices and hosts).
   c.batch_size = 128

@@ -4,14 +4,16 @@
   python experiments/benchmark.py --models resnet50    # GPU: ImageNet-shaped ResNet-50 (bf16)
 
 Times (ms/step; median over rounds x steps after warm-up, with min and max):
-  * the FP and the W4A4 train step of the same model (ratio W4A4 / FP);
+  * the W4A4 train step against the plain FP network's (ReLU, no quantizer op compiled in):
+    the fake-quant overhead, ratio W4A4 / FP; and against the same network with 32 bits in
+    the precision pytree (the paper's clip-ReLU FP reference, the same compiled graph);
   * the joint distillation step (FP teacher + W4A4 student) against teacher step + student
     step run separately (ratio);
   * the eval step;
   * the input pipeline alone (images/s) against what the train step consumes;
   * the train-step compile count over a full progressive+two-stage+stochastic schedule run.
-Steps are built by the same functions the trainer uses (`trainer.build_specs`,
-`trainer.compile_steps`). Prints a table and writes experiments/results/benchmark_BACKEND.json.
+Steps are built by the same functions the trainer uses (`steps.build_specs`,
+`steps.compile_steps`). Prints a table and writes experiments/results/benchmark_BACKEND.json.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from qnet import train, trainer
+from qnet import steps, train
 
 SHAPES = {  # model -> (dataset for the config, input shape, classes, batch)
   "fmnist_cnn": ("fashion_mnist", (28, 28, 1), 10, 128),
@@ -35,10 +37,17 @@ SHAPES = {  # model -> (dataset for the config, input shape, classes, batch)
 }
 
 
-def _config(model: str, bits: int, distill: bool = False, kind: str = "direct", dtype="float32"):
+def _config(
+  model: str,
+  bits: int,
+  distill: bool = False,
+  kind: str = "direct",
+  dtype: str = "float32",
+  act: str = "quant",
+):
   dataset, shape, _, batch = SHAPES[model]
   c = default.get_config()
-  c.dataset, c.model, c.batch_size, c.dtype = dataset, model, batch, dtype
+  c.dataset, c.model, c.batch_size, c.dtype, c.model_act = dataset, model, batch, dtype, act
   c.image_size = shape[0] if dataset == "imagenet2012" else 0
   c.quant.weight_bits = c.quant.act_bits = bits
   c.schedule.kind = kind
@@ -47,13 +56,13 @@ def _config(model: str, bits: int, distill: bool = False, kind: str = "direct", 
 
 
 def _steps(config, total_steps: int, mesh):
-  students, teacher = trainer.build_specs(config, total_steps)
+  students, teacher = steps.build_specs(config, total_steps)
   shape = SHAPES[config.model][1]
   state = jax.jit(
     lambda: train.init_state(students, teacher, 0, jnp.zeros((1, *shape))),
     out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )()
-  p_train, p_eval = trainer.compile_steps(mesh, students, teacher, trainer.distill_spec(config))
+  p_train, p_eval = steps.compile_steps(mesh, students, teacher, steps.distill_spec(config))
   return state, p_train, p_eval
 
 
@@ -110,29 +119,48 @@ def _train_closure(state, p_train, batch):
   return fn
 
 
-def bench_model(model: str, mesh, rounds: int, steps: int, warmup: int, dtype: str) -> dict:
+# name -> (bits, distill, model_act). `fp_plain` is the plain FP network (ReLU, raw kernels,
+# no quantizer op compiled in): the reference for the fake-quant overhead. `fp32_as_data` is
+# the quantized network with every bit-width 32 in the precision pytree, i.e. the paper's FP
+# reference (clip-ReLU), the same compiled graph as W4A4; the teacher step alone.
+VARIANTS = {
+  "fp_plain": (32, False, "relu"),
+  "fp32_as_data": (32, False, "quant"),
+  "w4a4": (4, False, "quant"),
+  "joint_distill_w4a4": (4, True, "quant"),
+}
+
+
+def bench_model(
+  model: str, mesh, rounds: int, steps: int, warmup: int, dtype: str, variants: list[str]
+) -> dict:
   batch = _batch(model, mesh)
   timer = Timer()
-  specs = {
-    "fp": _config(model, 32, dtype=dtype),
-    "w4a4": _config(model, 4, dtype=dtype),
-    "joint_distill_w4a4": _config(model, 4, distill=True, dtype=dtype),
-  }
   evals = {}
-  for name, cfg in specs.items():
-    state, p_train, p_eval = _steps(cfg, 1000, mesh)
+  for name in variants:
+    bits, distill, act = VARIANTS[name]
+    state, p_train, p_eval = _steps(_config(model, bits, distill, dtype=dtype, act=act), 1000, mesh)
     evals[name] = (jax.tree.map(jnp.copy, state), p_eval)  # the train closure donates `state`
     timer.add(name, _train_closure(state, p_train, batch))
-  state, p_eval = evals["w4a4"]
-  eval_batch = _batch(model, mesh, with_mask=True)
-  timer.add("eval_w4a4", lambda: jax.block_until_ready(p_eval(state, eval_batch)))
+  if "w4a4" in evals:
+    state, p_eval = evals["w4a4"]
+    eval_batch = _batch(model, mesh, with_mask=True)
+    timer.add("eval_w4a4", lambda: jax.block_until_ready(p_eval(state, eval_batch)))
   timer.run(rounds, steps, warmup)
   out = {k: timer.stats(k) for k in timer.fns}
-  fp, q, joint = (out[k]["median_ms"] for k in ("fp", "w4a4", "joint_distill_w4a4"))
-  out["ratio_w4a4_over_fp"] = q / fp
-  # teacher step = the FP step, student step = the W4A4 step (same model, same batch).
-  out["ratio_joint_over_teacher_plus_student"] = joint / (fp + q)
-  out["images_per_s_w4a4_train"] = SHAPES[model][3] / (q / 1e3)
+  med = {k: v["median_ms"] for k, v in out.items()}
+  if {"w4a4", "fp_plain"} <= med.keys():
+    out["ratio_w4a4_over_fp_plain"] = med["w4a4"] / med["fp_plain"]
+  if {"w4a4", "fp32_as_data"} <= med.keys():
+    out["ratio_w4a4_over_fp32_as_data"] = med["w4a4"] / med["fp32_as_data"]
+  if {"joint_distill_w4a4", "w4a4", "fp32_as_data"} <= med.keys():
+    # Teacher step = the 32-bit step of the same network, student step = the W4A4 step.
+    out["ratio_joint_over_teacher_plus_student"] = med["joint_distill_w4a4"] / (
+      med["fp32_as_data"] + med["w4a4"]
+    )
+  for k in VARIANTS:
+    if k in med:
+      out[f"images_per_s_{k}"] = SHAPES[model][3] / (med[k] / 1e3)
   return out
 
 
@@ -169,10 +197,16 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--dtype", default="float32" if backend == "cpu" else "bfloat16")
+  p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
   p.add_argument("--skip_pipeline", action="store_true")
+  p.add_argument("--skip_compile_count", action="store_true")
+  p.add_argument("--batch", type=int, default=0, help="global batch (0: 128 for every model)")
   p.add_argument("--out", default=None)
   args = p.parse_args()
-  mesh = trainer.create_mesh()
+  mesh = steps.create_mesh()
+  if args.batch:
+    for m, (ds, shape, classes, _) in list(SHAPES.items()):
+      SHAPES[m] = (ds, shape, classes, args.batch)
   result = {
     "backend": backend,
     "devices": [str(d) for d in jax.devices()],
@@ -184,30 +218,35 @@ def main() -> None:
   for model in args.models.split(","):
     print(f"timing {model} ...", flush=True)
     result["models"][model] = bench_model(
-      model, mesh, args.rounds, args.steps, args.warmup, args.dtype
+      model, mesh, args.rounds, args.steps, args.warmup, args.dtype, args.variants.split(",")
     )
   if not args.skip_pipeline:
     result["pipeline_fashion_mnist_images_per_s"] = bench_pipeline("fashion_mnist", 128)
-  result["train_step_compiles_full_schedule"] = compile_count(mesh)
+  if not args.skip_compile_count:
+    result["train_step_compiles_full_schedule"] = compile_count(mesh)
   print(f"\nbackend {backend} ({result['device_kind']}), dtype {args.dtype}, jax {jax.__version__}")
-  print("| model | step | median ms | min | max |\n|---|---|---|---|---|")
+  print("| model | step | median ms | min | max | images/s |\n|---|---|---|---|---|---|")
   for model, r in result["models"].items():
-    for k in ("fp", "w4a4", "joint_distill_w4a4", "eval_w4a4"):
-      print(
-        f"| {model} | {k} | {r[k]['median_ms']:.1f} | {r[k]['min_ms']:.1f} | {r[k]['max_ms']:.1f} |"
-      )
+    for k in (*VARIANTS, "eval_w4a4"):
+      if k in r:
+        ips = SHAPES[model][3] / (r[k]["median_ms"] / 1e3)
+        print(
+          f"| {model} | {k} | {r[k]['median_ms']:.1f} | {r[k]['min_ms']:.1f} "
+          f"| {r[k]['max_ms']:.1f} | {ips:.0f} |"
+        )
   for model, r in result["models"].items():
-    print(
-      f"{model}: W4A4/FP {r['ratio_w4a4_over_fp']:.3f}; joint/(teacher+student) "
-      f"{r['ratio_joint_over_teacher_plus_student']:.3f}; W4A4 train {r['images_per_s_w4a4_train']:.0f} img/s"
-    )
+    ratios = {k[len("ratio_") :]: v for k, v in r.items() if k.startswith("ratio_")}
+    print(f"{model}: " + "; ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
   if "pipeline_fashion_mnist_images_per_s" in result:
     print(
-      f"input pipeline (fashion_mnist, batch 128): {result['pipeline_fashion_mnist_images_per_s']:.0f} img/s"
+      "input pipeline (fashion_mnist, batch 128): "
+      f"{result['pipeline_fashion_mnist_images_per_s']:.0f} img/s"
     )
-  print(
-    f"train-step compiles over a full PQ+TS+SP+KD schedule run: {result['train_step_compiles_full_schedule']}"
-  )
+  if "train_step_compiles_full_schedule" in result:
+    print(
+      "train-step compiles over a full PQ+TS+SP+KD schedule run: "
+      f"{result['train_step_compiles_full_schedule']}"
+    )
   out = args.out or os.path.join(os.path.dirname(__file__), "results", f"benchmark_{backend}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:

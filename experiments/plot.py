@@ -33,10 +33,18 @@ def accuracy_vs_bits(rows: list[dict], path: str) -> None:
     bits = sorted({r["weight_bits"] for r in rows if r["method"] == method})
     if not bits:
       continue
-    acc = [[100 * r["test_accuracy"] for r in rows if r["method"] == method and r["weight_bits"] == b]
-           for b in bits]
-    ax.errorbar(bits, [np.mean(a) for a in acc], yerr=[np.std(a) for a in acc], marker="o",
-                capsize=3, label=f"{method} (n={min(map(len, acc))})")
+    acc = [
+      [100 * r["test_accuracy"] for r in rows if r["method"] == method and r["weight_bits"] == b]
+      for b in bits
+    ]
+    ax.errorbar(
+      bits,
+      [np.mean(a) for a in acc],
+      yerr=[np.std(a) for a in acc],
+      marker="o",
+      capsize=3,
+      label=f"{method} (n={min(map(len, acc))})",
+    )
   ax.set_xlabel("bits (weights = activations)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_xticks(sorted({r["weight_bits"] for r in rows if r["method"] != "fp"}))
@@ -58,7 +66,11 @@ def curves(rows: list[dict], bits: int, path: str) -> None:
       continue
     with open(curve_path) as f:
       points = json.load(f)
-    label = r["method"] if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"]) else None
+    label = (
+      r["method"]
+      if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"])
+      else None
+    )
     tr = [(p["step"], p["train_loss"]) for p in points if "train_loss" in p]
     ev = [(p["step"], 100 * p["eval_accuracy"]) for p in points if "eval_accuracy" in p]
     ax_loss.plot(*zip(*tr), color=colors[r["method"]], alpha=0.7, label=label)
@@ -81,7 +93,11 @@ def main() -> None:
   with open(os.path.join(RESULTS, f"{args.name}.json")) as f:
     rows = json.load(f)
   accuracy_vs_bits(rows, os.path.join(RESULTS, f"{args.name}_accuracy_vs_bits.png"))
-  curves(rows, args.curve_bits, os.path.join(RESULTS, f"{args.name}_curves_w{args.curve_bits}a{args.curve_bits}.png"))
+  curves(
+    rows,
+    args.curve_bits,
+    os.path.join(RESULTS, f"{args.name}_curves_w{args.curve_bits}a{args.curve_bits}.png"),
+  )
   print("wrote plots to", RESULTS)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import ml_collections
 
-from qnet import input_pipeline, models, precision, schedule
+from qnet import models, precision, quant, schedule
+from qnet.datasets import DATASETS
 
 
 class ConfigError(ValueError):
@@ -115,7 +116,7 @@ def validate(
   """Raises `ConfigError` on the first invalid field."""
   if reference is not None:
     check_known_fields(config, reference)
-  _choice(config, "dataset", sorted(input_pipeline.DATASETS))
+  _choice(config, "dataset", sorted(DATASETS))
   _choice(config, "model", sorted(models.MODELS))
   _choice(config, "model_act", ("quant", "relu"))
   _choice(config, "dtype", ("float32", "bfloat16"))
@@ -153,6 +154,25 @@ def validate(
   _validate_schedule(config)
   _workdir_with_checkpoints(config, "init_from")
   _validate_distill(config)
+  _validate_fp_baseline(config)
+
+
+def _validate_fp_baseline(config) -> None:
+  # A `relu` model has no quantizers at all, so any bit-width below 32 would be ignored.
+  if config.model_act != "relu":
+    return
+  for field in ("quant.weight_bits", "quant.act_bits"):
+    value = config.quant.weight_bits if field == "quant.weight_bits" else config.quant.act_bits
+    if value != quant.FULL_PRECISION:
+      _fail(field, value, "32 with model_act='relu' (the plain FP network has no quantizers)")
+  if config.schedule.kind != "direct" or tuple(config.schedule.phases):
+    _fail("schedule.kind", config.schedule.kind, "'direct' without phases with model_act='relu'")
+  if tuple(config.distill.extra_students):
+    _fail(
+      "distill.extra_students",
+      tuple(config.distill.extra_students),
+      "() with model_act='relu'",
+    )
 
 
 def _validate_schedule(config) -> None:

@@ -12,7 +12,6 @@ Determinism assumes the same TF version and no change of TF's global seed
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
@@ -23,6 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from qnet import fashion_mnist_offline
+from qnet.datasets import DATASETS, DatasetSpec
 
 try:  # Keep TensorFlow off the accelerators; JAX owns them.
   tf.config.set_visible_devices([], "GPU")
@@ -33,62 +33,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 _DATA_THREADS = int(os.environ.get("QNET_DATA_THREADS", "2"))
 _STREAM_SHUFFLE_BUFFER = 10_000  # Examples (encoded) for datasets too big to cache.
 _IMAGENET_CROP_FRACTION = 0.875
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """Static facts about a dataset. `mean`/`std` are per channel, for pixels in [0, 1]."""
-
-  name: str
-  image_size: int
-  channels: int
-  num_classes: int
-  train_split: str
-  eval_split: str
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  crop_padding: int = 0  # Pad-and-random-crop augmentation; 0 = random-resized crop.
-  cache: bool = True  # Small enough to cache decoded in memory.
-
-
-DATASETS: dict[str, DatasetSpec] = {
-  "fashion_mnist": DatasetSpec(
-    "fashion_mnist", 28, 1, 10, "train", "test", (0.2860,), (0.3530,), crop_padding=2
-  ),
-  "cifar10": DatasetSpec(
-    "cifar10",
-    32,
-    3,
-    10,
-    "train",
-    "test",
-    (0.4914, 0.4822, 0.4465),
-    (0.2470, 0.2435, 0.2616),
-    crop_padding=4,
-  ),
-  "cifar100": DatasetSpec(
-    "cifar100",
-    32,
-    3,
-    100,
-    "train",
-    "test",
-    (0.5071, 0.4865, 0.4409),
-    (0.2673, 0.2564, 0.2762),
-    crop_padding=4,
-  ),
-  "imagenet2012": DatasetSpec(
-    "imagenet2012",
-    224,
-    3,
-    1000,
-    "train",
-    "validation",
-    (0.485, 0.456, 0.406),
-    (0.229, 0.224, 0.225),
-    cache=False,
-  ),
-}
 
 
 def _spec(dataset: str) -> DatasetSpec:

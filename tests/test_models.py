@@ -106,3 +106,25 @@ def test_precision_changes_the_output_and_apply_requires_it():
   assert not np.allclose(outs[0], outs[1])
   with pytest.raises(Exception, match="precision"):
     model.apply(base, x, train=False)
+
+
+def test_relu_model_is_the_plain_fp_network():
+  """`act='relu'` compiles no quantizer op (the fake-quant overhead reference) and equals the
+  same weights run with raw kernels and ReLU; the quantized model does contain them."""
+  x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 28, 28, 1))
+  relu, quant = (models.create_model("tiny_cnn", 10, act=a) for a in ("relu", "quant"))
+  v = jax.jit(lambda x: relu.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
+  layout = precision.layout_of(relu, x)
+
+  def jaxpr(model, bits):
+    return str(jax.make_jaxpr(lambda v: model.apply(v | {"precision": bits}, x, train=False))(v))
+
+  low = precision.uniform(layout, 2, 2)
+  assert "tanh" not in jaxpr(relu, low) and "round" not in jaxpr(relu, low)
+  assert "tanh" in jaxpr(quant, low) and "round" in jaxpr(quant, low)
+  # Bit-widths cannot change the plain network (validation keeps them at 32 anyway).
+  outs = [
+    relu.apply(v | {"precision": p}, x, train=False)
+    for p in (low, precision.full_precision(layout))
+  ]
+  np.testing.assert_array_equal(outs[0], outs[1])

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from qnet import checkpointing, config_validation, metrics_io, train, trainer
+from qnet import checkpointing, config_validation, metrics_io, steps, train
 from test_trainer import mock_config, run, saved_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,8 +137,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         fh.truncate(0)
   c.num_train_steps = 12
   with tfds.testing.mock_data(num_examples=64):
-    students, teacher = trainer.build_specs(c, 12)
-    meta = trainer.run_meta(c, students, teacher)
+    students, teacher = steps.build_specs(c, 12)
+    meta = steps.run_meta(c, students, teacher)
   state = jax.jit(
     lambda: train.init_state(students, teacher, 0, np.zeros((1, 32, 32, 3), np.float32))
   )()
@@ -218,6 +218,19 @@ BAD_CONFIGS = [
   ),
   ({"init_from": "/nonexistent"}, "config.init_from='/nonexistent'"),
   ({"num_train_steps": 0}, "config.num_train_steps=0"),
+  (
+    {"model_act": "relu"},
+    "config.quant.weight_bits=4 is invalid; allowed: 32 with model_act='relu'",
+  ),
+  (
+    {
+      "model_act": "relu",
+      "quant.weight_bits": 32,
+      "quant.act_bits": 32,
+      "schedule.kind": "stochastic",
+    },
+    "config.schedule.kind='stochastic' is invalid; allowed: 'direct' without phases",
+  ),
 ]
 
 

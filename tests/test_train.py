@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from qnet import train, trainer
+from qnet import steps, train
 
 
 def _config(model="tiny_resnet", **distill):
@@ -33,11 +33,11 @@ def _batch(n=8, seed=0):
 
 
 def _setup(c, total=20):
-  students, teacher = trainer.build_specs(c, total)
+  students, teacher = steps.build_specs(c, total)
   state = train.init_state(students, teacher, c.seed, jnp.zeros((1, 28, 28, 1)))
   step = jax.jit(
     functools.partial(
-      train.train_step, students=students, teacher=teacher, distill=trainer.distill_spec(c)
+      train.train_step, students=students, teacher=teacher, distill=steps.distill_spec(c)
     )
   )
   return students, teacher, state, step
@@ -63,7 +63,7 @@ def test_same_seed_gives_same_parameters_and_other_seed_differs():
 def test_one_device_and_four_devices_give_the_same_loss():
   assert jax.device_count() == 4, "tests run with 4 fake CPU devices (conftest.py)"
   c = _config()
-  students, teacher = trainer.build_specs(c, 20)
+  students, teacher = steps.build_specs(c, 20)
   losses = {}
   for n in (1, 4):
     mesh = jax.make_mesh(
@@ -155,7 +155,7 @@ def test_no_distillation_gradient_reaches_the_target_side():
 
 def test_frozen_teacher_never_changes(tmp_path):
   c2 = _config(enabled=True)
-  students, teacher = trainer.build_specs(c2, 20)
+  students, teacher = steps.build_specs(c2, 20)
   teacher = dataclasses.replace(teacher, frozen=True)
   state = train.init_state(students, teacher, 0, jnp.zeros((1, 28, 28, 1)))
   step = jax.jit(

@@ -1,6 +1,7 @@
 """train_and_evaluate end to end on mock data: loss, metrics, checkpoints, resume, compiles."""
 
 import os
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from qnet import checkpointing, metrics_io, train, trainer
+from qnet import checkpointing, metrics_io, steps, train, trainer
 
 
 def mock_config(**overrides):
@@ -32,17 +33,31 @@ def mock_config(**overrides):
   return c
 
 
+def _save_and_wait(manager, step, state, meta):
+  _SAVE(manager, step, state, meta)
+  manager.wait_until_finished()
+
+
+_SAVE = checkpointing.save
+
+
 def run(config, workdir, stop_at_step=None):
-  with tfds.testing.mock_data(num_examples=64):
+  # tfds's mock_data patches file opens process-wide while it builds a dataset, so an orbax
+  # commit finishing in the background at that moment writes into the mock's temp dir (seen
+  # once under load). Synchronous saves close that window; the CLI tests keep async saves.
+  with (
+    tfds.testing.mock_data(num_examples=64),
+    mock.patch.object(checkpointing, "save", _save_and_wait),
+  ):
     return trainer.train_and_evaluate(config, str(workdir), stop_at_step)
 
 
 def saved_state(config, workdir):
   with tfds.testing.mock_data(num_examples=64):
-    students, teacher = trainer.build_specs(config, trainer.total_train_steps(config)[0])
+    students, teacher = steps.build_specs(config, trainer.total_train_steps(config)[0])
   state = train.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
   with tfds.testing.mock_data(num_examples=64):
-    meta = trainer.run_meta(config, students, teacher)
+    meta = steps.run_meta(config, students, teacher)
   _, (step, restored) = checkpointing.restore_latest(
     str(workdir), checkpointing.abstract_like(state), meta
   )
@@ -85,7 +100,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_checkpoint_save_then_restore_is_equal(tmp_path):
   c = mock_config(**{"distill.enabled": True})
-  students, teacher = trainer.build_specs(c, 10)
+  students, teacher = steps.build_specs(c, 10)
   state = train.init_state(students, teacher, 3, jnp.zeros((1, 32, 32, 3)))
   state = state.replace(step=jnp.int32(7))
   manager = checkpointing.create_manager(str(tmp_path))
@@ -128,7 +143,7 @@ def test_init_from_loads_weights_with_a_fresh_optimizer_and_rejects_other_shapes
   _, trained = saved_state(c, tmp_path / "a")
   c2 = mock_config(**{"distill.enabled": True})
   with tfds.testing.mock_data(num_examples=64):
-    students, teacher = trainer.build_specs(c2, 12)
+    students, teacher = steps.build_specs(c2, 12)
   fresh = train.init_state(students, teacher, 1, jnp.zeros((1, 32, 32, 3)))
   loaded = trainer.load_students_from(str(tmp_path / "a"), fresh, teacher_too=True)
   for net in (loaded.students[0], loaded.teacher):
@@ -137,7 +152,7 @@ def test_init_from_loads_weights_with_a_fresh_optimizer_and_rejects_other_shapes
   assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree.leaves(loaded.students[0].opt_state))
   c3 = mock_config(model="tiny_resnet")
   with tfds.testing.mock_data(num_examples=64):
-    students, teacher = trainer.build_specs(c3, 12)
+    students, teacher = steps.build_specs(c3, 12)
   other = train.init_state(students, teacher, 1, jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match="init_from=.*do not match the model"):
     trainer.load_students_from(str(tmp_path / "a"), other, teacher_too=False)

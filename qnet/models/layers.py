@@ -38,10 +38,18 @@ def _bits(module: nn.Module) -> tuple[jax.Array, jax.Array]:
 
 
 def activation(x: jax.Array, act_bits: jax.Array, kind: str) -> jax.Array:
-  """The layer-input nonlinearity: `quant` (DoReFa clip-and-quantize) or `relu` (FP baseline)."""
+  """The layer-input nonlinearity: `quant` (DoReFa clip-and-quantize) or `relu` (plain FP net)."""
   if kind == "relu":
     return nn.relu(x)
   return quant.quantize_activations(x, act_bits)
+
+
+def _weights(kernel: jax.Array, weight_bits: jax.Array, module: nn.Module) -> jax.Array:
+  # `relu` is the plain FP network: no quantizer op in the graph at all, which makes it the
+  # reference for the fake-quant overhead (validation keeps its bit-widths at 32).
+  if module.act == "relu":
+    return kernel
+  return quant.quantize_weights(kernel, weight_bits, module.per_channel)
 
 
 class QuantConv(nn.Module):
@@ -65,7 +73,7 @@ class QuantConv(nn.Module):
     )
     if self.quantize_input:
       x = activation(x, act_bits, self.act)
-    w = quant.quantize_weights(kernel, weight_bits, self.per_channel)
+    w = _weights(kernel, weight_bits, self)
     y = conv_lib.conv(
       x.astype(self.dtype), w.astype(self.dtype), strides=tuple(self.strides), padding=self.padding
     )
@@ -101,7 +109,7 @@ class QuantDense(nn.Module):
       "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), jnp.float32
     )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    w = quant.quantize_weights(kernel, weight_bits, self.per_channel)
+    w = _weights(kernel, weight_bits, self)
     y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
     return y + bias.astype(self.dtype)
 

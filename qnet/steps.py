@@ -1,0 +1,147 @@
+"""Building the compiled steps from a config: the mesh, the network specs, the jitted train
+and eval steps. Kept apart from the training loop (`trainer`) so that step-level tools (the
+benchmark, tests) need neither the input pipeline nor the writers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+import ml_collections
+
+from qnet import conv, models, train
+from qnet import precision as precision_lib
+from qnet import schedule as schedule_lib
+from qnet.datasets import DATASETS
+
+
+def create_mesh() -> jax.sharding.Mesh:
+  """1-D mesh over every device of every process, axis `data`."""
+  return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  spec = DATASETS[config.dataset]
+  size = config.image_size or spec.image_size
+  return size, size, spec.channels
+
+
+def build_specs(
+  config: ml_collections.ConfigDict, total_steps: int
+) -> tuple[tuple[train.NetSpec, ...], train.NetSpec | None]:
+  """Static descriptions of the students and (with distillation) the teacher."""
+  ds = DATASETS[config.dataset]
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  sample = jnp.zeros((1, *input_shape(config)), jnp.float32)
+  tx = train.create_optimizer(config.momentum, config.weight_decay, config.nesterov)
+
+  def lr_fn(base_lr, restart):
+    return train.create_learning_rate_fn(
+      base_lr,
+      config.lr_schedule,
+      config.warmup_steps,
+      tuple(config.lr_step_at),
+      config.lr_step_factor,
+      restart,
+    )
+
+  def make_model(name):
+    return models.create_model(name, ds.num_classes, act=config.model_act, dtype=dtype)
+
+  student_model = make_model(config.model)
+  layout = precision_lib.layout_of(student_model, sample)
+  targets = [(config.quant.weight_bits, config.quant.act_bits)]
+  if config.distill.enabled:
+    targets += [tuple(p) for p in config.distill.extra_students]
+  students = tuple(
+    train.NetSpec(
+      model=student_model,
+      layout=layout,
+      schedule=schedule_lib.from_config(
+        config.schedule, w, a, total_steps, config.quant.keep_first_last_fp
+      ),
+      tx=tx,
+      lr_fn=lr_fn(config.learning_rate, config.schedule.lr_restart),
+      reset_momentum=config.schedule.reset_momentum,
+    )
+    for w, a in targets
+  )
+  teacher = None
+  if config.distill.enabled:
+    t_model = make_model(config.distill.teacher_model or config.model)
+    t_layout = precision_lib.layout_of(t_model, sample)
+    t_lr = config.distill.teacher_learning_rate
+    teacher = train.NetSpec(
+      model=t_model,
+      layout=t_layout,
+      schedule=schedule_lib.Schedule(
+        starts=(0,),
+        weight_bits=(32.0,),
+        act_bits=(32.0,),
+        total_steps=total_steps,
+        keep_first_last_fp=False,
+      ),
+      tx=tx,
+      lr_fn=lr_fn(config.learning_rate if t_lr == -1 else t_lr, False),
+      frozen=bool(config.distill.teacher_from),
+    )
+  return students, teacher
+
+
+def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:
+  """What a checkpoint must agree on with the config that resumes it."""
+  return {
+    "dataset": config.dataset,
+    "model": config.model,
+    "batch_size": config.batch_size,
+    "image_size": list(input_shape(config)),
+    "quantized_layers": ["/".join(p) for p in students[0].layout.paths],
+    "num_students": len(students),
+    "teacher_model": None if teacher is None else (config.distill.teacher_model or config.model),
+  }
+
+
+def compile_steps(
+  mesh: jax.sharding.Mesh,
+  students: tuple[train.NetSpec, ...],
+  teacher: train.NetSpec | None,
+  distill: train.DistillSpec | None,
+):
+  """The jitted, data-parallel train and eval steps (state replicated, batch on `data`).
+
+  The train step donates the old state. On CPU both get qnet.conv's compiler options.
+  """
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  options = conv.cpu_compiler_options() or None
+  p_train = jax.jit(
+    functools.partial(train.train_step, students=students, teacher=teacher, distill=distill),
+    in_shardings=(replicated, data),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+    compiler_options=options,
+  )
+  p_eval = jax.jit(
+    functools.partial(train.eval_step, students=students, teacher=teacher),
+    in_shardings=(replicated, data),
+    out_shardings=replicated,
+    compiler_options=options,
+  )
+  return p_train, p_eval
+
+
+def distill_spec(config: ml_collections.ConfigDict) -> train.DistillSpec | None:
+  """The loss weights of `config.distill`, or None without distillation."""
+  if not config.distill.enabled:
+    return None
+  d = config.distill
+  return train.DistillSpec(
+    temperature=d.temperature,
+    student_ce=d.student_ce,
+    student_kl=d.student_kl,
+    teacher_ce=d.teacher_ce,
+    teacher_kl=d.teacher_kl,
+    hint_weight=d.hint_weight,
+  )
