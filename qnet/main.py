@@ -2,6 +2,10 @@
 
 Overrides: `--config.batch_size=64`, `--config.quant.weight_bits=2`, ... A bad config stops
 before any data loading or compilation with a one-line error and exit status 2.
+
+Several processes (hosts): set QNET_DISTRIBUTED=1 in each. On Cloud TPU, SLURM and other
+clusters JAX finds its peers itself; by hand, also set JAX_COORDINATOR_ADDRESS=host0:PORT,
+QNET_NUM_PROCESSES=N and QNET_PROCESS_ID=0..N-1.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ class _QuietLibraries:
     return record.levelno >= 30 or "/orbax/" not in record.pathname
 
 
+def _initialize_distributed() -> None:
+  """`jax.distributed.initialize`: cluster auto-detection (Cloud TPU, SLURM, ...), or a hand
+  launch with JAX_COORDINATOR_ADDRESS=host:port, QNET_NUM_PROCESSES and QNET_PROCESS_ID."""
+  import jax
+
+  n, i = os.environ.get("QNET_NUM_PROCESSES"), os.environ.get("QNET_PROCESS_ID")
+  jax.distributed.initialize(num_processes=int(n) if n else None, process_id=int(i) if i else None)
+
+
 def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
@@ -40,8 +53,8 @@ def main(argv: list[str]) -> None:
   import jax
   from qnet import config_validation
 
-  if os.environ.get("QNET_DISTRIBUTED") == "1":  # multi-host: coordinator from the environment
-    jax.distributed.initialize()
+  if os.environ.get("QNET_DISTRIBUTED") == "1":
+    _initialize_distributed()
   try:
     config_validation.validate(
       FLAGS.config, jax.device_count(), jax.process_count(), reference=_reference_config()

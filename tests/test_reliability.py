@@ -69,7 +69,11 @@ def _final_params(workdir):
 
   manager = checkpointing.create_manager(workdir)
   step = manager.latest_step()
-  raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  # Without a target tree; the fallback lets checkpoints of another topology load too.
+  restore = ocp.args.StandardRestore(
+    fallback_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  )
+  raw = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
   return step, raw
 
 

@@ -1,0 +1,70 @@
+"""Two JAX processes (2 CPU devices each, gloo collectives) train as one 4-device run, and
+one process resumes their checkpoint."""
+
+import os
+import socket
+import subprocess
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import FAKE_TEST
+from qnet import metrics_io
+from test_reliability import ROOT, STEPS, _cli, _env, _final_params
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_evaluate_and_checkpoint(tmp_path, fake_data_dir):
+  work = str(tmp_path / "two")
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = _env() | {
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+      "QNET_DISTRIBUTED": "1",
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+      "QNET_NUM_PROCESSES": "2",
+      "QNET_PROCESS_ID": str(i),
+    }
+    cmd = _cli(work, fake_data_dir, "--config.schedule.kind=direct")
+    procs.append(
+      subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+      )
+    )
+  try:
+    errs = [p.communicate(timeout=400)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  assert "JAX process 1/2, 2 local devices" in errs[1]
+
+  rows = metrics_io.read_jsonl(os.path.join(work, "metrics.jsonl"))
+  train_steps = [r["step"] for r in rows if "train_loss" in r]
+  assert train_steps == sorted(set(train_steps)), "only the chief writes metrics"
+  evals = [r for r in rows if "eval_accuracy" in r]
+  assert [r["step"] for r in evals] == [12, 24]
+  # Each process evaluates its own share, padded and masked: every test example once.
+  assert all(r["eval_examples"] == FAKE_TEST for r in evals)
+  assert all(np.isfinite(r["train_loss"]) for r in rows if "train_loss" in r)
+  step, state = _final_params(work)
+  assert step == STEPS
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state))
+
+  # The same workdir resumes in one process with 4 devices (another topology) and goes on.
+  more = _cli(work, fake_data_dir, "--config.schedule.kind=direct")
+  more = [a for a in more if not a.startswith("--config.num_train_steps=")]
+  more.append(f"--config.num_train_steps={STEPS + 2}")
+  proc = subprocess.run(more, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"at step {STEPS}" in proc.stderr
+  assert _final_params(work)[0] == STEPS + 2
