@@ -111,7 +111,11 @@ def run_one(
 
 
 def table(rows: list[dict]) -> str:
-  """Markdown: mean +- std of test accuracy per (method, bits), gap to FP, wall time."""
+  """Markdown: mean +- std of test accuracy per (method, bits), gap to FP, wall time.
+
+  A row's optional `paused_s` (time its process was stopped, e.g. by SIGSTOP while a
+  benchmark needed the machine) is left out of the wall time.
+  """
   fp = [r["test_accuracy"] for r in rows if r["method"] == "fp"]
   fp_mean = float(np.mean(fp)) if fp else None
   groups: dict[tuple, list[dict]] = {}
@@ -131,7 +135,8 @@ def table(rows: list[dict]) -> str:
     lines.append(
       f"| W{bits}A{bits} | {method} | {len(g)} | {100 * acc.mean():.2f} ± "
       f"{100 * acc.std(ddof=1) if len(g) > 1 else 0:.2f} | {gap} | "
-      f"{np.mean([r['wall_s'] for r in g]):.0f} | {','.join(map(str, compiles))} |"
+      f"{np.mean([r['wall_s'] - r.get('paused_s', 0) for r in g]):.0f} | "
+      f"{','.join(map(str, compiles))} |"
     )
   return "\n".join(lines) + "\n"
 
