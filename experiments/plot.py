@@ -1,6 +1,6 @@
 """Plots of a sweep's results (matplotlib, PNG into experiments/results/).
 
-  python experiments/plot.py --name fashion_mnist_w2a2_remedies
+  python experiments/plot.py --name fashion_mnist
 
 Writes NAME_accuracy_vs_bits.png (mean +- std test accuracy per method against bit-width)
 and NAME_curves_w2a2.png (training loss and eval accuracy of every W2A2 run, from the

@@ -1,7 +1,7 @@
 """Resumable sweep over methods x bit-widths x seeds, each run a plain `python -m qnet.main`.
 
   python experiments/sweep.py --methods direct,two_stage,progressive,stochastic --bits 2 \
-      --seeds 0,1,2 --name fashion_mnist_w2a2_remedies
+      --seeds 0,1,2 --name fashion_mnist
 
 Every run uses `--config` (default configs/fashion_mnist_w4a4.py: its model and total steps)
 plus command-line overrides, so it is exactly the code path a user runs. A finished run is
