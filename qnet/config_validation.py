@@ -161,10 +161,13 @@ def _validate_fp_baseline(config) -> None:
   # A `relu` model has no quantizers at all, so any bit-width below 32 would be ignored.
   if config.model_act != "relu":
     return
-  for field in ("quant.weight_bits", "quant.act_bits"):
-    value = config.quant.weight_bits if field == "quant.weight_bits" else config.quant.act_bits
-    if value != quant.FULL_PRECISION:
-      _fail(field, value, "32 with model_act='relu' (the plain FP network has no quantizers)")
+  for name in ("weight_bits", "act_bits"):
+    if config.quant[name] != quant.FULL_PRECISION:
+      _fail(
+        f"quant.{name}",
+        config.quant[name],
+        "32 with model_act='relu' (the plain FP network has no quantizers)",
+      )
   if config.schedule.kind != "direct" or tuple(config.schedule.phases):
     _fail("schedule.kind", config.schedule.kind, "'direct' without phases with model_act='relu'")
   if tuple(config.distill.extra_students):

@@ -33,12 +33,12 @@ def mock_config(**overrides):
   return c
 
 
+_SAVE = checkpointing.save
+
+
 def _save_and_wait(manager, step, state, meta):
   _SAVE(manager, step, state, meta)
   manager.wait_until_finished()
-
-
-_SAVE = checkpointing.save
 
 
 def run(config, workdir, stop_at_step=None):
