@@ -6,6 +6,13 @@
 
 Variants are timed in alternating rounds (the machine is noisy), after warm-up.
 Usage (repo root): PYTHONPATH=. python experiments/conv_speed.py [--rounds 3] [--steps 10]
+
+`--per_op` instead times each ResNet-20 convolution shape alone (forward, input gradient,
+kernel gradient) under three CPU library choices, in alternating rounds:
+  eigen : qnet's options (XLA's Eigen convolutions, YNNPACK kept for dots and reductions)
+  ynn   : XLA defaults (YNNPACK convolutions)
+  xnn   : qnet's options plus XNNPACK convolutions
+and prints ms per op and the per-step total (each shape weighted by its count in ResNet-20).
 """
 
 from __future__ import annotations
@@ -88,13 +95,79 @@ def make_step(model: nn.Module, compiler_options: dict[str, str]):
   return jax.jit(step, compiler_options=compiler_options or None)
 
 
+# ResNet-20 conv shapes at 32x32 input: (H, Cin, Cout, kernel, stride, count per step).
+RESNET20_CONVS = (
+  (32, 3, 16, 3, 1, 1),
+  (32, 16, 16, 3, 1, 6),
+  (32, 16, 32, 3, 2, 1),
+  (32, 16, 32, 1, 2, 1),
+  (16, 32, 32, 3, 1, 5),
+  (16, 32, 64, 3, 2, 1),
+  (16, 32, 64, 1, 2, 1),
+  (8, 64, 64, 3, 1, 5),
+)
+
+
+def per_op(batch: int, rounds: int, steps: int) -> None:
+  """Times forward / input-grad / kernel-grad of each ResNet-20 conv under each library."""
+  eigen = qconv.cpu_compiler_options()
+  libraries = {
+    "eigen": eigen,
+    "ynn": {},
+    "xnn": {
+      **eigen,
+      "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    },
+  }
+  totals = {lib: [0.0, 0.0, 0.0] for lib in libraries}
+  print(
+    "shape                      | " + " | ".join(f"{lib}: fwd / dx / dw ms" for lib in libraries)
+  )
+  for h, cin, cout, k, s, count in RESNET20_CONVS:
+    x = jax.random.normal(jax.random.key(0), (batch, h, h, cin))
+    w = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
+    g = jnp.ones_like(stock_conv(x, w, strides=(s, s)))
+    ops = (
+      lambda x, w, g: stock_conv(x, w, strides=(s, s)),
+      lambda x, w, g: jax.vjp(lambda a: stock_conv(a, w, strides=(s, s)), x)[1](g)[0],
+      lambda x, w, g: jax.vjp(lambda b: stock_conv(x, b, strides=(s, s)), w)[1](g)[0],
+    )
+    fns = {
+      lib: [jax.jit(op, compiler_options=o or None) for op in ops] for lib, o in libraries.items()
+    }
+    times = {lib: [[], [], []] for lib in libraries}
+    for fs in fns.values():
+      for f in fs:
+        jax.block_until_ready(f(x, w, g))
+    for _ in range(rounds):
+      for lib, fs in fns.items():
+        for i, f in enumerate(fs):
+          for _ in range(steps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(x, w, g))
+            times[lib][i].append((time.perf_counter() - t0) * 1e3)
+    cells = []
+    for lib in libraries:
+      med = [statistics.median(t) for t in times[lib]]
+      totals[lib] = [a + count * m for a, m in zip(totals[lib], med)]
+      cells.append(" / ".join(f"{m:6.2f}" for m in med))
+    print(f"H{h:<2d} {cin:2d}->{cout:2d} k{k} s{s} x{count}     | " + " | ".join(cells), flush=True)
+  print("\nper ResNet-20 step (shapes weighted by count):")
+  for lib, t in totals.items():
+    print(f"  {lib:6s} fwd {t[0]:6.1f}  dx {t[1]:6.1f}  dw {t[2]:6.1f}  total {sum(t):7.1f} ms")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--per_op", action="store_true", help="time each conv shape per library")
   args = ap.parse_args()
+  if args.per_op:
+    per_op(args.batch, args.rounds, args.steps)
+    return
 
   kx, ky, kp = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (args.batch, 32, 32, 3))
