@@ -30,11 +30,12 @@ import numpy as np
 from configs import default
 from qnet import steps, train
 
-SHAPES = {  # model -> (dataset for the config, input shape, classes, batch)
-  "fmnist_cnn": ("fashion_mnist", (28, 28, 1), 10, 128),
-  "resnet20": ("cifar10", (32, 32, 3), 10, 128),
-  "resnet50": ("imagenet2012", (224, 224, 3), 1000, 128),
+SHAPES = {  # model -> (dataset for the config, input shape, classes)
+  "fmnist_cnn": ("fashion_mnist", (28, 28, 1), 10),
+  "resnet20": ("cifar10", (32, 32, 3), 10),
+  "resnet50": ("imagenet2012", (224, 224, 3), 1000),
 }
+BATCH = 128
 
 
 def _config(
@@ -44,8 +45,9 @@ def _config(
   kind: str = "direct",
   dtype: str = "float32",
   act: str = "quant",
+  batch: int = BATCH,
 ):
-  dataset, shape, _, batch = SHAPES[model]
+  dataset, shape, _ = SHAPES[model]
   c = default.get_config()
   c.dataset, c.model, c.batch_size, c.dtype, c.model_act = dataset, model, batch, dtype, act
   c.image_size = shape[0] if dataset == "imagenet2012" else 0
@@ -66,8 +68,8 @@ def _steps(config, total_steps: int, mesh):
   return state, p_train, p_eval
 
 
-def _batch(model: str, mesh, with_mask=False):
-  _, shape, classes, batch = SHAPES[model]
+def _batch(model: str, mesh, batch: int = BATCH, with_mask=False):
+  _, shape, classes = SHAPES[model]
   rng = np.random.default_rng(0)
   b = {
     "image": rng.normal(size=(batch, *shape)).astype(np.float32),
@@ -132,19 +134,28 @@ VARIANTS = {
 
 
 def bench_model(
-  model: str, mesh, rounds: int, steps: int, warmup: int, dtype: str, variants: list[str]
+  model: str,
+  mesh,
+  rounds: int,
+  steps: int,
+  warmup: int,
+  dtype: str,
+  variants: list[str],
+  batch_size: int = BATCH,
 ) -> dict:
-  batch = _batch(model, mesh)
+  batch = _batch(model, mesh, batch_size)
   timer = Timer()
   evals = {}
   for name in variants:
     bits, distill, act = VARIANTS[name]
-    state, p_train, p_eval = _steps(_config(model, bits, distill, dtype=dtype, act=act), 1000, mesh)
+    state, p_train, p_eval = _steps(
+      _config(model, bits, distill, dtype=dtype, act=act, batch=batch_size), 1000, mesh
+    )
     evals[name] = (jax.tree.map(jnp.copy, state), p_eval)  # the train closure donates `state`
     timer.add(name, _train_closure(state, p_train, batch))
   if "w4a4" in evals:
     state, p_eval = evals["w4a4"]
-    eval_batch = _batch(model, mesh, with_mask=True)
+    eval_batch = _batch(model, mesh, batch_size, with_mask=True)
     timer.add("eval_w4a4", lambda: jax.block_until_ready(p_eval(state, eval_batch)))
   timer.run(rounds, steps, warmup)
   out = {k: timer.stats(k) for k in timer.fns}
@@ -160,7 +171,7 @@ def bench_model(
     )
   for k in VARIANTS:
     if k in med:
-      out[f"images_per_s_{k}"] = SHAPES[model][3] / (med[k] / 1e3)
+      out[f"images_per_s_{k}"] = batch_size / (med[k] / 1e3)
   return out
 
 
@@ -200,25 +211,30 @@ def main() -> None:
   p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
   p.add_argument("--skip_pipeline", action="store_true")
   p.add_argument("--skip_compile_count", action="store_true")
-  p.add_argument("--batch", type=int, default=0, help="global batch (0: 128 for every model)")
+  p.add_argument("--batch", type=int, default=BATCH, help="global batch for every model")
   p.add_argument("--out", default=None)
   args = p.parse_args()
   mesh = steps.create_mesh()
-  if args.batch:
-    for m, (ds, shape, classes, _) in list(SHAPES.items()):
-      SHAPES[m] = (ds, shape, classes, args.batch)
   result = {
     "backend": backend,
     "devices": [str(d) for d in jax.devices()],
     "device_kind": jax.devices()[0].device_kind,
     "dtype": args.dtype,
+    "batch": args.batch,
     "jax": jax.__version__,
     "models": {},
   }
   for model in args.models.split(","):
     print(f"timing {model} ...", flush=True)
     result["models"][model] = bench_model(
-      model, mesh, args.rounds, args.steps, args.warmup, args.dtype, args.variants.split(",")
+      model,
+      mesh,
+      args.rounds,
+      args.steps,
+      args.warmup,
+      args.dtype,
+      args.variants.split(","),
+      args.batch,
     )
   if not args.skip_pipeline:
     result["pipeline_fashion_mnist_images_per_s"] = bench_pipeline("fashion_mnist", 128)
@@ -229,7 +245,7 @@ def main() -> None:
   for model, r in result["models"].items():
     for k in (*VARIANTS, "eval_w4a4"):
       if k in r:
-        ips = SHAPES[model][3] / (r[k]["median_ms"] / 1e3)
+        ips = args.batch / (r[k]["median_ms"] / 1e3)
         print(
           f"| {model} | {k} | {r[k]['median_ms']:.1f} | {r[k]['min_ms']:.1f} "
           f"| {r[k]['max_ms']:.1f} | {ips:.0f} |"

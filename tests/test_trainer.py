@@ -24,12 +24,7 @@ def mock_config(**overrides):
   c.log_every_steps = 3
   c.learning_rate = 0.05
   c.quant.weight_bits = c.quant.act_bits = 4
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 
