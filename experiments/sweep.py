@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from qnet import metrics_io
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
@@ -41,14 +43,6 @@ METHODS: dict[str, dict[str, str]] = {
 
 def run_key(method: str, bits: int, seed: int) -> str:
   return f"{method}_w{bits}a{bits}_s{seed}"
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def run_one(
@@ -73,7 +67,7 @@ def run_one(
   wall = time.time() - start
   if proc.returncode != 0:
     raise RuntimeError(f"run {workdir} failed (exit {proc.returncode}); see {log_path}")
-  rows = read_metrics(workdir)
+  rows = metrics_io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   evals = [r for r in rows if "eval_accuracy" in r]
   train_rows = [r for r in rows if "train_loss" in r]
   compiles = [r for r in rows if "train_step_compiles" in r]
@@ -152,7 +146,7 @@ def main() -> None:
   p.add_argument("--name", default="fashion_mnist")
   p.add_argument("--runs_dir", default=os.path.join(ROOT, "experiments", "runs"))
   p.add_argument("--report_only", action="store_true", help="rewrite NAME.md from NAME.json")
-  p.add_argument("extra", nargs="*", help="more --config.X=Y overrides for every run")
+  p.add_argument("extra", nargs="*", help="more --config.X=Y overrides for every run, after a `--`")
   args = p.parse_args()
   methods = args.methods.split(",")
   unknown = [m for m in methods if m not in METHODS]
