@@ -6,6 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 
+class DataError(RuntimeError):
+  """The data set cannot be found or prepared; the message says which and what to do."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """Static facts about a dataset. `mean`/`std` are per channel, for pixels in [0, 1]."""

@@ -13,6 +13,8 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from qnet.datasets import DataError
+
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 DIR_ENV_VAR = "QNET_FASHION_MNIST_DIR"
 
@@ -45,8 +47,8 @@ def files_present(directory: str | None = None) -> bool:
   return all(os.path.exists(os.path.join(directory, n)) for pair in _FILES.values() for n in pair)
 
 
-def _missing_files_error(directory: str, missing: list[str]) -> FileNotFoundError:
-  return FileNotFoundError(
+def _missing_files_error(directory: str, missing: list[str]) -> DataError:
+  return DataError(
     f"Fashion-MNIST IDX files not found in {directory!r} (missing: {', '.join(missing)}). "
     f"Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the "
     f"four *-ubyte.gz files in a directory and set {DIR_ENV_VAR} to it. Alternatively, run "

@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from qnet import fashion_mnist_offline
-from qnet.datasets import DATASETS, DatasetSpec
+from qnet.datasets import DATASETS, DataError, DatasetSpec
 
 try:  # Keep TensorFlow off the accelerators; JAX owns them.
   tf.config.set_visible_devices([], "GPU")
@@ -48,7 +48,10 @@ def get_builder(dataset: str, data_dir: str | None = None) -> tfds.core.DatasetB
   `data_dir`, default ~/tensorflow_datasets, on first use; never the network)."""
   _spec(dataset)
   if dataset != "fashion_mnist":
-    return tfds.builder(dataset, data_dir=data_dir)
+    builder = tfds.builder(dataset, data_dir=data_dir)
+    if not builder.is_prepared():
+      _prepare(builder, dataset, data_dir)
+    return builder
   builder = fashion_mnist_offline.FashionMnistOffline(data_dir=data_dir)
   if not builder.is_prepared() and not fashion_mnist_offline.files_present():
     tfds_builder = tfds.builder("fashion_mnist", data_dir=data_dir)
@@ -59,6 +62,25 @@ def get_builder(dataset: str, data_dir: str | None = None) -> tfds.core.DatasetB
       download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
   return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, dataset: str, data_dir: str | None) -> None:
+  """`download_and_prepare`, as `tfds.load` would, with a one-line `DataError` on failure.
+
+  CIFAR downloads itself; ImageNet needs its two tars in `DATA_DIR/downloads/manual` first.
+  Every process of a multi-host run prepares on its own, so prepare shared storage once
+  beforehand (`tfds build DATASET --data_dir=DIR`).
+  """
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # network, manual download, disk: the cause goes into the message
+    cause = " ".join(str(e).split()) or type(e).__name__
+    where = repr(data_dir) if data_dir else "'' (TFDS's default, ~/tensorflow_datasets)"
+    raise DataError(
+      f"config.dataset={dataset!r}: no prepared TFDS data in config.data_dir={where}, and "
+      f"preparing it failed: {cause} Prepare it with `tfds build {dataset} --data_dir=DIR` "
+      f"and pass --config.data_dir=DIR."
+    ) from e
 
 
 def _split_size(builder: tfds.core.DatasetBuilder, split: Any) -> int:

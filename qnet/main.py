@@ -18,6 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only our data loader
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qnet.datasets import DataError
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
@@ -71,7 +73,11 @@ def main(argv: list[str]) -> None:
   )
   from qnet import trainer
 
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except DataError as e:  # the data is first looked up before any compute or checkpoint write
+    print(f"qnet: data error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from qnet import fashion_mnist_offline
 from qnet import input_pipeline as ip
+from qnet.datasets import DataError
 
 DEBIAN_DIR = fashion_mnist_offline.DEFAULT_DIR
 from conftest import FAKE_TEST, FAKE_TRAIN  # the fake_data_dir fixture's sizes
@@ -83,8 +84,21 @@ def test_missing_files_error_names_debian_package(tmp_path, monkeypatch):
   empty = tmp_path / "empty"
   empty.mkdir()
   monkeypatch.setenv(fashion_mnist_offline.DIR_ENV_VAR, str(empty))
-  with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+  with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
     ip.get_builder("fashion_mnist", str(tmp_path / "tfds"))
+
+
+def test_unprepared_dataset_that_cannot_be_prepared_is_a_data_error(tmp_path, monkeypatch):
+  def offline(self, *a, **k):
+    raise OSError("Temporary failure in name resolution")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+  with pytest.raises(DataError) as info:
+    ip.get_builder("cifar10", str(tmp_path / "tfds"))
+  message = str(info.value)
+  assert message.startswith("config.dataset='cifar10': no prepared TFDS data in config.data_dir=")
+  assert "Temporary failure in name resolution" in message and "tfds build cifar10" in message
+  assert "\n" not in message
 
 
 def test_unknown_dataset_names_the_field():

@@ -271,19 +271,29 @@ def test_unknown_field_suggests_the_nearest():
   ],
 )
 def test_cli_rejects_bad_input_before_compiling_and_keeps_checkpoints(tmp_path, args, message):
+  _assert_cli_refuses(
+    tmp_path, "configs/fashion_mnist_w4a4.py", args, "qnet: config error", message
+  )
+
+
+def test_cli_missing_dataset_is_one_line_and_keeps_checkpoints(tmp_path):
+  # ImageNet cannot download itself: TFDS stops at the empty manual dir, no network used.
+  _assert_cli_refuses(
+    tmp_path,
+    "configs/imagenet_w4a4.py",
+    [f"--config.data_dir={tmp_path / 'tfds'}"],
+    "qnet: data error",
+    "config.dataset='imagenet2012': no prepared TFDS data in config.data_dir=",
+  )
+
+
+def _assert_cli_refuses(tmp_path, config, args, prefix, message):
   work = tmp_path / "w"
   (work / "checkpoints" / "5").mkdir(parents=True)
   marker = work / "checkpoints" / "5" / "keep"
   marker.write_text("x")
   proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "qnet.main",
-      "--config=configs/fashion_mnist_w4a4.py",
-      f"--workdir={work}",
-      *args,
-    ],
+    [sys.executable, "-m", "qnet.main", f"--config={config}", f"--workdir={work}", *args],
     cwd=ROOT,
     env=_env(),
     capture_output=True,
@@ -291,6 +301,7 @@ def test_cli_rejects_bad_input_before_compiling_and_keeps_checkpoints(tmp_path, 
     timeout=120,
   )
   assert proc.returncode == 2
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("qnet: config error")]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith(prefix)]
   assert len(lines) == 1 and message in lines[0], proc.stderr[-1500:]
+  assert "Traceback" not in proc.stderr
   assert marker.read_text() == "x" and sorted(os.listdir(work)) == ["checkpoints"]
