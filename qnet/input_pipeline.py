@@ -44,8 +44,9 @@ def _spec(dataset: str) -> DatasetSpec:
 
 
 def get_builder(dataset: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-  """TFDS builder of `dataset`. Fashion-MNIST uses the offline builder (prepared into
-  `data_dir`, default ~/tensorflow_datasets, on first use; never the network)."""
+  """TFDS builder of `dataset`, prepared in `data_dir` (default ~/tensorflow_datasets) on
+  first use. Fashion-MNIST uses the offline builder (never the network); the others are
+  prepared as `tfds.load` would (`_prepare`). Raises `DataError` when that is impossible."""
   _spec(dataset)
   if dataset != "fashion_mnist":
     builder = tfds.builder(dataset, data_dir=data_dir)
@@ -78,7 +79,8 @@ def _prepare(builder: tfds.core.DatasetBuilder, dataset: str, data_dir: str | No
     where = repr(data_dir) if data_dir else "'' (TFDS's default, ~/tensorflow_datasets)"
     raise DataError(
       f"config.dataset={dataset!r}: no prepared TFDS data in config.data_dir={where}, and "
-      f"preparing it failed: {cause} Prepare it with `tfds build {dataset} --data_dir=DIR` "
+      f"preparing it failed: {cause.rstrip('.')}. Prepare it with `tfds build {dataset} "
+      "--data_dir=DIR` "
       f"and pass --config.data_dir=DIR."
     ) from e
 
