@@ -1,4 +1,4 @@
-"""experiments/sweep.py: real qnet.main runs, the result rows, resuming, the table."""
+"""experiments/sweep.py and plot.py: real qnet.main runs, result rows, resuming, table, plots."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 from test_reliability import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import plot  # noqa: E402
 import sweep  # noqa: E402
 
 
@@ -51,6 +52,11 @@ def test_sweep_runs_records_and_resumes(tmp_path, fake_data_dir, monkeypatch, ca
   assert any(c.get("weight_bits") == 2 for c in curve)
   table = (results / "t.md").read_text()
   assert "| W32A32 | fp | 1 |" in table and "| W2A2 | direct | 1 |" in table
+  monkeypatch.setattr(plot, "RESULTS", str(results))
+  monkeypatch.setattr(sys, "argv", ["plot.py", "--name", "t", "--curve_bits", "2"])
+  plot.main()
+  for png in ("t_accuracy_vs_bits.png", "t_curves_w2a2.png"):
+    assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   # Finished runs are skipped: a rerun must not start any.
   def no_run(*a, **k):
