@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmark import Timer
 from qnet import conv as qconv
 
 
@@ -135,20 +136,14 @@ def per_op(batch: int, rounds: int, steps: int) -> None:
     fns = {
       lib: [jax.jit(op, compiler_options=o or None) for op in ops] for lib, o in libraries.items()
     }
-    times = {lib: [[], [], []] for lib in libraries}
-    for fs in fns.values():
-      for f in fs:
-        jax.block_until_ready(f(x, w, g))
-    for _ in range(rounds):
-      for lib, fs in fns.items():
-        for i, f in enumerate(fs):
-          for _ in range(steps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(x, w, g))
-            times[lib][i].append((time.perf_counter() - t0) * 1e3)
+    timer = Timer()  # alternating rounds after warm-up, as the train-step benchmark
+    for lib, fs in fns.items():
+      for i, f in enumerate(fs):
+        timer.add((lib, i), lambda f=f: jax.block_until_ready(f(x, w, g)))
+    timer.run(rounds, steps, warmup=1)
     cells = []
     for lib in libraries:
-      med = [statistics.median(t) for t in times[lib]]
+      med = [timer.stats((lib, i))["median_ms"] for i in range(3)]
       totals[lib] = [a + count * m for a, m in zip(totals[lib], med)]
       cells.append(" / ".join(f"{m:6.2f}" for m in med))
     print(f"H{h:<2d} {cin:2d}->{cout:2d} k{k} s{s} x{count}     | " + " | ".join(cells), flush=True)

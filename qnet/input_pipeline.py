@@ -79,9 +79,8 @@ def _prepare(builder: tfds.core.DatasetBuilder, dataset: str, data_dir: str | No
     where = repr(data_dir) if data_dir else "'' (TFDS's default, ~/tensorflow_datasets)"
     raise DataError(
       f"config.dataset={dataset!r}: no prepared TFDS data in config.data_dir={where}, and "
-      f"preparing it failed: {cause.rstrip('.')}. Prepare it with `tfds build {dataset} "
-      "--data_dir=DIR` "
-      f"and pass --config.data_dir=DIR."
+      f"preparing it failed: {cause.rstrip('.')}. Prepare it with "
+      f"`tfds build {dataset} --data_dir=DIR` and pass --config.data_dir=DIR."
     ) from e
 
 
