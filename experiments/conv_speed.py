@@ -18,7 +18,6 @@ and prints ms per op and the per-step total (each shape weighted by its count in
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -177,35 +176,30 @@ def main() -> None:
     "stock+options": (stock_conv, opts),
     "qnet+options": (qconv.conv, opts),
   }
-  state, steps = {}, {}
+  timer = Timer()
   for name, (fn, o) in variants.items():
     model = ResNet20(conv_fn=fn)
     v = model.init(kp, x)
-    state[name] = (v["params"], v["batch_stats"])
-    steps[name] = make_step(model, o)
+    step, box = make_step(model, o), [(v["params"], v["batch_stats"])]
+
+    def run_step(step=step, box=box):
+      box[0] = jax.block_until_ready(step(*box[0], x, y))[:2]
+
     t0 = time.perf_counter()
     for _ in range(args.warmup):
-      state[name] = jax.block_until_ready(steps[name](*state[name], x, y))[:2]
+      run_step()
     print(f"{name:14s} compile+warm-up {time.perf_counter() - t0:.1f} s")
+    timer.add(name, run_step)
 
-  times: dict[str, list[float]] = {n: [] for n in variants}
-  for r in range(args.rounds):
-    for name in variants:
-      per = []
-      for _ in range(args.steps):
-        t0 = time.perf_counter()
-        *state[name], loss = jax.block_until_ready(steps[name](*state[name], x, y))
-        per.append((time.perf_counter() - t0) * 1e3)
-      times[name] += per
-      print(
-        f"round {r}: {name:14s} median {statistics.median(per):7.1f} ms/step "
-        f"(loss {float(loss):.3f})"
-      )
-  base = statistics.median(times["stock+default"])
+  timer.run(args.rounds, args.steps, warmup=0)  # warmed up above, with compile time printed
+  base = timer.stats("stock+default")["median_ms"]
   print("\nmedian over all rounds:")
-  for name, t in times.items():
-    m = statistics.median(t)
-    print(f"  {name:14s} {m:7.1f} ms/step  min {min(t):7.1f}  speed-up x{base / m:.2f}")
+  for name in variants:
+    st = timer.stats(name)
+    print(
+      f"  {name:14s} {st['median_ms']:7.1f} ms/step  min {st['min_ms']:7.1f}  "
+      f"speed-up x{base / st['median_ms']:.2f}"
+    )
 
 
 if __name__ == "__main__":
