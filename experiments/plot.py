@@ -23,13 +23,12 @@ from sweep import METHODS, RESULTS, run_key  # noqa: E402
 
 
 def accuracy_vs_bits(rows: list[dict], path: str) -> None:
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(8, 4))
   fp = [r["test_accuracy"] for r in rows if r["method"] == "fp"]
   if fp:
-    ax.axhline(100 * np.mean(fp), color="k", ls="--", lw=1, label="fp")
-  for method in METHODS:
-    if method == "fp":
-      continue
+    ax.axhline(100 * np.mean(fp), color="k", ls="--", lw=1, label=f"fp (n={len(fp)})")
+  methods = [m for m in METHODS if m != "fp"]
+  for i, method in enumerate(methods):
     bits = sorted({r["weight_bits"] for r in rows if r["method"] == method})
     if not bits:
       continue
@@ -37,25 +36,27 @@ def accuracy_vs_bits(rows: list[dict], path: str) -> None:
       [100 * r["test_accuracy"] for r in rows if r["method"] == method and r["weight_bits"] == b]
       for b in bits
     ]
+    n = sorted({len(a) for a in acc})
+    dodge = 0.04 * (i - (len(methods) - 1) / 2)  # side by side, so error bars stay readable
     ax.errorbar(
-      bits,
+      [b + dodge for b in bits],
       [np.mean(a) for a in acc],
-      yerr=[np.std(a) for a in acc],
+      yerr=[np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in acc],  # as the table's std
       marker="o",
       capsize=3,
-      label=f"{method} (n={min(map(len, acc))})",
+      label=f"{method} (n={n[0]}{f'-{n[-1]}' if len(n) > 1 else ''})",
     )
   ax.set_xlabel("bits (weights = activations)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_xticks(sorted({r["weight_bits"] for r in rows if r["method"] != "fp"}))
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # off the lines
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 
 def curves(rows: list[dict], bits: int, path: str) -> None:
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_err, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for r in rows:
     if r["weight_bits"] != bits:
@@ -71,13 +72,17 @@ def curves(rows: list[dict], bits: int, path: str) -> None:
       if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"])
       else None
     )
-    tr = [(p["step"], p["train_loss"]) for p in points if "train_loss" in p]
+    # Train error, not train loss: a distilled student's loss also holds its KL term, so
+    # losses are not comparable across methods; its accuracy on the batch is.
+    tr = [(p["step"], 100 * (1 - p["train_accuracy"])) for p in points if "train_accuracy" in p]
+    if len(tr) > 2 and tr[-1][0] - tr[-2][0] < tr[-2][0] - tr[-3][0]:
+      tr = tr[:-1]  # The last, partial log interval (4 steps at 1,404) is too few to average.
     ev = [(p["step"], 100 * p["eval_accuracy"]) for p in points if "eval_accuracy" in p]
-    ax_loss.plot(*zip(*tr), color=colors[r["method"]], alpha=0.7, label=label)
+    ax_err.plot(*zip(*tr), color=colors[r["method"]], alpha=0.7, label=label)
     ax_acc.plot(*zip(*ev), color=colors[r["method"]], marker="o", alpha=0.7, label=label)
-  ax_loss.set(xlabel="step", ylabel="train loss (mean over log interval)", yscale="log")
+  ax_err.set(xlabel="step", ylabel="train error (%, mean over log interval)")
   ax_acc.set(xlabel="step", ylabel="test accuracy (%)")
-  for ax in (ax_loss, ax_acc):
+  for ax in (ax_err, ax_acc):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(f"W{bits}A{bits} runs (every seed)")
