@@ -59,6 +59,7 @@ def run_one(
   }
   cmd = [sys.executable, "-m", "qnet.main", f"--config={config}", f"--workdir={workdir}"]
   cmd += [f"--config.{k}={v}" for k, v in overrides.items()] + extra
+  resumed_from = _latest_checkpoint(workdir)
   start = time.time()
   log_path = workdir + ".log"
   os.makedirs(runs_dir, exist_ok=True)
@@ -101,14 +102,22 @@ def run_one(
     "train_steps": train_rows[-1]["step"],
     "wall_s": round(wall, 1),
     "train_step_compiles": compiles[-1]["train_step_compiles"] if compiles else None,
-  }
+  } | ({"resumed_from_step": resumed_from} if resumed_from is not None else {})
+
+
+def _latest_checkpoint(workdir: str) -> int | None:
+  """Step of the newest finished checkpoint in workdir (orbax's STEP folders), if any."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  return max(steps, default=None)
 
 
 def table(rows: list[dict]) -> str:
   """Markdown: mean +- std of test accuracy per (method, bits), gap to FP, wall time.
 
   A row's optional `paused_s` (time its process was stopped, e.g. by SIGSTOP while a
-  benchmark needed the machine) is left out of the wall time.
+  benchmark needed the machine) is left out of the wall time. A run resumed from a
+  checkpoint (`resumed_from_step`) timed only its remainder, so it is left out of the mean.
   """
   fp = [r["test_accuracy"] for r in rows if r["method"] == "fp"]
   fp_mean = float(np.mean(fp)) if fp else None
@@ -129,10 +138,15 @@ def table(rows: list[dict]) -> str:
     lines.append(
       f"| W{bits}A{bits} | {method} | {len(g)} | {100 * acc.mean():.2f} ± "
       f"{100 * acc.std(ddof=1) if len(g) > 1 else 0:.2f} | {gap} | "
-      f"{np.mean([r['wall_s'] - r.get('paused_s', 0) for r in g]):.0f} | "
+      f"{_mean_wall(g)} | "
       f"{','.join(map(str, compiles))} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def _mean_wall(rows: list[dict]) -> str:
+  walls = [r["wall_s"] - r.get("paused_s", 0) for r in rows if "resumed_from_step" not in r]
+  return f"{np.mean(walls):.0f}" if walls else "n/a (resumed)"
 
 
 def main() -> None:

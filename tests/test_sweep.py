@@ -129,6 +129,17 @@ def test_table_mean_std_gap_and_paused_time():
       "train_step_compiles": 1,
     },
   ]
+  resumed = {"method": "fp", "weight_bits": 32, "seed": 2, "test_accuracy": 0.93}
+  rows.append(resumed | {"wall_s": 10.0, "resumed_from_step": 500})  # timed only its rest
   lines = sweep.table(rows).splitlines()
-  assert lines[2] == "| W32A32 | fp | 2 | 93.00 ± 1.41 | +0.00 | 100 |  |"
+  assert lines[2] == "| W32A32 | fp | 3 | 93.00 ± 1.00 | +0.00 | 100 |  |"
   assert lines[3] == "| W2A2 | direct | 2 | 90.50 ± 0.71 | -2.50 | 200 | 1 |"
+  only_resumed = [r for r in rows if r["method"] == "direct"] + [rows[-1]]
+  assert "| n/a (resumed) |" in sweep.table(only_resumed).splitlines()[2]
+
+
+def test_latest_checkpoint_ignores_unfinished_and_damaged_saves(tmp_path):
+  assert sweep._latest_checkpoint(str(tmp_path)) is None
+  for d in ("500", "1000", "1500.orbax-checkpoint-tmp-7", "2000.damaged"):
+    (tmp_path / "checkpoints" / d).mkdir(parents=True)
+  assert sweep._latest_checkpoint(str(tmp_path)) == 1000
