@@ -27,6 +27,19 @@ from configs import default
 
 _IMAGENET_TRAIN = 1_281_167
 
+VARIANTS = (
+  "cifar100_resnet20_kd",
+  "cifar100_resnet20_w2",
+  "cifar100_resnet20_w4",
+  "cifar100_resnet20_w2_pq_kd",
+  "imagenet_resnet18_w4a4_kd",
+  "imagenet_resnet18_w2a2_kd",
+  "imagenet_resnet50_w4",
+  "imagenet_resnet50_w2",
+  "imagenet_alexnet_w4",
+  "imagenet_alexnet_w2",
+)
+
 
 def _cifar100(bits: int, distill: bool):
   c = default.get_config()
@@ -78,9 +91,6 @@ def get_config(variant: str = "cifar100_resnet20_kd"):
     c.warmup_steps = _IMAGENET_TRAIN // c.batch_size
   else:
     raise ValueError(
-      f"configs/paper_recipes.py:{variant}: unknown variant; allowed: cifar100_resnet20_kd, "
-      "cifar100_resnet20_w2, cifar100_resnet20_w4, cifar100_resnet20_w2_pq_kd, "
-      "imagenet_resnet18_w4a4_kd, imagenet_resnet18_w2a2_kd, imagenet_resnet50_w4, "
-      "imagenet_resnet50_w2, imagenet_alexnet_w4, imagenet_alexnet_w2"
+      f"configs/paper_recipes.py:{variant}: unknown variant; allowed: {', '.join(VARIANTS)}"
     )
   return c
