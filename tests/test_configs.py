@@ -41,13 +41,12 @@ def test_config_validates_and_its_train_step_traces(name, variant):
     jax.ShapeDtypeStruct((1, *shape), jnp.float32),
   )
   batch = {
-    "image": jax.ShapeDtypeStruct((2, *shape), jnp.float32),
-    "label": jax.ShapeDtypeStruct((2,), jnp.int32),
+    "image": jax.ShapeDtypeStruct((4, *shape), jnp.float32),
+    "label": jax.ShapeDtypeStruct((4,), jnp.int32),
   }
-  step = functools.partial(
-    train.train_step, students=students, teacher=teacher, distill=steps.distill_spec(c)
-  )
-  new_state, metrics = jax.eval_shape(step, state, batch)
+  # The trainer's own jitted, sharded step, traced only.
+  p_train, _ = steps.compile_steps(steps.create_mesh(), students, teacher, steps.distill_spec(c))
+  new_state, metrics = jax.eval_shape(p_train, state, batch)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert metrics["train_loss"].shape == ()
 
