@@ -4,7 +4,7 @@
 
 Writes NAME_accuracy_vs_bits.png (mean +- std test accuracy per method against bit-width)
 and NAME_curves_w2a2.png (training loss and eval accuracy of every W2A2 run, from the
-curves the sweep keeps in experiments/results/curves/).
+curves the sweep keeps in experiments/results/curves/NAME/).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sweep import METHODS, RESULTS, run_key  # noqa: E402
+from sweep import METHODS, RESULTS, curve_path, run_key  # noqa: E402
 
 
 def accuracy_vs_bits(rows: list[dict], path: str) -> None:
@@ -55,17 +55,16 @@ def accuracy_vs_bits(rows: list[dict], path: str) -> None:
   fig.savefig(path, dpi=120)
 
 
-def curves(rows: list[dict], bits: int, path: str) -> None:
+def curves(rows: list[dict], name: str, bits: int, path: str) -> None:
   fig, (ax_err, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
   colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for r in rows:
     if r["weight_bits"] != bits:
       continue
-    name = run_key(r["method"], bits, r["seed"]) + ".json"
-    curve_path = os.path.join(RESULTS, "curves", name)
-    if not os.path.exists(curve_path):
+    curve_file = curve_path(RESULTS, name, run_key(r["method"], bits, r["seed"]))
+    if not os.path.exists(curve_file):
       continue
-    with open(curve_path) as f:
+    with open(curve_file) as f:
       points = json.load(f)
     label = (
       r["method"]
@@ -100,6 +99,7 @@ def main() -> None:
   accuracy_vs_bits(rows, os.path.join(RESULTS, f"{args.name}_accuracy_vs_bits.png"))
   curves(
     rows,
+    args.name,
     args.curve_bits,
     os.path.join(RESULTS, f"{args.name}_curves_w{args.curve_bits}a{args.curve_bits}.png"),
   )

@@ -8,7 +8,8 @@ plus command-line overrides, so it is exactly the code path a user runs. A finis
 recorded in `experiments/results/NAME.json` and skipped next time; an interrupted run
 resumes from its own checkpoints (workdir under --runs_dir). Writes NAME.json (one object
 per run), NAME.md (mean/std per method and bit-width, gap to FP) and keeps each run's
-curve in experiments/results/curves/.
+curve in experiments/results/curves/NAME/. Workdirs default to experiments/runs/NAME/, so two
+sweeps (say, from scratch and fine-tuned) never share a run's workdir or curve.
 """
 
 from __future__ import annotations
@@ -45,8 +46,34 @@ def run_key(method: str, bits: int, seed: int) -> str:
   return f"{method}_w{bits}a{bits}_s{seed}"
 
 
+def curve_path(results: str, name: str, key: str) -> str:
+  """The curve file of run `key` of sweep `name`."""
+  return os.path.join(results, "curves", name, key + ".json")
+
+
+def curve(metrics: list[dict]) -> list[dict]:
+  """The train and eval points of a run's metrics.jsonl that the plots use."""
+  return [
+    {
+      k: r[k]
+      for k in (
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "eval_accuracy",
+        "weight_bits",
+        "act_bits",
+        "quantized_fraction",
+      )
+      if k in r
+    }
+    for r in metrics
+    if "train_loss" in r or "eval_accuracy" in r
+  ]
+
+
 def run_one(
-  config: str, method: str, bits: int, seed: int, runs_dir: str, extra: list[str]
+  config: str, method: str, bits: int, seed: int, runs_dir: str, extra: list[str], name: str
 ) -> dict:
   """Runs (or resumes) one training run and returns its result row."""
   b = 32 if method == "fp" else bits
@@ -72,37 +99,25 @@ def run_one(
   evals = [r for r in rows if "eval_accuracy" in r]
   train_rows = [r for r in rows if "train_loss" in r]
   compiles = [r for r in rows if "train_step_compiles" in r]
-  curve = [
+  path = curve_path(RESULTS, name, os.path.basename(workdir))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(curve(rows), f)
+  return (
     {
-      k: r[k]
-      for k in (
-        "step",
-        "train_loss",
-        "train_accuracy",
-        "eval_accuracy",
-        "weight_bits",
-        "act_bits",
-        "quantized_fraction",
-      )
-      if k in r
+      "method": method,
+      "weight_bits": b,
+      "act_bits": b,
+      "seed": seed,
+      "test_accuracy": evals[-1]["eval_accuracy"],
+      "teacher_test_accuracy": evals[-1].get("teacher_eval_accuracy"),
+      "train_steps": train_rows[-1]["step"],
+      "wall_s": round(wall, 1),
+      "train_step_compiles": compiles[-1]["train_step_compiles"] if compiles else None,
     }
-    for r in rows
-    if "train_loss" in r or "eval_accuracy" in r
-  ]
-  os.makedirs(os.path.join(RESULTS, "curves"), exist_ok=True)
-  with open(os.path.join(RESULTS, "curves", os.path.basename(workdir) + ".json"), "w") as f:
-    json.dump(curve, f)
-  return {
-    "method": method,
-    "weight_bits": b,
-    "act_bits": b,
-    "seed": seed,
-    "test_accuracy": evals[-1]["eval_accuracy"],
-    "teacher_test_accuracy": evals[-1].get("teacher_eval_accuracy"),
-    "train_steps": train_rows[-1]["step"],
-    "wall_s": round(wall, 1),
-    "train_step_compiles": compiles[-1]["train_step_compiles"] if compiles else None,
-  } | ({"resumed_from_step": resumed_from} if resumed_from is not None else {})
+    | ({"resumed_from_step": resumed_from} if resumed_from is not None else {})
+    | ({"extra_overrides": extra} if extra else {})
+  )
 
 
 def _latest_checkpoint(workdir: str) -> int | None:
@@ -158,10 +173,11 @@ def main() -> None:
   p.add_argument("--bits", default="4,3,2")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--name", default="fashion_mnist")
-  p.add_argument("--runs_dir", default=os.path.join(ROOT, "experiments", "runs"))
+  p.add_argument("--runs_dir", default="", help="run workdirs (default: experiments/runs/NAME)")
   p.add_argument("--report_only", action="store_true", help="rewrite NAME.md from NAME.json")
   p.add_argument("extra", nargs="*", help="more --config.X=Y overrides for every run, after a `--`")
   args = p.parse_args()
+  runs_dir = args.runs_dir or os.path.join(ROOT, "experiments", "runs", args.name)
   methods = args.methods.split(",")
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
@@ -186,7 +202,7 @@ def main() -> None:
   for i, (key, method, bits, seed) in enumerate(plan):
     t0 = time.time()
     print(f"[{i + 1}/{len(plan)}] {key} ...", flush=True)
-    row = run_one(args.config, method, bits, seed, args.runs_dir, args.extra)
+    row = run_one(args.config, method, bits, seed, runs_dir, args.extra, args.name)
     rows.append(row)
     os.makedirs(RESULTS, exist_ok=True)
     with open(out_json, "w") as f:

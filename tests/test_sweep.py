@@ -47,7 +47,8 @@ def test_sweep_runs_records_and_resumes(tmp_path, fake_data_dir, monkeypatch, ca
     assert {"test_accuracy", "train_steps", "wall_s"} <= r.keys()
     assert 0.0 <= r["test_accuracy"] <= 1.0 and r["train_steps"] == 6 and r["wall_s"] > 0
     assert r["train_step_compiles"] == 1
-  curve = json.loads((results / "curves" / "direct_w2a2_s0.json").read_text())
+    assert r["extra_overrides"] == args[args.index("--") + 1 :]  # what the run was given
+  curve = json.loads((results / "curves" / "t" / "direct_w2a2_s0.json").read_text())
   assert [c["step"] for c in curve if "train_loss" in c] == [3, 6]
   assert any(c.get("weight_bits") == 2 for c in curve)
   table = (results / "t.md").read_text()
@@ -72,7 +73,9 @@ def test_sweep_plan_is_seed_major_and_survives_a_failed_run(tmp_path, monkeypatc
   monkeypatch.setattr(sweep, "RESULTS", str(tmp_path))
   started, failed = [], []
 
-  def fake_run(config, method, bits, seed, runs_dir, extra):
+  def fake_run(config, method, bits, seed, runs_dir, extra, name):
+    # Each sweep gets its own default workdirs, so two sweeps never resume each other's runs.
+    assert runs_dir == os.path.join(sweep.ROOT, "experiments", "runs", "t") and name == "t"
     started.append(sweep.run_key(method, 32 if method == "fp" else bits, seed))
     if len(started) == 3 and not failed:
       failed.append(True)
