@@ -51,22 +51,22 @@ def curve_path(results: str, name: str, key: str) -> str:
   return os.path.join(results, "curves", name, key + ".json")
 
 
+# The metrics.jsonl fields a run's curve keeps (what the plots read).
+CURVE_KEYS = (
+  "step",
+  "train_loss",
+  "train_accuracy",
+  "eval_accuracy",
+  "weight_bits",
+  "act_bits",
+  "quantized_fraction",
+)
+
+
 def curve(metrics: list[dict]) -> list[dict]:
   """The train and eval points of a run's metrics.jsonl that the plots use."""
   return [
-    {
-      k: r[k]
-      for k in (
-        "step",
-        "train_loss",
-        "train_accuracy",
-        "eval_accuracy",
-        "weight_bits",
-        "act_bits",
-        "quantized_fraction",
-      )
-      if k in r
-    }
+    {k: r[k] for k in CURVE_KEYS if k in r}
     for r in metrics
     if "train_loss" in r or "eval_accuracy" in r
   ]
@@ -77,7 +77,8 @@ def run_one(
 ) -> dict:
   """Runs (or resumes) one training run and returns its result row."""
   b = 32 if method == "fp" else bits
-  workdir = os.path.join(runs_dir, run_key(method, bits if method != "fp" else 32, seed))
+  key = run_key(method, b, seed)
+  workdir = os.path.join(runs_dir, key)
   overrides = {
     **METHODS[method],
     "quant.weight_bits": str(b),
@@ -99,7 +100,7 @@ def run_one(
   evals = [r for r in rows if "eval_accuracy" in r]
   train_rows = [r for r in rows if "train_loss" in r]
   compiles = [r for r in rows if "train_step_compiles" in r]
-  path = curve_path(RESULTS, name, os.path.basename(workdir))
+  path = curve_path(RESULTS, name, key)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
     json.dump(curve(rows), f)
