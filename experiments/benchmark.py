@@ -12,8 +12,8 @@ Times (ms/step; median over rounds x steps after warm-up, with min and max):
   * the eval step;
   * the input pipeline alone (images/s) against what the train step consumes;
   * the train-step compile count over a full progressive+two-stage+stochastic schedule run.
-Steps are built by the same functions the trainer uses (`steps.build_specs`,
-`steps.compile_steps`). Prints a table and writes experiments/results/benchmark_BACKEND.json.
+Steps are built by the same functions the training loop uses (`build.build_specs`,
+`build.compile_steps`). Prints a table and writes experiments/results/benchmark_BACKEND.json.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import default
-from qnet import steps, train
+from qnet import build, joint
 
 SHAPES = {  # model -> (dataset for the config, input shape, classes)
   "fmnist_cnn": ("fashion_mnist", (28, 28, 1), 10),
@@ -58,13 +58,13 @@ def _config(
 
 
 def _steps(config, total_steps: int, mesh):
-  students, teacher = steps.build_specs(config, total_steps)
+  students, teacher = build.build_specs(config, total_steps)
   shape = SHAPES[config.model][1]
   state = jax.jit(
-    lambda: train.init_state(students, teacher, 0, jnp.zeros((1, *shape))),
+    lambda: joint.init_state(students, teacher, 0, jnp.zeros((1, *shape))),
     out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )()
-  p_train, p_eval = steps.compile_steps(mesh, students, teacher, steps.distill_spec(config))
+  p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
   return state, p_train, p_eval
 
 
@@ -214,7 +214,7 @@ def main() -> None:
   p.add_argument("--batch", type=int, default=BATCH, help="global batch for every model")
   p.add_argument("--out", default=None)
   args = p.parse_args()
-  mesh = steps.create_mesh()
+  mesh = build.create_mesh()
   result = {
     "backend": backend,
     "devices": [str(d) for d in jax.devices()],

@@ -71,10 +71,10 @@ def main(argv: list[str]) -> None:
     jax.local_device_count(),
     jax.default_backend(),
   )
-  from qnet import trainer
+  from qnet import loop
 
   try:
-    trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except DataError as e:  # the data is first looked up before any compute or checkpoint write
     print(f"qnet: data error: {e}", file=sys.stderr)
     sys.exit(2)

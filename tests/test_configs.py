@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default, paper_recipes
-from qnet import config_validation, steps, train
+from qnet import build, config_validation, joint
 
 _FILES = sorted(
   p.stem
@@ -33,11 +33,11 @@ def _load(name: str, variant: str | None):
 def test_config_validates_and_its_train_step_traces(name, variant):
   c = _load(name, variant)
   config_validation.validate(c, device_count=4, reference=default.get_config())
-  students, teacher = steps.build_specs(c, total_steps=1000)
+  students, teacher = build.build_specs(c, total_steps=1000)
   assert (teacher is not None) == bool(c.distill.enabled)
-  shape = steps.input_shape(c)
+  shape = build.input_shape(c)
   state = jax.eval_shape(
-    functools.partial(train.init_state, students, teacher, c.seed),
+    functools.partial(joint.init_state, students, teacher, c.seed),
     jax.ShapeDtypeStruct((1, *shape), jnp.float32),
   )
   batch = {
@@ -45,7 +45,7 @@ def test_config_validates_and_its_train_step_traces(name, variant):
     "label": jax.ShapeDtypeStruct((4,), jnp.int32),
   }
   # The trainer's own jitted, sharded step, traced only.
-  p_train, _ = steps.compile_steps(steps.create_mesh(), students, teacher, steps.distill_spec(c))
+  p_train, _ = build.compile_steps(build.create_mesh(), students, teacher, build.distill_spec(c))
   new_state, metrics = jax.eval_shape(p_train, state, batch)
   assert jax.tree.structure(new_state) == jax.tree.structure(state)
   assert metrics["train_loss"].shape == ()

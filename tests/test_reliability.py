@@ -14,8 +14,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from qnet import checkpointing, config_validation, metrics_io, steps, train
-from test_trainer import mock_config, run, saved_state
+from qnet import build, checkpointing, config_validation, joint, metrics_io
+from test_loop import mock_config, run, saved_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
@@ -141,10 +141,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
         fh.truncate(0)
   c.num_train_steps = 12
   with tfds.testing.mock_data(num_examples=64):
-    students, teacher = steps.build_specs(c, 12)
-    meta = steps.run_meta(c, students, teacher)
+    students, teacher = build.build_specs(c, 12)
+    meta = build.run_meta(c, students, teacher)
   state = jax.jit(
-    lambda: train.init_state(students, teacher, 0, np.zeros((1, 32, 32, 3), np.float32))
+    lambda: joint.init_state(students, teacher, 0, np.zeros((1, 32, 32, 3), np.float32))
   )()
   _, restored = checkpointing.restore_latest(
     str(tmp_path / "a"), checkpointing.abstract_like(state), meta

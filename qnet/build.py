@@ -1,5 +1,5 @@
 """Building the compiled steps from a config: the mesh, the network specs, the jitted train
-and eval steps. Kept apart from the training loop (`trainer`) so that step-level tools (the
+and eval steps. Kept apart from the training loop (`loop`) so that step-level tools (the
 benchmark, tests) need neither the input pipeline nor the writers.
 """
 
@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 
-from qnet import conv, models, train
+from qnet import conv, joint, models
 from qnet import precision as precision_lib
 from qnet import schedule as schedule_lib
 from qnet.datasets import DATASETS
@@ -31,15 +31,15 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def build_specs(
   config: ml_collections.ConfigDict, total_steps: int
-) -> tuple[tuple[train.NetSpec, ...], train.NetSpec | None]:
+) -> tuple[tuple[joint.NetSpec, ...], joint.NetSpec | None]:
   """Static descriptions of the students and (with distillation) the teacher."""
   ds = DATASETS[config.dataset]
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   sample = jnp.zeros((1, *input_shape(config)), jnp.float32)
-  tx = train.create_optimizer(config.momentum, config.weight_decay, config.nesterov)
+  tx = joint.create_optimizer(config.momentum, config.weight_decay, config.nesterov)
 
   def lr_fn(base_lr, restart):
-    return train.create_learning_rate_fn(
+    return joint.create_learning_rate_fn(
       base_lr,
       config.lr_schedule,
       config.warmup_steps,
@@ -57,7 +57,7 @@ def build_specs(
   if config.distill.enabled:
     targets += [tuple(p) for p in config.distill.extra_students]
   students = tuple(
-    train.NetSpec(
+    joint.NetSpec(
       model=student_model,
       layout=layout,
       schedule=schedule_lib.from_config(
@@ -74,7 +74,7 @@ def build_specs(
     t_model = make_model(config.distill.teacher_model or config.model)
     t_layout = precision_lib.layout_of(t_model, sample)
     t_lr = config.distill.teacher_learning_rate
-    teacher = train.NetSpec(
+    teacher = joint.NetSpec(
       model=t_model,
       layout=t_layout,
       schedule=schedule_lib.Schedule(
@@ -106,9 +106,9 @@ def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:
 
 def compile_steps(
   mesh: jax.sharding.Mesh,
-  students: tuple[train.NetSpec, ...],
-  teacher: train.NetSpec | None,
-  distill: train.DistillSpec | None,
+  students: tuple[joint.NetSpec, ...],
+  teacher: joint.NetSpec | None,
+  distill: joint.DistillSpec | None,
 ):
   """The jitted, data-parallel train and eval steps (state replicated, batch on `data`).
 
@@ -117,14 +117,14 @@ def compile_steps(
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   options = conv.cpu_compiler_options() or None
   p_train = jax.jit(
-    functools.partial(train.train_step, students=students, teacher=teacher, distill=distill),
+    functools.partial(joint.train_step, students=students, teacher=teacher, distill=distill),
     in_shardings=(replicated, data),
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
     compiler_options=options,
   )
   p_eval = jax.jit(
-    functools.partial(train.eval_step, students=students, teacher=teacher),
+    functools.partial(joint.eval_step, students=students, teacher=teacher),
     in_shardings=(replicated, data),
     out_shardings=replicated,
     compiler_options=options,
@@ -132,12 +132,12 @@ def compile_steps(
   return p_train, p_eval
 
 
-def distill_spec(config: ml_collections.ConfigDict) -> train.DistillSpec | None:
+def distill_spec(config: ml_collections.ConfigDict) -> joint.DistillSpec | None:
   """The loss weights of `config.distill`, or None without distillation."""
   if not config.distill.enabled:
     return None
   d = config.distill
-  return train.DistillSpec(
+  return joint.DistillSpec(
     temperature=d.temperature,
     student_ce=d.student_ce,
     student_kl=d.student_kl,

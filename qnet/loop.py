@@ -1,4 +1,4 @@
-"""`train_and_evaluate`: the training loop around the pure steps of `qnet.train`.
+"""`train_and_evaluate`: the training loop around the pure steps of `qnet.joint`.
 
 Data parallel the `jit` way: a 1-D device `Mesh` with axis `data`; the state is replicated
 (`P()`), the global batch is sharded over `data` (`P('data')`), and XLA inserts the
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qnet import checkpointing, config_validation, input_pipeline, metrics_io, steps, train
+from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
 from qnet import schedule as schedule_lib
 
 PyTree = Any
@@ -68,8 +68,8 @@ def first_nonfinite(rows: list[tuple[int, dict[str, float]]]) -> tuple[int, str,
 
 
 def load_students_from(
-  workdir: str, state: train.TrainState, teacher_too: bool
-) -> train.TrainState:
+  workdir: str, state: joint.TrainState, teacher_too: bool
+) -> joint.TrainState:
   """`config.init_from`: every student's weights and BN statistics (and, with `teacher_too`,
   the trainable teacher's, as the paper's ImageNet recipe starts both from one pretrained
   net) from another run's latest checkpoint (its first student); optimisers stay fresh."""
@@ -79,12 +79,12 @@ def load_students_from(
   return state.replace(students=students, teacher=teacher)
 
 
-def load_teacher_from(workdir: str, state: train.TrainState) -> train.TrainState:
+def load_teacher_from(workdir: str, state: joint.TrainState) -> joint.TrainState:
   """`config.distill.teacher_from`: a frozen teacher = the first student of another run."""
   return state.replace(teacher=_net_from(workdir, state.teacher, f"distill.teacher_from={workdir}"))
 
 
-def _net_from(workdir: str, net: train.NetState, what: str) -> train.NetState:
+def _net_from(workdir: str, net: joint.NetState, what: str) -> joint.NetState:
   params, batch_stats = _read_net(workdir, "students", "0")
   _check_shapes(net.params, params, f"{what}: params")
   _check_shapes(net.batch_stats, batch_stats, f"{what}: batch_stats")
@@ -175,16 +175,16 @@ def train_and_evaluate(
   is_chief = jax.process_index() == 0
   data_dir = config.data_dir or None
   total_steps, per_epoch = total_train_steps(config)
-  students, teacher = steps.build_specs(config, total_steps)
+  students, teacher = build.build_specs(config, total_steps)
   for i, s in enumerate(students):
     logging.info("student %d precision schedule: %s", i, schedule_lib.describe(s.schedule))
-  meta = steps.run_meta(config, students, teacher)
+  meta = build.run_meta(config, students, teacher)
 
-  mesh = steps.create_mesh()
+  mesh = build.create_mesh()
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
-  sample = jnp.zeros((1, *steps.input_shape(config)), jnp.float32)
-  init = functools.partial(train.init_state, students, teacher, config.seed)
+  sample = jnp.zeros((1, *build.input_shape(config)), jnp.float32)
+  init = functools.partial(joint.init_state, students, teacher, config.seed)
   state = jax.jit(init, out_shardings=replicated)(sample)
 
   manager, restored = checkpointing.restore_latest(
@@ -209,7 +209,7 @@ def train_and_evaluate(
       logging.info("frozen teacher loaded from %s", config.distill.teacher_from)
   start_step = int(state.step)
 
-  p_train, p_eval = steps.compile_steps(mesh, students, teacher, steps.distill_spec(config))
+  p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
 
   writer = metrics_io.create_writer(workdir, is_chief)
   if start_step == 0:

@@ -1,4 +1,4 @@
-"""The joint train step: determinism, device-count independence, compile-once, distillation."""
+"""The joint_state train step: determinism, device-count independence, compile-once, distillation."""
 
 import dataclasses
 import functools
@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from qnet import steps, train
+from qnet import build, joint
 
 
 def _config(model="tiny_resnet", **distill):
@@ -33,11 +33,11 @@ def _batch(n=8, seed=0):
 
 
 def _setup(c, total=20):
-  students, teacher = steps.build_specs(c, total)
-  state = train.init_state(students, teacher, c.seed, jnp.zeros((1, 28, 28, 1)))
+  students, teacher = build.build_specs(c, total)
+  state = joint.init_state(students, teacher, c.seed, jnp.zeros((1, 28, 28, 1)))
   step = jax.jit(
     functools.partial(
-      train.train_step, students=students, teacher=teacher, distill=steps.distill_spec(c)
+      joint.train_step, students=students, teacher=teacher, distill=build.distill_spec(c)
     )
   )
   return students, teacher, state, step
@@ -63,16 +63,16 @@ def test_same_seed_gives_same_parameters_and_other_seed_differs():
 def test_one_device_and_four_devices_give_the_same_loss():
   assert jax.device_count() == 4, "tests run with 4 fake CPU devices (conftest.py)"
   c = _config()
-  students, teacher = steps.build_specs(c, 20)
+  students, teacher = build.build_specs(c, 20)
   losses = {}
   for n in (1, 4):
     mesh = jax.make_mesh(
       (n,), ("data",), devices=jax.devices()[:n], axis_types=(jax.sharding.AxisType.Auto,)
     )
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.device_put(train.init_state(students, teacher, 0, jnp.zeros((1, 28, 28, 1))), repl)
+    state = jax.device_put(joint.init_state(students, teacher, 0, jnp.zeros((1, 28, 28, 1))), repl)
     step = jax.jit(
-      functools.partial(train.train_step, students=students),
+      functools.partial(joint.train_step, students=students),
       in_shardings=(repl, data),
       out_shardings=(repl, repl),
     )
@@ -90,12 +90,12 @@ def test_schedule_phases_and_stochastic_draws_never_recompile():
   c.distill.enabled = True
   c.distill.extra_students = ((4, 4),)
   _, _, state, step = _setup(c, total=24)
-  before = train.TRACE_COUNTS["train_step"]
+  before = joint.TRACE_COUNTS["train_step"]
   bits = set()
   for _ in range(24):
     state, m = step(state, _batch())
     bits.add((float(m["weight_bits"]), float(m["act_bits"])))
-  assert train.TRACE_COUNTS["train_step"] - before == 1
+  assert joint.TRACE_COUNTS["train_step"] - before == 1
   assert step._cache_size() == 1
   assert {(32, 32), (8, 32), (8, 8), (4, 8), (4, 4), (2, 4), (2, 2)} <= bits
 
@@ -105,7 +105,7 @@ def test_schedule_phases_and_stochastic_draws_never_recompile():
 
 def test_zero_distillation_weights_equal_independent_steps():
   c = _config(student_kl=0.0, teacher_kl=0.0, student_ce=1.0, teacher_ce=1.0)
-  _, _, joint, step = _setup(c)
+  _, _, joint_state, step = _setup(c)
   # The same networks trained alone: the student by itself, the teacher as a W32A32 student.
   solo = _config()
   _, _, s_state, s_step = _setup(solo)
@@ -113,15 +113,15 @@ def test_zero_distillation_weights_equal_independent_steps():
   fp.quant.weight_bits = fp.quant.act_bits = 32
   fp.quant.keep_first_last_fp = False
   _, _, t_state, t_step = _setup(fp)
-  s_state = s_state.replace(students=joint.students)
-  t_state = t_state.replace(students=(joint.teacher,))
+  s_state = s_state.replace(students=joint_state.students)
+  t_state = t_state.replace(students=(joint_state.teacher,))
   for i in range(3):
-    joint, _ = step(joint, _batch(seed=i))
+    joint_state, _ = step(joint_state, _batch(seed=i))
     s_state, _ = s_step(s_state, _batch(seed=i))
     t_state, _ = t_step(t_state, _batch(seed=i))
   for a, b in [
-    (joint.students[0].params, s_state.students[0].params),
-    (joint.teacher.params, t_state.students[0].params),
+    (joint_state.students[0].params, s_state.students[0].params),
+    (joint_state.teacher.params, t_state.students[0].params),
   ]:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
@@ -134,14 +134,14 @@ def test_kl_matches_a_hand_computation():
     ps = np.exp(np.asarray(s) / temp) / np.exp(np.asarray(s) / temp).sum(-1, keepdims=True)
     pt = np.exp(np.asarray(t) / temp) / np.exp(np.asarray(t) / temp).sum(-1, keepdims=True)
     hand = temp**2 * np.mean(np.sum(pt * np.log(pt / ps), -1))
-    np.testing.assert_allclose(train.distill_kl(s, t, temp), hand, rtol=1e-5)
+    np.testing.assert_allclose(joint.distill_kl(s, t, temp), hand, rtol=1e-5)
 
 
 def test_no_distillation_gradient_reaches_the_target_side():
   s, t = jnp.array([[1.0, 2.0, 0.5]]), jnp.array([[0.3, 0.1, 2.0]])
-  g_s, g_t = jax.grad(lambda s, t: train.distill_kl(s, t, 2.0), argnums=(0, 1))(s, t)
+  g_s, g_t = jax.grad(lambda s, t: joint.distill_kl(s, t, 2.0), argnums=(0, 1))(s, t)
   assert np.abs(g_s).sum() > 0 and np.all(g_t == 0)
-  # In the joint step: the teacher's update with teacher_ce=0 comes only from its KL to the
+  # In the joint_state step: the teacher's update with teacher_ce=0 comes only from its KL to the
   # students; its gradient must not depend on the student loss weights.
   grads = {}
   for student_kl in (0.0, 5.0):
@@ -155,12 +155,12 @@ def test_no_distillation_gradient_reaches_the_target_side():
 
 def test_frozen_teacher_never_changes(tmp_path):
   c2 = _config(enabled=True)
-  students, teacher = steps.build_specs(c2, 20)
+  students, teacher = build.build_specs(c2, 20)
   teacher = dataclasses.replace(teacher, frozen=True)
-  state = train.init_state(students, teacher, 0, jnp.zeros((1, 28, 28, 1)))
+  state = joint.init_state(students, teacher, 0, jnp.zeros((1, 28, 28, 1)))
   step = jax.jit(
     functools.partial(
-      train.train_step, students=students, teacher=teacher, distill=train.DistillSpec()
+      joint.train_step, students=students, teacher=teacher, distill=joint.DistillSpec()
     )
   )
   new = state

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from qnet import checkpointing, metrics_io, steps, train, trainer
+from qnet import build, checkpointing, joint, loop, metrics_io
 
 
 def mock_config(**overrides):
@@ -44,15 +44,15 @@ def run(config, workdir, stop_at_step=None):
     tfds.testing.mock_data(num_examples=64),
     mock.patch.object(checkpointing, "save", _save_and_wait),
   ):
-    return trainer.train_and_evaluate(config, str(workdir), stop_at_step)
+    return loop.train_and_evaluate(config, str(workdir), stop_at_step)
 
 
 def saved_state(config, workdir):
   with tfds.testing.mock_data(num_examples=64):
-    students, teacher = steps.build_specs(config, trainer.total_train_steps(config)[0])
-  state = train.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
+    students, teacher = build.build_specs(config, loop.total_train_steps(config)[0])
+  state = joint.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
   with tfds.testing.mock_data(num_examples=64):
-    meta = steps.run_meta(config, students, teacher)
+    meta = build.run_meta(config, students, teacher)
   _, (step, restored) = checkpointing.restore_latest(
     str(workdir), checkpointing.abstract_like(state), meta
   )
@@ -95,13 +95,13 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_checkpoint_save_then_restore_is_equal(tmp_path):
   c = mock_config(**{"distill.enabled": True})
-  students, teacher = steps.build_specs(c, 10)
-  state = train.init_state(students, teacher, 3, jnp.zeros((1, 32, 32, 3)))
+  students, teacher = build.build_specs(c, 10)
+  state = joint.init_state(students, teacher, 3, jnp.zeros((1, 32, 32, 3)))
   state = state.replace(step=jnp.int32(7))
   manager = checkpointing.create_manager(str(tmp_path))
   checkpointing.save(manager, 7, state, {"model": "tiny_cnn"})
   manager.wait_until_finished()
-  fresh = train.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
+  fresh = joint.init_state(students, teacher, 0, jnp.zeros((1, 32, 32, 3)))
   _, (step, restored) = checkpointing.restore_latest(
     str(tmp_path), checkpointing.abstract_like(fresh), {"model": "tiny_cnn"}
   )
@@ -121,10 +121,10 @@ def test_full_schedule_run_compiles_train_and_eval_once(tmp_path):
       "distill.enabled": True,
     }
   )
-  before = dict(train.TRACE_COUNTS)
+  before = dict(joint.TRACE_COUNTS)
   run(c, tmp_path)
-  assert train.TRACE_COUNTS["train_step"] - before.get("train_step", 0) == 1
-  assert train.TRACE_COUNTS["eval_step"] - before.get("eval_step", 0) == 1
+  assert joint.TRACE_COUNTS["train_step"] - before.get("train_step", 0) == 1
+  assert joint.TRACE_COUNTS["eval_step"] - before.get("eval_step", 0) == 1
   rows = metrics_io.read_jsonl(tmp_path / "metrics.jsonl")
   assert {"teacher_eval_accuracy", "eval_accuracy", "kl_teacher", "kl_student"} <= set().union(
     *rows
@@ -138,16 +138,16 @@ def test_init_from_loads_weights_with_a_fresh_optimizer_and_rejects_other_shapes
   _, trained = saved_state(c, tmp_path / "a")
   c2 = mock_config(**{"distill.enabled": True})
   with tfds.testing.mock_data(num_examples=64):
-    students, teacher = steps.build_specs(c2, 12)
-  fresh = train.init_state(students, teacher, 1, jnp.zeros((1, 32, 32, 3)))
-  loaded = trainer.load_students_from(str(tmp_path / "a"), fresh, teacher_too=True)
+    students, teacher = build.build_specs(c2, 12)
+  fresh = joint.init_state(students, teacher, 1, jnp.zeros((1, 32, 32, 3)))
+  loaded = loop.load_students_from(str(tmp_path / "a"), fresh, teacher_too=True)
   for net in (loaded.students[0], loaded.teacher):
     for x, y in zip(jax.tree.leaves(net.params), jax.tree.leaves(trained.students[0].params)):
       np.testing.assert_array_equal(x, y)
   assert all(float(jnp.abs(x).sum()) == 0 for x in jax.tree.leaves(loaded.students[0].opt_state))
   c3 = mock_config(model="tiny_resnet")
   with tfds.testing.mock_data(num_examples=64):
-    students, teacher = steps.build_specs(c3, 12)
-  other = train.init_state(students, teacher, 1, jnp.zeros((1, 32, 32, 3)))
+    students, teacher = build.build_specs(c3, 12)
+  other = joint.init_state(students, teacher, 1, jnp.zeros((1, 32, 32, 3)))
   with pytest.raises(ValueError, match="init_from=.*do not match the model"):
-    trainer.load_students_from(str(tmp_path / "a"), other, teacher_too=False)
+    loop.load_students_from(str(tmp_path / "a"), other, teacher_too=False)

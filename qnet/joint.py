@@ -5,7 +5,7 @@ teacher, all in the same jitted step on the same batch (paper.md remedy 3). With
 distillation there is one student and no teacher. Each network's precision comes from its
 `Schedule`, evaluated on the traced step inside the step (remedies 1 and 2).
 
-Everything here is pure; `qnet.trainer` runs the loop (data, checkpoints, metrics).
+Everything here is pure; `qnet.loop` runs the loop (data, checkpoints, metrics).
 """
 
 from __future__ import annotations
