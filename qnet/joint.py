@@ -49,13 +49,17 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class NetSpec:
-  """Static description of one network: model, precision layout/schedule, optimiser, lr."""
+  """Static description of one network: model, precision layout/schedule, optimiser, lr.
+
+  `schedule` is None for a network that always runs at full precision (the teacher);
+  `lr_fn` maps the step to the learning rate (it closes over its own schedule).
+  """
 
   model: nn.Module
   layout: precision_lib.Layout
-  schedule: schedule_lib.Schedule
   tx: optax.GradientTransformation = dataclasses.field(compare=False)
-  lr_fn: Callable[[jax.Array, schedule_lib.Schedule], jax.Array] = dataclasses.field(compare=False)
+  lr_fn: Callable[[jax.Array], jax.Array] = dataclasses.field(compare=False)
+  schedule: schedule_lib.Schedule | None = None
   reset_momentum: bool = False
   frozen: bool = False
 
@@ -92,21 +96,27 @@ def create_optimizer(
 
 
 def create_learning_rate_fn(
-  base_lr: float, kind: str, warmup_steps: int, step_at: tuple, step_factor: float, restart: bool
-) -> Callable[[jax.Array, schedule_lib.Schedule], jax.Array]:
-  """lr(step, schedule): linear warmup then cosine / step / constant decay.
+  base_lr: float,
+  kind: str,
+  warmup_steps: int,
+  step_at: tuple,
+  step_factor: float,
+  total_steps: int,
+  restart_at: schedule_lib.Schedule | None = None,
+) -> Callable[[jax.Array], jax.Array]:
+  """lr(step): linear warmup then cosine / step / constant decay over `total_steps`.
 
-  With `restart` the decay runs over each phase of `schedule` separately (restarted at
-  each phase start); otherwise over the whole run. `step_at` are fractions of that span.
+  With `restart_at` (a precision schedule) the warmup and decay restart at each of its
+  phase starts and run over that phase only. `step_at` are fractions of the span.
   """
 
-  def lr_fn(step, schedule):
+  def lr_fn(step):
     step = jnp.asarray(step, jnp.float32)
-    if restart:
-      start, end = schedule.phase_bounds(step.astype(jnp.int32))
+    if restart_at is not None:
+      start, end = restart_at.phase_bounds(step.astype(jnp.int32))
       start, span = start.astype(jnp.float32), (end - start).astype(jnp.float32)
     else:
-      start, span = jnp.float32(0.0), jnp.float32(schedule.total_steps)
+      start, span = jnp.float32(0.0), jnp.float32(total_steps)
     t = step - start
     warm = jnp.minimum(1.0, (t + 1.0) / warmup_steps) if warmup_steps > 0 else 1.0
     progress = jnp.clip((t - warmup_steps) / jnp.maximum(span - warmup_steps, 1.0), 0.0, 1.0)
@@ -287,7 +297,7 @@ def train_step(
   for i, (spec, net, g, bs) in enumerate(
     zip(students, state.students, student_grads, aux["batch_stats"])
   ):
-    lr = spec.lr_fn(step, spec.schedule)
+    lr = spec.lr_fn(step)
     start, _ = spec.schedule.phase_bounds(step)
     reset = (step == start) & (step > 0)
     new_students.append(_update(spec, net, g, bs, lr, reset))
@@ -300,7 +310,7 @@ def train_step(
     metrics[f"{prefix}l2_grads"] = optax.global_norm(g)
   new_teacher = state.teacher
   if teacher_trains:
-    lr_t = teacher.lr_fn(step, teacher.schedule)
+    lr_t = teacher.lr_fn(step)
     new_teacher = _update(
       teacher, state.teacher, teacher_grads, aux["teacher_batch_stats"], lr_t, jnp.bool_(False)
     )
