@@ -75,6 +75,11 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def format_metrics(metrics: Mapping[str, float]) -> str:
+  """`name value  name value ...`, sorted by name, for a log line."""
+  return "  ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+
+
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"
