@@ -344,22 +344,6 @@ def _eval_shares(builder, spec: DatasetSpec, process_count: int) -> list[int]:
   return [_split_size(builder, s) for s in tfds.even_splits(spec.eval_split, n=process_count)]
 
 
-def num_eval_batches(
-  dataset: str,
-  global_batch_size: int,
-  data_dir: str | None = None,
-  process_count: int | None = None,
-) -> int:
-  """Eval batches yielded by every process: ceil(largest process share / local batch)."""
-  if process_count is None:
-    import jax  # pylint: disable=import-outside-toplevel
-
-    process_count = jax.process_count()
-  local_batch = _local_batch(global_batch_size, process_count)
-  shares = _eval_shares(get_builder(dataset, data_dir), _spec(dataset), process_count)
-  return -(-max(shares) // local_batch)
-
-
 def create_eval_iterator(
   dataset: str,
   *,
@@ -373,7 +357,8 @@ def create_eval_iterator(
 
   Yields {'image', 'label', 'mask'} batches of B = global_batch_size // process_count;
   `mask` (float32 [B]) is 1 for real examples, 0 for padding. Every process yields
-  `num_eval_batches(...)` batches, so all eval examples are scored exactly once overall.
+  ceil(largest process share / B) batches (the collective eval step needs the same count
+  everywhere), so all eval examples are scored exactly once overall.
   """
   spec = _spec(dataset)
   size = image_size or spec.image_size

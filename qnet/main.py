@@ -85,33 +85,33 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    from qnet import config_validation
-
-    reference = config_validation.flatten(_reference_config())
-    for arg in argv[1:]:
-      if arg.startswith("--config."):
-        field = arg[len("--config.") :].split("=", 1)[0]
-        if field not in reference:
-          import difflib
-
-          near = difflib.get_close_matches(field, list(reference), n=1, cutoff=0.5)
-          hint = f"did you mean config.{near[0]}?" if near else "see configs/default.py"
-          print(f"qnet: config error: config.{field} is not a known field; {hint}", file=sys.stderr)
-          sys.exit(2)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    expected = ""
-    for arg in argv[1:]:
-      field = arg[len("--config.") :].split("=", 1)[0] if arg.startswith("--config.") else None
-      if field in reference and field in first:
-        default = reference[field]
-        allowed = (
-          config_validation.BITS_ALLOWED
-          if field.endswith("_bits")
-          else f"a {type(default).__name__} like the default {default!r}"
-        )
-        expected = f"; allowed: {allowed}"
-    print(f"qnet: config error: {first}{expected}", file=sys.stderr)
+    print(f"qnet: config error: {_flag_error(argv, e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _flag_error(argv: list[str], error: Exception) -> str:
+  """The one-line message for a failed `--config.FIELD=VALUE`: an unknown field (with the
+  nearest known one), else absl's first line plus what the field allows."""
+  from qnet import config_validation
+
+  reference = config_validation.flatten(_reference_config())
+  fields = [a[len("--config.") :].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  try:
+    for field in fields:
+      config_validation.check_field_name(field, reference)
+  except config_validation.ConfigError as unknown:
+    return str(unknown)
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  expected = ""
+  for field in (f for f in fields if f in first):
+    default = reference[field]
+    allowed = (
+      config_validation.BITS_ALLOWED
+      if field.endswith("_bits")
+      else f"a {type(default).__name__} like the default {default!r}"
+    )
+    expected = f"; allowed: {allowed}"
+  return f"{first}{expected}"
 
 
 def run() -> None:

@@ -280,7 +280,7 @@ def test_cli_missing_dataset_is_one_line_and_keeps_checkpoints(tmp_path):
   # ImageNet cannot download itself: TFDS stops at the empty manual dir, no network used.
   _assert_cli_refuses(
     tmp_path,
-    "configs/imagenet_w4a4.py",
+    "configs/paper_recipes.py:imagenet_resnet50_w4",
     [f"--config.data_dir={tmp_path / 'tfds'}"],
     "qnet: data error",
     "config.dataset='imagenet2012': no prepared TFDS data in config.data_dir=",
