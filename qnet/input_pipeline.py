@@ -84,6 +84,12 @@ def _prepare(builder: tfds.core.DatasetBuilder, dataset: str, data_dir: str | No
     ) from e
 
 
+def _decoders(builder: tfds.core.DatasetBuilder) -> dict | None:
+  if isinstance(builder, fashion_mnist_offline.FashionMnistOffline):
+    return fashion_mnist_offline.decoders()
+  return None
+
+
 def _split_size(builder: tfds.core.DatasetBuilder, split: Any) -> int:
   try:
     n = builder.info.splits[split].num_examples
@@ -299,7 +305,9 @@ def create_train_iterator(
 
   cached = None
   if spec.cache:  # Decoded once, kept in memory, reused by every epoch.
-    cached = builder.as_dataset(split=share, shuffle_files=False, read_config=no_autocache)
+    cached = builder.as_dataset(
+      split=share, shuffle_files=False, read_config=no_autocache, decoders=_decoders(builder)
+    )
     cached = cached.map(_image_label, num_parallel_calls=AUTOTUNE).cache()
 
   def epoch_dataset(epoch: int, skip_batches: int) -> tf.data.Dataset:
@@ -369,7 +377,7 @@ def create_eval_iterator(
   num_batches = -(-max(shares) // local_batch)
   share = tfds.even_splits(spec.eval_split, n=process_count)[process_index]
 
-  ds = builder.as_dataset(split=share, shuffle_files=False)
+  ds = builder.as_dataset(split=share, shuffle_files=False, decoders=_decoders(builder))
   ds = ds.map(_eval_preprocess(spec, size), num_parallel_calls=AUTOTUNE)
   padding = {
     "image": tf.zeros([size, size, spec.channels], tf.float32),

@@ -231,18 +231,7 @@ class TrainLog:
     rate, eta = self.progress.update(step)
     mean["steps_per_sec"] = rate
     self.writer.write_scalars(step, mean)
-    logging.info(
-      "step %d/%d  loss %.4f  train_acc %.4f  W%gA%g  q-frac %.3f  %.2f steps/s  ETA %s",
-      step,
-      self.total,
-      mean["train_loss"],
-      mean["train_accuracy"],
-      mean["weight_bits"],
-      mean["act_bits"],
-      mean["quantized_fraction"],
-      rate,
-      metrics_io.format_duration(eta),
-    )
+    logging.info("%s", metrics_io.train_line(step, self.total, mean, eta))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -289,7 +278,7 @@ def train_and_evaluate(
       if now.evaluate:
         eval_metrics = evaluate(p_eval, state, config, data_sharding)
         writer.write_scalars(step, eval_metrics)
-        logging.info("eval at step %d: %s", step, metrics_io.format_metrics(eval_metrics))
+        logging.info("%s", metrics_io.eval_line(step, total_steps, eval_metrics))
       if now.checkpoint:
         checkpointing.save(manager, step, state, meta)
       if now.stop:

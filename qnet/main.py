@@ -1,7 +1,8 @@
 """Entry point: `python -m qnet.main --config=configs/fashion_mnist_w4a4.py --workdir=DIR`.
 
 Overrides: `--config.batch_size=64`, `--config.quant.weight_bits=2`, ... A bad config stops
-before any data loading or compilation with a one-line error and exit status 2.
+before any data loading or compilation with a one-line error and exit status 2. The console
+shows one line per log step and per evaluation; `--verbose` adds every library's log lines.
 
 Several processes (hosts): set QNET_DISTRIBUTED=1 in each. On Cloud TPU, SLURM and other
 clusters JAX finds its peers itself; by hand, also set JAX_COORDINATOR_ADDRESS=host0:PORT,
@@ -23,6 +24,12 @@ from qnet.datasets import DataError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+flags.DEFINE_bool(
+  "verbose",
+  False,
+  "Show every library's log lines with absl's prefixes (TFDS readers, orbax, JAX backends, "
+  "the hyperparameters, each metric write). Default: one line per log step and evaluation.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,13 +37,6 @@ def _reference_config():
   from configs import default  # the schema of every field
 
   return default.get_config()
-
-
-class _QuietLibraries:
-  """Drops INFO lines of orbax (several per checkpoint) from the console; warnings stay."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
 
 
 def _initialize_distributed() -> None:
@@ -49,9 +49,11 @@ def _initialize_distributed() -> None:
 
 
 def main(argv: list[str]) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from qnet import console
+
+  console.configure(verbose=FLAGS.verbose)
   import jax
   from qnet import config_validation
 
