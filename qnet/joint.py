@@ -1,7 +1,7 @@
 """The joint teacher-student train state and the one compiled, data-parallel train step.
 
 A run trains one or more low-precision students and, with distillation, a full-precision
-teacher, all in the same jitted step on the same batch (paper.md remedy 3). Without
+teacher, all in the same jitted step on the same batch (qnet/METHOD.md, remedy 3). Without
 distillation there is one student and no teacher. Each network's precision comes from its
 `Schedule`, evaluated on the traced step inside the step (remedies 1 and 2).
 
@@ -66,7 +66,7 @@ class NetSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
-  """Loss weights of joint distillation (paper.md; defaults = released CIFAR-100 settings)."""
+  """Loss weights of joint distillation (METHOD.md; defaults = released CIFAR-100 settings)."""
 
   temperature: float = 1.0
   student_ce: float = 0.7
@@ -172,7 +172,7 @@ def distill_kl(logits: jax.Array, target_logits: jax.Array, temperature: float) 
 
   Computes `sum p_target (log p_target - log p)`, the quantity of PyTorch's
   `F.kl_div(log_softmax(logits / T), softmax(target / T))` that the authors' code uses
-  and paper.md writes `KL(p || sg(p_target))`. The target side is stop-gradient.
+  and METHOD.md writes `KL(p_target || p)`. The target side is stop-gradient.
   """
   t = temperature
   target = jax.lax.stop_gradient(target_logits)

@@ -115,7 +115,7 @@ def full_precision(layout: Layout) -> PyTree:
 def stochastic_mask(
   key: jax.Array, ratio: jax.Array, layout: Layout, unit: str, keep_first_last_fp: bool = True
 ) -> tuple[jax.Array, jax.Array]:
-  """Which layers run at low precision this step (stochastic precision, paper.md remedy 2).
+  """Which layers run at low precision this step (stochastic precision, METHOD.md remedy 2).
 
   Each unit is drawn low-precision with probability `ratio`, independently; all layers of a
   unit share its draw. Layers kept FP by `keep_first_last_fp` are never sampled. Returns the
