@@ -268,6 +268,33 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
 # ----------------------------------------------------------------------------- iterators
 
 
+def _steps_per_epoch_checked(
+  builder: tfds.core.DatasetBuilder, spec: DatasetSpec, global_batch_size: int, start_step: int
+) -> int:
+  steps = _split_size(builder, spec.train_split) // global_batch_size
+  if steps == 0 or start_step < 0:
+    raise ValueError(
+      f"Need 0 < global_batch_size={global_batch_size} <= the {spec.name} "
+      f"training set size and start_step={start_step} >= 0"
+    )
+  return steps
+
+
+def _streamed_share(
+  builder: tfds.core.DatasetBuilder, share: Any, share_size: int, shuffle_seed: int
+) -> tf.data.Dataset:
+  """Encoded (image, label) pairs of one epoch: shuffled files, then a bounded shuffle buffer."""
+  ds = builder.as_dataset(
+    split=share,
+    shuffle_files=True,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False),
+  )
+  return ds.map(_image_label).shuffle(
+    min(share_size, _STREAM_SHUFFLE_BUFFER), seed=shuffle_seed, reshuffle_each_iteration=False
+  )
+
+
 def create_train_iterator(
   dataset: str,
   *,
@@ -292,12 +319,7 @@ def create_train_iterator(
   process_index, process_count = _process_info(process_index, process_count)
   local_batch = _local_batch(global_batch_size, process_count)
   builder = get_builder(dataset, data_dir)
-  steps = _split_size(builder, spec.train_split) // global_batch_size
-  if steps == 0 or start_step < 0:
-    raise ValueError(
-      f"Need 0 < global_batch_size={global_batch_size} <= the {dataset} "
-      f"training set size and start_step={start_step} >= 0"
-    )
+  steps = _steps_per_epoch_checked(builder, spec, global_batch_size, start_step)
   share = tfds.even_splits(spec.train_split, n=process_count)[process_index]
   share_size = _split_size(builder, share)
   examples_per_epoch = steps * local_batch  # Same for every process.
@@ -314,16 +336,8 @@ def create_train_iterator(
     shuffle_seed, aug_key = _epoch_seeds(seed, epoch)
     if cached is not None:
       ds = cached.shuffle(share_size, seed=shuffle_seed, reshuffle_each_iteration=False)
-    else:  # Stream encoded images: shuffled files, then a bounded shuffle buffer.
-      ds = builder.as_dataset(
-        split=share,
-        shuffle_files=True,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False),
-      )
-      ds = ds.map(_image_label).shuffle(
-        min(share_size, _STREAM_SHUFFLE_BUFFER), seed=shuffle_seed, reshuffle_each_iteration=False
-      )
+    else:
+      ds = _streamed_share(builder, share, share_size, shuffle_seed)
     # Augmentation is keyed by position in the epoch; skipping happens before it.
     ds = ds.take(examples_per_epoch)
     if cached is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax
@@ -307,6 +308,40 @@ def apply_gradients(
   return new, {"learning_rate": lr, "l2_grads": optax.global_norm(grads)}
 
 
+def joint_loss(
+  student_params: tuple[PyTree, ...],
+  teacher_params: PyTree | None,
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  students: tuple[NetSpec, ...],
+  teacher: NetSpec | None,
+  d: DistillSpec,
+) -> tuple[jax.Array, tuple[list[PyTree], PyTree | None, dict[str, jax.Array]]]:
+  """The sum of every network's loss, and (students' new BN statistics, the teacher's,
+  metrics). A frozen teacher runs in eval mode and adds no loss."""
+  teacher_trains = teacher is not None and not teacher.frozen
+  t_out = None
+  if teacher is not None:
+    prec = precision_lib.full_precision(teacher.layout)
+    hint = d.hint_weight > 0
+    stats = state.teacher.batch_stats
+    t_out = forward(teacher, teacher_params, stats, prec, batch["image"], teacher_trains, hint)
+  outs = [
+    student_loss(spec, p, net, state.step, jax.random.fold_in(key, i), batch, t_out, d)
+    for i, (spec, p, net) in enumerate(zip(students, student_params, state.students))
+  ]
+  total = sum(o.loss for o in outs)
+  metrics = {}
+  for i, o in enumerate(outs):
+    metrics |= _prefixed(metric_prefix(i), o.metrics)
+  if t_out is None:
+    return total, ([o.batch_stats for o in outs], None, metrics)
+  logits = [o.logits for o in outs]
+  t_loss, t_metrics = teacher_loss(t_out, batch["label"], logits, d, teacher_trains)
+  return total + t_loss, ([o.batch_stats for o in outs], t_out.batch_stats, metrics | t_metrics)
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -317,57 +352,33 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of every network on the shared batch; returns the new state and metrics.
 
-  Losses: `student_loss`, `teacher_loss`. One `jax.grad` of their sum gives every network
-  exactly its own gradient, because every cross-network term is stop-gradient on its
-  target side; a frozen teacher runs in eval mode outside the gradient.
+  Losses: `student_loss`, `teacher_loss`. One `jax.grad` of their sum (`joint_loss`) gives
+  every network exactly its own gradient, because every cross-network term is
+  stop-gradient on its target side.
   """
   TRACE_COUNTS["train_step"] += 1
   step = state.step
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key, impl=PRNG_IMPL), step)
   d = distill or DistillSpec()
-  teacher_trains = teacher is not None and not teacher.frozen
-  hint = teacher is not None and d.hint_weight > 0
-
-  def run_teacher(params):
-    prec = precision_lib.full_precision(teacher.layout)
-    net = state.teacher
-    return forward(teacher, params, net.batch_stats, prec, batch["image"], teacher_trains, hint)
-
-  def loss_fn(student_params, teacher_params):
-    t_out = None if teacher is None else run_teacher(teacher_params)
-    outs = [
-      student_loss(spec, p, net, step, jax.random.fold_in(key, i), batch, t_out, d)
-      for i, (spec, p, net) in enumerate(zip(students, student_params, state.students))
-    ]
-    total = sum(o.loss for o in outs)
-    metrics = {}
-    for i, o in enumerate(outs):
-      metrics |= _prefixed(metric_prefix(i), o.metrics)
-    if teacher is not None:
-      t_loss, t_metrics = teacher_loss(
-        t_out, batch["label"], [o.logits for o in outs], d, teacher_trains
-      )
-      total, metrics = total + t_loss, metrics | t_metrics
-    t_stats = None if t_out is None else t_out.batch_stats
-    return total, ([o.batch_stats for o in outs], t_stats, metrics)
-
+  loss = functools.partial(
+    joint_loss, state=state, batch=batch, key=key, students=students, teacher=teacher, d=d
+  )
   student_params = tuple(n.params for n in state.students)
-  if teacher_trains:
-    grad_fn = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)
-    (s_grads, t_grads), (s_stats, t_stats, metrics) = grad_fn(student_params, state.teacher.params)
-  else:
-    teacher_params = None if teacher is None else state.teacher.params
-    grad_fn = jax.grad(loss_fn, argnums=0, has_aux=True)
-    s_grads, (s_stats, _, metrics) = grad_fn(student_params, teacher_params)
+  teacher_params = None if teacher is None else state.teacher.params
+  teacher_trains = teacher is not None and not teacher.frozen
+  argnums = (0, 1) if teacher_trains else (0,)
+  grads, (s_stats, t_stats, metrics) = jax.grad(loss, argnums, has_aux=True)(
+    student_params, teacher_params
+  )
 
   new_students = []
-  for i, (spec, net, g, bs) in enumerate(zip(students, state.students, s_grads, s_stats)):
+  for i, (spec, net, g, bs) in enumerate(zip(students, state.students, grads[0], s_stats)):
     new_net, m = apply_gradients(spec, net, g, bs, step)
     new_students.append(new_net)
     metrics |= _prefixed(metric_prefix(i), m)
   new_teacher = state.teacher
   if teacher_trains:
-    new_teacher, m = apply_gradients(teacher, state.teacher, t_grads, t_stats, step)
+    new_teacher, m = apply_gradients(teacher, state.teacher, grads[1], t_stats, step)
     metrics["teacher_learning_rate"] = m["learning_rate"]
   new_state = state.replace(step=step + 1, students=tuple(new_students), teacher=new_teacher)
   return new_state, metrics
