@@ -143,13 +143,14 @@ def initial_state(
   students: tuple[joint.NetSpec, ...],
   teacher: joint.NetSpec | None,
   mesh: jax.sharding.Mesh,
+  meta: dict,
 ) -> tuple[Any, joint.TrainState, bool]:
   """(checkpoint manager, state, resumed): the workdir's latest checkpoint if any, else a
-  fresh state with `init_from` / `distill.teacher_from` weights loaded."""
+  fresh state with `init_from` / `distill.teacher_from` weights loaded. `meta`
+  (`build.run_meta`) must match the checkpoint's."""
   sample = jnp.zeros((1, *build.input_shape(config)), jnp.float32)
   init = functools.partial(joint.init_state, students, teacher, config.seed)
   state = jax.jit(init, out_shardings=NamedSharding(mesh, P()))(sample)
-  meta = build.run_meta(config, students, teacher)
   manager, restored = checkpointing.restore_latest(
     workdir, checkpointing.abstract_like(state), meta, config.keep_checkpoints
   )
@@ -256,7 +257,7 @@ def train_and_evaluate(
   meta = build.run_meta(config, students, teacher)
   mesh = build.create_mesh()
   data_sharding = NamedSharding(mesh, P("data"))
-  manager, state, resumed = initial_state(config, workdir, students, teacher, mesh)
+  manager, state, resumed = initial_state(config, workdir, students, teacher, mesh, meta)
   p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
   writer = metrics_io.create_writer(workdir, jax.process_index() == 0)
   step = int(state.step)
