@@ -39,13 +39,13 @@ def get_config() -> ml_collections.ConfigDict:
     0.75,
   )  # step schedule: fractions of training where lr is multiplied by lr_step_factor.
   c.lr_step_factor = 0.1
-  # Quantization (paper.md, "Quantizers"). Bits: 1..16, or 32 for full precision.
+  # Quantization (qnet/METHOD.md, "Quantizers"). Bits: 1..16, or 32 for full precision.
   c.quant = ml_collections.ConfigDict()
   c.quant.weight_bits = 4
   c.quant.act_bits = 4
   c.quant.keep_first_last_fp = True
   c.quant.per_channel = False  # per-output-channel max in the weight normalisation (ours).
-  # Precision schedule (paper.md remedies 1 and 2). kind: direct | two_stage | progressive |
+  # Precision schedule (qnet/METHOD.md remedies 1 and 2). kind: direct | two_stage | progressive |
   # stochastic, or several joined with '+', e.g. 'progressive+two_stage' or 'two_stage+stochastic'.
   c.schedule = ml_collections.ConfigDict()
   c.schedule.kind = "direct"
@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule.sp_separate = False  # sample weights and activations of a unit separately.
   # Start from another run's latest checkpoint (weights and BN statistics, fresh optimizer).
   c.init_from = ""
-  # Joint knowledge distillation (paper.md remedy 3).
+  # Joint knowledge distillation (qnet/METHOD.md remedy 3).
   c.distill = ml_collections.ConfigDict()
   c.distill.enabled = False
   c.distill.temperature = 1.0

@@ -1,4 +1,4 @@
-"""Fashion-MNIST W2A2, two-stage: 2-bit weights with FP (clip-ReLU) activations for the first half, then W2A2 (paper.md remedy 1, TS).
+"""Fashion-MNIST W2A2, two-stage: 2-bit weights with FP (clip-ReLU) activations for the first half, then W2A2 (qnet/METHOD.md remedy 1, TS).
 
   python -m qnet.main --config=configs/fashion_mnist_w2a2_two_stage.py --workdir=/tmp/w2a2_two_stage
 

@@ -4,7 +4,7 @@
   python -m qnet.main --config=configs/paper_recipes.py:imagenet_resnet18_w4a4_kd \
       --config.init_from=FP_RESNET18_WORKDIR --workdir=DIR
 
-Variants (settings from paper.md, "Released settings"; ImageNet multi-host: QNET_DISTRIBUTED=1):
+Variants (settings: qnet/METHOD.md, "Settings the authors released"; multi-host: QNET_DISTRIBUTED=1):
   cifar100_resnet20_kd       pre-activation ResNet-20 teacher + students W2A2 and W4A4 sharing
                              it; T=1, student CE 0.7 / KL 0.7, teacher CE 1.0 / KL 0.5; 200 epochs,
                              batch 128, SGD 0.9, wd 1e-4, lr 0.1 (both) / 10 at epochs 80, 120.
@@ -16,11 +16,9 @@ Variants (settings from paper.md, "Released settings"; ImageNet multi-host: QNET
   imagenet_resnet18_w2a2_kd  the same at W2A2.
   imagenet_resnet50_w{4,2}   ResNet-50 from scratch, 90 epochs, batch 256, cosine, bf16 compute.
   imagenet_alexnet_w{4,2}    AlexNet with BN, from scratch, 90 epochs, batch 256.
-Targets: the paper (paper.md, "What the paper reports") has W4A4 ResNet-50 and AlexNet matching
-their full-precision accuracy on ImageNet and W2A2 losing a few points, far less than direct
-quantization; compare with an FP run of the same variant (`--config.quant.weight_bits=32
---config.quant.act_bits=32`). Time: CIFAR-100 ~78k steps (a GPU-hour or less); ImageNet
-ResNet-50 ~450k steps (days on one 8-GPU node).
+Targets: qnet/METHOD.md, "What the paper reports"; compare with an FP run of the same
+variant (`--config.quant.weight_bits=32 --config.quant.act_bits=32`). Steps: CIFAR-100 ~78k,
+ImageNet 90 epochs ~450k; measured step speed: README "Results".
 """
 
 from configs import default

@@ -38,14 +38,15 @@ def build_specs(
   sample = jnp.zeros((1, *input_shape(config)), jnp.float32)
   tx = joint.create_optimizer(config.momentum, config.weight_decay, config.nesterov)
 
-  def lr_fn(base_lr, restart):
+  def lr_fn(base_lr, restart_at=None):
     return joint.create_learning_rate_fn(
       base_lr,
       config.lr_schedule,
       config.warmup_steps,
       tuple(config.lr_step_at),
       config.lr_step_factor,
-      restart,
+      total_steps,
+      restart_at,
     )
 
   def make_model(name):
@@ -56,19 +57,21 @@ def build_specs(
   targets = [(config.quant.weight_bits, config.quant.act_bits)]
   if config.distill.enabled:
     targets += [tuple(p) for p in config.distill.extra_students]
-  students = tuple(
-    joint.NetSpec(
-      model=student_model,
-      layout=layout,
-      schedule=schedule_lib.from_config(
-        config.schedule, w, a, total_steps, config.quant.keep_first_last_fp
-      ),
-      tx=tx,
-      lr_fn=lr_fn(config.learning_rate, config.schedule.lr_restart),
-      reset_momentum=config.schedule.reset_momentum,
+  students = []
+  for w, a in targets:
+    schedule = schedule_lib.from_config(
+      config.schedule, w, a, total_steps, config.quant.keep_first_last_fp
     )
-    for w, a in targets
-  )
+    students.append(
+      joint.NetSpec(
+        model=student_model,
+        layout=layout,
+        tx=tx,
+        lr_fn=lr_fn(config.learning_rate, schedule if config.schedule.lr_restart else None),
+        schedule=schedule,
+        reset_momentum=config.schedule.reset_momentum,
+      )
+    )
   teacher = None
   if config.distill.enabled:
     t_model = make_model(config.distill.teacher_model or config.model)
@@ -77,18 +80,11 @@ def build_specs(
     teacher = joint.NetSpec(
       model=t_model,
       layout=t_layout,
-      schedule=schedule_lib.Schedule(
-        starts=(0,),
-        weight_bits=(32.0,),
-        act_bits=(32.0,),
-        total_steps=total_steps,
-        keep_first_last_fp=False,
-      ),
       tx=tx,
-      lr_fn=lr_fn(config.learning_rate if t_lr == -1 else t_lr, False),
+      lr_fn=lr_fn(config.learning_rate if t_lr == -1 else t_lr),
       frozen=bool(config.distill.teacher_from),
     )
-  return students, teacher
+  return tuple(students), teacher
 
 
 def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
@@ -107,3 +108,63 @@ def check_compatible(saved: dict, current: dict) -> None:
 def abstract_like(state: PyTree) -> PyTree:
   """ShapeDtypeStructs (with shardings) of `state`, the restore target."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+# ----------------------------------------------------------------------------- one network
+
+# Where a network's variables sit in a saved `TrainState`: its first student (the network a
+# run exists to train), as `{"students": {"0": {"params": ..., "batch_stats": ...}}}`.
+_FIRST_STUDENT = ("students", "0")
+
+
+def read_first_student(workdir: str) -> tuple[PyTree, PyTree]:
+  """(params, batch_stats) of the first student in `WORKDIR/checkpoints`' latest checkpoint."""
+  manager = create_manager(workdir)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+  node = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  for key in _FIRST_STUDENT:
+    node = node[key] if isinstance(node, dict) else node[int(key)]
+  return node["params"], node["batch_stats"]
+
+
+def load_first_student(workdir: str, net: PyTree, what: str) -> PyTree:
+  """`net` (a `joint.NetState`) with the params and BN statistics of another run's first
+  student, in `net`'s dtypes and shardings; its optimiser state is kept. `what` names the
+  config field in the error raised when shapes differ."""
+  params, batch_stats = read_first_student(workdir)
+  _check_shapes(net.params, params, f"{what}: params")
+  _check_shapes(net.batch_stats, batch_stats, f"{what}: batch_stats")
+  return net.replace(
+    params=_like(net.params, params), batch_stats=_like(net.batch_stats, batch_stats)
+  )
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in leaves}
+
+
+def _check_shapes(expected: PyTree, got: PyTree, what: str) -> None:
+  want, have = _shapes(expected), _shapes(got)
+  diffs = [
+    f"{k}: model {want.get(k)} vs checkpoint {have.get(k)}"
+    for k in sorted(set(want) | set(have))
+    if want.get(k) != have.get(k)
+  ]
+  if diffs:
+    raise ValueError(
+      f"{what} do not match the model ({len(diffs)} differences): "
+      + "; ".join(diffs[:5])
+      + ("; ..." if len(diffs) > 5 else "")
+    )
+
+
+def _like(target: PyTree, source: PyTree) -> PyTree:
+  """`source` values in `target`'s structure, dtype and sharding."""
+  flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(source)}
+  return jax.tree_util.tree_map_with_path(
+    lambda k, t: jax.device_put(np.asarray(flat[jax.tree_util.keystr(k)], t.dtype), t.sharding),
+    target,
+  )

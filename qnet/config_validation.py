@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import ml_collections
 
@@ -35,16 +35,22 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def check_field_name(name: str, known: Iterable[str]) -> None:
+  """Rejects a dotted field name that is not in `known`, suggesting the nearest."""
+  known = list(known)
+  if name not in known:
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"did you mean config.{near[0]}?" if near else "see configs/default.py"
+    raise ConfigError(f"config.{name} is not a known field; {hint}")
+
+
 def check_known_fields(
   config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict
 ) -> None:
   """Rejects fields that `reference` (configs/default.py) does not have, suggesting the nearest."""
   known = flatten(reference)
   for name in flatten(config):
-    if name not in known:
-      near = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-      hint = f"did you mean config.{near[0]}?" if near else "see configs/default.py"
-      raise ConfigError(f"config.{name} is not a known field; {hint}")
+    check_field_name(name, known)
 
 
 def _int(config, field: str, lo: int | None = None, allow: tuple = ()) -> int:

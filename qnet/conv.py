@@ -6,8 +6,9 @@ ResNet-20 batch 128: ~1.1-1.5 s/step by default vs ~0.45-0.53 s with both fixes)
 
 1. XLA routes kernel-gradient convolutions (and wide forward/input-gradient
    ones) to YNNPACK, 5-10x slower than its Eigen path for these shapes.
-   Fix: the per-jit compiler options from `cpu_compiler_options()`, applied by
-   `qnet.conv.jit` (turning YNNPACK off entirely is worse: reductions slow down).
+   Fix: the per-jit compiler options from `cpu_compiler_options()`, which
+   `qnet.build.compile_steps` passes to its jits (turning YNNPACK off entirely is
+   worse: reductions slow down).
 2. XLA fuses a whole stage's BatchNorm -> ReLU -> residual chain into the
    layout transposes in front of each kernel-gradient conv and recomputes it
    there (~100+ ms per op instead of ~1 ms). `lax.optimization_barrier` does
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -61,12 +62,6 @@ def cpu_compiler_options() -> dict[str, str]:
   if not _on_cpu() or not _env_on("QNET_CPU_CONV_OPTIONS"):
     return {}
   return dict(_CPU_OPTIONS)
-
-
-def jit(fun: Callable, **kwargs: Any) -> Callable:
-  """`jax.jit` with `cpu_compiler_options()` merged under any caller options."""
-  options = {**cpu_compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
-  return jax.jit(fun, compiler_options=options or None, **kwargs)
 
 
 def _stock(x, kernel, strides, padding, precision):

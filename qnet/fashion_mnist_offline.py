@@ -82,6 +82,20 @@ def load_split(split: str, directory: str | None = None) -> tuple[np.ndarray, np
   return images[..., None], labels.astype(np.int64)
 
 
+@tfds.decode.make_decoder()
+def _decode_raw_tensor(serialized, feature):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  return tf.reshape(tf.io.decode_raw(serialized, feature.tf_dtype), feature.shape)
+
+
+def decoders() -> dict:
+  """`as_dataset(decoders=...)` for this builder. TFDS's own decoder of a raw-bytes `Tensor`
+  reads the deprecated `FeatureConnector.dtype` (a warning each time a dataset is built);
+  this one decodes the same bytes the same way through `tf_dtype`."""
+  return {"image": _decode_raw_tensor()}
+
+
 class FashionMnistOffline(tfds.core.GeneratorBasedBuilder):
   """Fashion-MNIST (60,000 train / 10,000 test, 28x28x1, 10 classes) from local IDX files."""
 

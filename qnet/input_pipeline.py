@@ -84,6 +84,12 @@ def _prepare(builder: tfds.core.DatasetBuilder, dataset: str, data_dir: str | No
     ) from e
 
 
+def _decoders(builder: tfds.core.DatasetBuilder) -> dict | None:
+  if isinstance(builder, fashion_mnist_offline.FashionMnistOffline):
+    return fashion_mnist_offline.decoders()
+  return None
+
+
 def _split_size(builder: tfds.core.DatasetBuilder, split: Any) -> int:
   try:
     n = builder.info.splits[split].num_examples
@@ -262,6 +268,33 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
 # ----------------------------------------------------------------------------- iterators
 
 
+def _steps_per_epoch_checked(
+  builder: tfds.core.DatasetBuilder, spec: DatasetSpec, global_batch_size: int, start_step: int
+) -> int:
+  steps = _split_size(builder, spec.train_split) // global_batch_size
+  if steps == 0 or start_step < 0:
+    raise ValueError(
+      f"Need 0 < global_batch_size={global_batch_size} <= the {spec.name} "
+      f"training set size and start_step={start_step} >= 0"
+    )
+  return steps
+
+
+def _streamed_share(
+  builder: tfds.core.DatasetBuilder, share: Any, share_size: int, shuffle_seed: int
+) -> tf.data.Dataset:
+  """Encoded (image, label) pairs of one epoch: shuffled files, then a bounded shuffle buffer."""
+  ds = builder.as_dataset(
+    split=share,
+    shuffle_files=True,
+    decoders={"image": tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False),
+  )
+  return ds.map(_image_label).shuffle(
+    min(share_size, _STREAM_SHUFFLE_BUFFER), seed=shuffle_seed, reshuffle_each_iteration=False
+  )
+
+
 def create_train_iterator(
   dataset: str,
   *,
@@ -286,12 +319,7 @@ def create_train_iterator(
   process_index, process_count = _process_info(process_index, process_count)
   local_batch = _local_batch(global_batch_size, process_count)
   builder = get_builder(dataset, data_dir)
-  steps = _split_size(builder, spec.train_split) // global_batch_size
-  if steps == 0 or start_step < 0:
-    raise ValueError(
-      f"Need 0 < global_batch_size={global_batch_size} <= the {dataset} "
-      f"training set size and start_step={start_step} >= 0"
-    )
+  steps = _steps_per_epoch_checked(builder, spec, global_batch_size, start_step)
   share = tfds.even_splits(spec.train_split, n=process_count)[process_index]
   share_size = _split_size(builder, share)
   examples_per_epoch = steps * local_batch  # Same for every process.
@@ -299,23 +327,17 @@ def create_train_iterator(
 
   cached = None
   if spec.cache:  # Decoded once, kept in memory, reused by every epoch.
-    cached = builder.as_dataset(split=share, shuffle_files=False, read_config=no_autocache)
+    cached = builder.as_dataset(
+      split=share, shuffle_files=False, read_config=no_autocache, decoders=_decoders(builder)
+    )
     cached = cached.map(_image_label, num_parallel_calls=AUTOTUNE).cache()
 
   def epoch_dataset(epoch: int, skip_batches: int) -> tf.data.Dataset:
     shuffle_seed, aug_key = _epoch_seeds(seed, epoch)
     if cached is not None:
       ds = cached.shuffle(share_size, seed=shuffle_seed, reshuffle_each_iteration=False)
-    else:  # Stream encoded images: shuffled files, then a bounded shuffle buffer.
-      ds = builder.as_dataset(
-        split=share,
-        shuffle_files=True,
-        decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False),
-      )
-      ds = ds.map(_image_label).shuffle(
-        min(share_size, _STREAM_SHUFFLE_BUFFER), seed=shuffle_seed, reshuffle_each_iteration=False
-      )
+    else:
+      ds = _streamed_share(builder, share, share_size, shuffle_seed)
     # Augmentation is keyed by position in the epoch; skipping happens before it.
     ds = ds.take(examples_per_epoch)
     if cached is not None:
@@ -344,22 +366,6 @@ def _eval_shares(builder, spec: DatasetSpec, process_count: int) -> list[int]:
   return [_split_size(builder, s) for s in tfds.even_splits(spec.eval_split, n=process_count)]
 
 
-def num_eval_batches(
-  dataset: str,
-  global_batch_size: int,
-  data_dir: str | None = None,
-  process_count: int | None = None,
-) -> int:
-  """Eval batches yielded by every process: ceil(largest process share / local batch)."""
-  if process_count is None:
-    import jax  # pylint: disable=import-outside-toplevel
-
-    process_count = jax.process_count()
-  local_batch = _local_batch(global_batch_size, process_count)
-  shares = _eval_shares(get_builder(dataset, data_dir), _spec(dataset), process_count)
-  return -(-max(shares) // local_batch)
-
-
 def create_eval_iterator(
   dataset: str,
   *,
@@ -373,7 +379,8 @@ def create_eval_iterator(
 
   Yields {'image', 'label', 'mask'} batches of B = global_batch_size // process_count;
   `mask` (float32 [B]) is 1 for real examples, 0 for padding. Every process yields
-  `num_eval_batches(...)` batches, so all eval examples are scored exactly once overall.
+  ceil(largest process share / B) batches (the collective eval step needs the same count
+  everywhere), so all eval examples are scored exactly once overall.
   """
   spec = _spec(dataset)
   size = image_size or spec.image_size
@@ -384,7 +391,7 @@ def create_eval_iterator(
   num_batches = -(-max(shares) // local_batch)
   share = tfds.even_splits(spec.eval_split, n=process_count)[process_index]
 
-  ds = builder.as_dataset(split=share, shuffle_files=False)
+  ds = builder.as_dataset(split=share, shuffle_files=False, decoders=_decoders(builder))
   ds = ds.map(_eval_preprocess(spec, size), num_parallel_calls=AUTOTUNE)
   padding = {
     "image": tf.zeros([size, size, spec.channels], tf.float32),

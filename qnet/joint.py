@@ -1,7 +1,7 @@
 """The joint teacher-student train state and the one compiled, data-parallel train step.
 
 A run trains one or more low-precision students and, with distillation, a full-precision
-teacher, all in the same jitted step on the same batch (paper.md remedy 3). Without
+teacher, all in the same jitted step on the same batch (qnet/METHOD.md, remedy 3). Without
 distillation there is one student and no teacher. Each network's precision comes from its
 `Schedule`, evaluated on the traced step inside the step (remedies 1 and 2).
 
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -49,20 +50,24 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class NetSpec:
-  """Static description of one network: model, precision layout/schedule, optimiser, lr."""
+  """Static description of one network: model, precision layout/schedule, optimiser, lr.
+
+  `schedule` is None for a network that always runs at full precision (the teacher);
+  `lr_fn` maps the step to the learning rate (it closes over its own schedule).
+  """
 
   model: nn.Module
   layout: precision_lib.Layout
-  schedule: schedule_lib.Schedule
   tx: optax.GradientTransformation = dataclasses.field(compare=False)
-  lr_fn: Callable[[jax.Array, schedule_lib.Schedule], jax.Array] = dataclasses.field(compare=False)
+  lr_fn: Callable[[jax.Array], jax.Array] = dataclasses.field(compare=False)
+  schedule: schedule_lib.Schedule | None = None
   reset_momentum: bool = False
   frozen: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
-  """Loss weights of joint distillation (paper.md; defaults = released CIFAR-100 settings)."""
+  """Loss weights of joint distillation (METHOD.md; defaults = released CIFAR-100 settings)."""
 
   temperature: float = 1.0
   student_ce: float = 0.7
@@ -92,21 +97,27 @@ def create_optimizer(
 
 
 def create_learning_rate_fn(
-  base_lr: float, kind: str, warmup_steps: int, step_at: tuple, step_factor: float, restart: bool
-) -> Callable[[jax.Array, schedule_lib.Schedule], jax.Array]:
-  """lr(step, schedule): linear warmup then cosine / step / constant decay.
+  base_lr: float,
+  kind: str,
+  warmup_steps: int,
+  step_at: tuple,
+  step_factor: float,
+  total_steps: int,
+  restart_at: schedule_lib.Schedule | None = None,
+) -> Callable[[jax.Array], jax.Array]:
+  """lr(step): linear warmup then cosine / step / constant decay over `total_steps`.
 
-  With `restart` the decay runs over each phase of `schedule` separately (restarted at
-  each phase start); otherwise over the whole run. `step_at` are fractions of that span.
+  With `restart_at` (a precision schedule) the warmup and decay restart at each of its
+  phase starts and run over that phase only. `step_at` are fractions of the span.
   """
 
-  def lr_fn(step, schedule):
+  def lr_fn(step):
     step = jnp.asarray(step, jnp.float32)
-    if restart:
-      start, end = schedule.phase_bounds(step.astype(jnp.int32))
+    if restart_at is not None:
+      start, end = restart_at.phase_bounds(step.astype(jnp.int32))
       start, span = start.astype(jnp.float32), (end - start).astype(jnp.float32)
     else:
-      start, span = jnp.float32(0.0), jnp.float32(schedule.total_steps)
+      start, span = jnp.float32(0.0), jnp.float32(total_steps)
     t = step - start
     warm = jnp.minimum(1.0, (t + 1.0) / warmup_steps) if warmup_steps > 0 else 1.0
     progress = jnp.clip((t - warmup_steps) / jnp.maximum(span - warmup_steps, 1.0), 0.0, 1.0)
@@ -162,7 +173,7 @@ def distill_kl(logits: jax.Array, target_logits: jax.Array, temperature: float) 
 
   Computes `sum p_target (log p_target - log p)`, the quantity of PyTorch's
   `F.kl_div(log_softmax(logits / T), softmax(target / T))` that the authors' code uses
-  and paper.md writes `KL(p || sg(p_target))`. The target side is stop-gradient.
+  and METHOD.md writes `KL(p_target || p)`. The target side is stop-gradient.
   """
   t = temperature
   target = jax.lax.stop_gradient(target_logits)
@@ -182,24 +193,153 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 # ----------------------------------------------------------------------------- steps
 
 
-def _forward(spec: NetSpec, params, batch_stats, prec, images, train: bool, hint: bool):
-  """Returns (logits, new batch stats, features or None)."""
+class Forward(NamedTuple):
+  logits: jax.Array
+  batch_stats: PyTree  # updated in training mode, unchanged in eval mode
+  features: jax.Array | None  # the penultimate features, only when asked for (hint loss)
+
+
+class NetLoss(NamedTuple):
+  loss: jax.Array
+  batch_stats: PyTree
+  metrics: dict[str, jax.Array]
+  logits: jax.Array
+
+
+def metric_prefix(student: int) -> str:
+  """Prefix of a student's metric names: none for the first, `studentI_` for the others."""
+  return "" if student == 0 else f"student{student}_"
+
+
+def _prefixed(prefix: str, metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {prefix + k: v for k, v in metrics.items()}
+
+
+def forward(
+  spec: NetSpec,
+  params: PyTree,
+  batch_stats: PyTree,
+  prec: PyTree,
+  images: jax.Array,
+  train: bool,
+  features: bool = False,
+) -> Forward:
+  """`spec.model` at precision `prec`; BatchNorm in batch mode and updated when `train`."""
   variables = {"params": params, "batch_stats": batch_stats, "precision": prec}
-  mutable = (["batch_stats"] if train else []) + (["intermediates"] if hint else [])
+  mutable = (["batch_stats"] if train else []) + (["intermediates"] if features else [])
   if not mutable:
-    return spec.model.apply(variables, images, train=train), batch_stats, None
+    return Forward(spec.model.apply(variables, images, train=train), batch_stats, None)
   logits, updates = spec.model.apply(variables, images, train=train, mutable=mutable)
-  features = updates["intermediates"]["features"][0] if hint else None
-  return logits, updates.get("batch_stats", batch_stats), features
+  feats = updates["intermediates"]["features"][0] if features else None
+  return Forward(logits, updates.get("batch_stats", batch_stats), feats)
 
 
-def _update(spec: NetSpec, net: NetState, grads, batch_stats, lr, reset) -> NetState:
+def student_loss(
+  spec: NetSpec,
+  params: PyTree,
+  net: NetState,
+  step: jax.Array,
+  key: jax.Array,
+  batch: dict[str, jax.Array],
+  teacher_out: Forward | None,
+  d: DistillSpec,
+) -> NetLoss:
+  """One student's training loss at this step's (sampled) precision, and its metrics.
+
+  Alone: CE. With a teacher: `a_s CE + b_s T^2 KL(p_s || sg(p_t)) [+ beta ||f_t - f_s||^2]`.
+  """
+  prec, fraction = spec.schedule.sample(spec.layout, step, key)
+  hint = teacher_out is not None and d.hint_weight > 0
+  out = forward(spec, params, net.batch_stats, prec, batch["image"], True, hint)
+  ce = cross_entropy(out.logits, batch["label"])
+  w_bits, a_bits = spec.schedule.phase_bits(step)
+  metrics = {
+    "train_ce": ce,
+    "train_accuracy": jnp.mean(topk_correct(out.logits, batch["label"], 1)),
+    "weight_bits": w_bits,
+    "act_bits": a_bits,
+    "quantized_fraction": fraction,
+  }
+  loss = ce
+  if teacher_out is not None:
+    kl = distill_kl(out.logits, teacher_out.logits, d.temperature)
+    loss = d.student_ce * ce + d.student_kl * kl
+    metrics["kl_student"] = kl
+    if hint:
+      target = jax.lax.stop_gradient(teacher_out.features)
+      h = jnp.mean(jnp.square(out.features.astype(jnp.float32) - target))
+      loss = loss + d.hint_weight * h
+      metrics["hint_loss"] = h
+  metrics["train_loss"] = loss
+  return NetLoss(loss, out.batch_stats, metrics, out.logits)
+
+
+def teacher_loss(
+  out: Forward, labels: jax.Array, student_logits: list[jax.Array], d: DistillSpec, trains: bool
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The teacher's loss `a_t CE + b_t mean_s T^2 KL(p_t || sg(p_s))` (0 when frozen), metrics."""
+  ce = cross_entropy(out.logits, labels)
+  kl = jnp.mean(jnp.stack([distill_kl(out.logits, s, d.temperature) for s in student_logits]))
+  metrics = {
+    "teacher_train_ce": ce,
+    "kl_teacher": kl,
+    "teacher_train_accuracy": jnp.mean(topk_correct(out.logits, labels, 1)),
+  }
+  if not trains:
+    return jnp.float32(0.0), metrics
+  loss = d.teacher_ce * ce + d.teacher_kl * kl
+  return loss, metrics | {"teacher_train_loss": loss}
+
+
+def apply_gradients(
+  spec: NetSpec, net: NetState, grads: PyTree, batch_stats: PyTree, step: jax.Array
+) -> tuple[NetState, dict[str, jax.Array]]:
+  """`params - lr(step) * sgd_direction`, momentum zeroed at phase starts with
+  `reset_momentum`; returns the new state and (learning_rate, l2_grads)."""
   opt_state = net.opt_state
   if spec.reset_momentum:
+    start, _ = spec.schedule.phase_bounds(step)
+    reset = (step == start) & (step > 0)
     opt_state = jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), opt_state)
   updates, opt_state = spec.tx.update(grads, opt_state, net.params)
+  lr = spec.lr_fn(step)
   params = jax.tree.map(lambda p, u: p - lr * u, net.params, updates)
-  return NetState(params=params, batch_stats=batch_stats, opt_state=opt_state)
+  new = NetState(params=params, batch_stats=batch_stats, opt_state=opt_state)
+  return new, {"learning_rate": lr, "l2_grads": optax.global_norm(grads)}
+
+
+def joint_loss(
+  student_params: tuple[PyTree, ...],
+  teacher_params: PyTree | None,
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  key: jax.Array,
+  students: tuple[NetSpec, ...],
+  teacher: NetSpec | None,
+  d: DistillSpec,
+) -> tuple[jax.Array, tuple[list[PyTree], PyTree | None, dict[str, jax.Array]]]:
+  """The sum of every network's loss, and (students' new BN statistics, the teacher's,
+  metrics). A frozen teacher runs in eval mode and adds no loss."""
+  teacher_trains = teacher is not None and not teacher.frozen
+  t_out = None
+  if teacher is not None:
+    prec = precision_lib.full_precision(teacher.layout)
+    hint = d.hint_weight > 0
+    stats = state.teacher.batch_stats
+    t_out = forward(teacher, teacher_params, stats, prec, batch["image"], teacher_trains, hint)
+  outs = [
+    student_loss(spec, p, net, state.step, jax.random.fold_in(key, i), batch, t_out, d)
+    for i, (spec, p, net) in enumerate(zip(students, student_params, state.students))
+  ]
+  total = sum(o.loss for o in outs)
+  metrics = {}
+  for i, o in enumerate(outs):
+    metrics |= _prefixed(metric_prefix(i), o.metrics)
+  if t_out is None:
+    return total, ([o.batch_stats for o in outs], None, metrics)
+  logits = [o.logits for o in outs]
+  t_loss, t_metrics = teacher_loss(t_out, batch["label"], logits, d, teacher_trains)
+  return total + t_loss, ([o.batch_stats for o in outs], t_out.batch_stats, metrics | t_metrics)
 
 
 def train_step(
@@ -212,99 +352,34 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of every network on the shared batch; returns the new state and metrics.
 
-  Students: `a_s CE + b_s T^2 KL(p_s || sg(p_t)) [+ beta ||f_t - f_s||^2]`; teacher:
-  `a_t CE + b_t mean_s T^2 KL(p_t || sg(p_s))`. Without a teacher, each student's loss is
-  its CE. One `jax.grad` of the summed losses gives every network exactly its own gradient,
-  because every cross-network term is stop-gradient on its target side.
+  Losses: `student_loss`, `teacher_loss`. One `jax.grad` of their sum (`joint_loss`) gives
+  every network exactly its own gradient, because every cross-network term is
+  stop-gradient on its target side.
   """
   TRACE_COUNTS["train_step"] += 1
   step = state.step
   key = jax.random.fold_in(jax.random.wrap_key_data(state.key, impl=PRNG_IMPL), step)
-  images, labels = batch["image"], batch["label"]
   d = distill or DistillSpec()
-  hint = teacher is not None and d.hint_weight > 0
-
-  precs, fractions = [], []
-  for i, spec in enumerate(students):
-    prec, frac = spec.schedule.sample(spec.layout, step, jax.random.fold_in(key, i))
-    precs.append(prec)
-    fractions.append(frac)
-  teacher_trains = teacher is not None and not teacher.frozen
-  teacher_prec = None if teacher is None else precision_lib.full_precision(teacher.layout)
-
-  def loss_fn(trainable):
-    student_params, teacher_params = trainable
-    metrics, aux = {}, {"batch_stats": []}
-    outs = [
-      _forward(spec, p, net.batch_stats, prec, images, True, hint)
-      for spec, p, net, prec in zip(students, student_params, state.students, precs)
-    ]
-    total = 0.0
-    t_logits = t_feat = None
-    if teacher is not None:
-      t_params = teacher_params if teacher_trains else state.teacher.params
-      t_logits, t_bs, t_feat = _forward(
-        teacher, t_params, state.teacher.batch_stats, teacher_prec, images, teacher_trains, hint
-      )
-      aux["teacher_batch_stats"] = t_bs
-    for i, (logits, bs, feat) in enumerate(outs):
-      ce = cross_entropy(logits, labels)
-      prefix = "" if i == 0 else f"student{i}_"
-      loss = ce
-      if teacher is not None:
-        kl = distill_kl(logits, t_logits, d.temperature)
-        loss = d.student_ce * ce + d.student_kl * kl
-        metrics[f"{prefix}kl_student"] = kl
-        if hint:
-          h = jnp.mean(jnp.square(feat.astype(jnp.float32) - jax.lax.stop_gradient(t_feat)))
-          loss = loss + d.hint_weight * h
-          metrics[f"{prefix}hint_loss"] = h
-      metrics[f"{prefix}train_ce"] = ce
-      metrics[f"{prefix}train_loss"] = loss
-      metrics[f"{prefix}train_accuracy"] = jnp.mean(topk_correct(logits, labels, 1))
-      aux["batch_stats"].append(bs)
-      total = total + loss
-    if teacher is not None:
-      ce_t = cross_entropy(t_logits, labels)
-      kl_t = jnp.mean(jnp.stack([distill_kl(t_logits, o[0], d.temperature) for o in outs]))
-      metrics["teacher_train_ce"] = ce_t
-      metrics["kl_teacher"] = kl_t
-      metrics["teacher_train_accuracy"] = jnp.mean(topk_correct(t_logits, labels, 1))
-      if teacher_trains:
-        loss_t = d.teacher_ce * ce_t + d.teacher_kl * kl_t
-        metrics["teacher_train_loss"] = loss_t
-        total = total + loss_t
-    return total, (metrics, aux)
-
-  trainable = (
-    tuple(n.params for n in state.students),
-    state.teacher.params if teacher_trains else None,
+  loss = functools.partial(
+    joint_loss, state=state, batch=batch, key=key, students=students, teacher=teacher, d=d
   )
-  grads, (metrics, aux) = jax.grad(loss_fn, has_aux=True)(trainable)
-  student_grads, teacher_grads = grads
+  student_params = tuple(n.params for n in state.students)
+  teacher_params = None if teacher is None else state.teacher.params
+  teacher_trains = teacher is not None and not teacher.frozen
+  argnums = (0, 1) if teacher_trains else (0,)
+  grads, (s_stats, t_stats, metrics) = jax.grad(loss, argnums, has_aux=True)(
+    student_params, teacher_params
+  )
 
   new_students = []
-  for i, (spec, net, g, bs) in enumerate(
-    zip(students, state.students, student_grads, aux["batch_stats"])
-  ):
-    lr = spec.lr_fn(step, spec.schedule)
-    start, _ = spec.schedule.phase_bounds(step)
-    reset = (step == start) & (step > 0)
-    new_students.append(_update(spec, net, g, bs, lr, reset))
-    prefix = "" if i == 0 else f"student{i}_"
-    w_bits, a_bits = spec.schedule.phase_bits(step)
-    metrics[f"{prefix}learning_rate"] = lr
-    metrics[f"{prefix}weight_bits"] = w_bits
-    metrics[f"{prefix}act_bits"] = a_bits
-    metrics[f"{prefix}quantized_fraction"] = fractions[i]
-    metrics[f"{prefix}l2_grads"] = optax.global_norm(g)
+  for i, (spec, net, g, bs) in enumerate(zip(students, state.students, grads[0], s_stats)):
+    new_net, m = apply_gradients(spec, net, g, bs, step)
+    new_students.append(new_net)
+    metrics |= _prefixed(metric_prefix(i), m)
   new_teacher = state.teacher
   if teacher_trains:
-    lr_t = teacher.lr_fn(step, teacher.schedule)
-    new_teacher = _update(
-      teacher, state.teacher, teacher_grads, aux["teacher_batch_stats"], lr_t, jnp.bool_(False)
-    )
-    metrics["teacher_learning_rate"] = lr_t
+    new_teacher, m = apply_gradients(teacher, state.teacher, grads[1], t_stats, step)
+    metrics["teacher_learning_rate"] = m["learning_rate"]
   new_state = state.replace(step=step + 1, students=tuple(new_students), teacher=new_teacher)
   return new_state, metrics
 
@@ -319,24 +394,19 @@ def eval_step(
   """Masked sums (loss, top-1, top-5 correct, count) of every network on one eval batch.
 
   Students are evaluated fully quantized at the current phase's bits (no stochastic
-  draws); the teacher at full precision.
+  draws), the teacher at full precision; BatchNorm uses its running statistics.
   """
   TRACE_COUNTS["eval_step"] += 1
-  images, labels, mask = batch["image"], batch["label"], batch["mask"]
   nets = [
-    (
-      ("" if i == 0 else f"student{i}_"),
-      spec,
-      net,
-      spec.schedule.deterministic(spec.layout, state.step),
-    )
+    (metric_prefix(i), spec, net, spec.schedule.deterministic(spec.layout, state.step))
     for i, (spec, net) in enumerate(zip(students, state.students))
   ]
   if teacher is not None:
     nets.append(("teacher_", teacher, state.teacher, precision_lib.full_precision(teacher.layout)))
+  labels, mask = batch["label"], batch["mask"]
   sums = {"eval_count": jnp.sum(mask)}
   for prefix, spec, net, prec in nets:
-    logits, _, _ = _forward(spec, net.params, net.batch_stats, prec, images, False, False)
+    logits = forward(spec, net.params, net.batch_stats, prec, batch["image"], False).logits
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     sums[f"{prefix}eval_loss"] = jnp.sum(loss * mask)
     sums[f"{prefix}eval_accuracy"] = jnp.sum(topk_correct(logits, labels, 1) * mask)

@@ -9,6 +9,7 @@ all-reduces (BatchNorm statistics are over the global batch). Works across hosts
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 import os
@@ -26,7 +27,6 @@ import numpy as np
 from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
 from qnet import schedule as schedule_lib
 
-PyTree = Any
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -74,67 +74,17 @@ def load_students_from(
   the trainable teacher's, as the paper's ImageNet recipe starts both from one pretrained
   net) from another run's latest checkpoint (its first student); optimisers stay fresh."""
   what = f"init_from={workdir}"
-  students = tuple(_net_from(workdir, net, what) for net in state.students)
-  teacher = _net_from(workdir, state.teacher, what) if teacher_too else state.teacher
+  students = tuple(checkpointing.load_first_student(workdir, n, what) for n in state.students)
+  teacher = state.teacher
+  if teacher_too:
+    teacher = checkpointing.load_first_student(workdir, teacher, what)
   return state.replace(students=students, teacher=teacher)
 
 
 def load_teacher_from(workdir: str, state: joint.TrainState) -> joint.TrainState:
   """`config.distill.teacher_from`: a frozen teacher = the first student of another run."""
-  return state.replace(teacher=_net_from(workdir, state.teacher, f"distill.teacher_from={workdir}"))
-
-
-def _net_from(workdir: str, net: joint.NetState, what: str) -> joint.NetState:
-  params, batch_stats = _read_net(workdir, "students", "0")
-  _check_shapes(net.params, params, f"{what}: params")
-  _check_shapes(net.batch_stats, batch_stats, f"{what}: batch_stats")
-  return net.replace(
-    params=_like(net.params, params), batch_stats=_like(net.batch_stats, batch_stats)
-  )
-
-
-def _read_net(workdir: str, *path: str) -> tuple[PyTree, PyTree]:
-  import orbax.checkpoint as ocp
-
-  manager = checkpointing.create_manager(workdir)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-  raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  node = raw
-  for key in path:
-    node = node[key] if isinstance(node, dict) else node[int(key)]
-  return node["params"], node["batch_stats"]
-
-
-def _check_shapes(expected: PyTree, got: PyTree, what: str) -> None:
-  want = {
-    jax.tree_util.keystr(k): tuple(v.shape)
-    for k, v in jax.tree_util.tree_leaves_with_path(expected)
-  }
-  have = {
-    jax.tree_util.keystr(k): tuple(np.shape(v)) for k, v in jax.tree_util.tree_leaves_with_path(got)
-  }
-  diffs = [
-    f"{k}: model {want.get(k)} vs checkpoint {have.get(k)}"
-    for k in sorted(set(want) | set(have))
-    if want.get(k) != have.get(k)
-  ]
-  if diffs:
-    raise ValueError(
-      f"{what} do not match the model ({len(diffs)} differences): "
-      + "; ".join(diffs[:5])
-      + ("; ..." if len(diffs) > 5 else "")
-    )
-
-
-def _like(target: PyTree, source: PyTree) -> PyTree:
-  """`source` values in `target`'s structure, dtype and sharding."""
-  flat = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_leaves_with_path(source))
-  return jax.tree_util.tree_map_with_path(
-    lambda k, t: jax.device_put(np.asarray(flat[jax.tree_util.keystr(k)], t.dtype), t.sharding),
-    target,
-  )
+  what = f"distill.teacher_from={workdir}"
+  return state.replace(teacher=checkpointing.load_first_student(workdir, state.teacher, what))
 
 
 class _Preemption:
@@ -158,6 +108,133 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+# ----------------------------------------------------------------------------- pieces of the run
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+  """What the loop does after a step: log, evaluate, checkpoint, stop."""
+
+  log: bool
+  evaluate: bool
+  checkpoint: bool
+  stop: bool
+
+
+def due(
+  step: int, total_steps: int, config: ml_collections.ConfigDict, eval_every: int, stop: bool
+) -> Due:
+  """The periodic conditions in one place. The last step does everything; a stop
+  (preemption or `stop_at_step`) checkpoints; every checkpoint first flushes the logs, so a
+  non-finite loss stops the run before its state is saved."""
+  last = step == total_steps
+  checkpoint = step % config.checkpoint_every_steps == 0 or last or stop
+  return Due(
+    log=step % config.log_every_steps == 0 or last or checkpoint,
+    evaluate=step % eval_every == 0 or last,
+    checkpoint=checkpoint,
+    stop=stop,
+  )
+
+
+def initial_state(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  students: tuple[joint.NetSpec, ...],
+  teacher: joint.NetSpec | None,
+  mesh: jax.sharding.Mesh,
+  meta: dict,
+) -> tuple[Any, joint.TrainState, bool]:
+  """(checkpoint manager, state, resumed): the workdir's latest checkpoint if any, else a
+  fresh state with `init_from` / `distill.teacher_from` weights loaded. `meta`
+  (`build.run_meta`) must match the checkpoint's."""
+  sample = jnp.zeros((1, *build.input_shape(config)), jnp.float32)
+  init = functools.partial(joint.init_state, students, teacher, config.seed)
+  state = jax.jit(init, out_shardings=NamedSharding(mesh, P()))(sample)
+  manager, restored = checkpointing.restore_latest(
+    workdir, checkpointing.abstract_like(state), meta, config.keep_checkpoints
+  )
+  if restored is not None:
+    logging.info("resumed from %s at step %d", manager.directory, restored[0])
+    return manager, restored[1], True
+  if config.init_from:
+    same_teacher = (
+      teacher is not None
+      and not teacher.frozen
+      and (config.distill.teacher_model in ("", config.model))
+    )
+    state = load_students_from(config.init_from, state, teacher_too=same_teacher)
+    logging.info("students%s initialised from %s", " and teacher" * same_teacher, config.init_from)
+  if config.distill.teacher_from:
+    state = load_teacher_from(config.distill.teacher_from, state)
+    logging.info("frozen teacher loaded from %s", config.distill.teacher_from)
+  return manager, state, False
+
+
+def evaluate(
+  p_eval, state: joint.TrainState, config: ml_collections.ConfigDict, sharding: NamedSharding
+) -> dict[str, float]:
+  """Every network's eval metrics over the whole eval split (padding rows masked out)."""
+  sums: dict[str, float] = collections.defaultdict(float)
+  batches = input_pipeline.create_eval_iterator(
+    config.dataset,
+    global_batch_size=config.batch_size,
+    data_dir=config.data_dir or None,
+    image_size=config.image_size or None,
+  )
+  for batch in device_batches(batches, sharding):
+    for k, v in jax.device_get(p_eval(state, batch)).items():
+      sums[k] += float(v)
+  count = sums.pop("eval_count")
+  return {k: v / count for k, v in sums.items()} | {"eval_examples": count}
+
+
+def train_batches(
+  config: ml_collections.ConfigDict, start_step: int, sharding: NamedSharding
+) -> Iterator[dict[str, jax.Array]]:
+  """The training batches from `start_step` on, as global arrays."""
+  batches = input_pipeline.create_train_iterator(
+    config.dataset,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    start_step=start_step,
+    data_dir=config.data_dir or None,
+    augment=config.augment,
+    image_size=config.image_size or None,
+  )
+  return device_batches(batches, sharding)
+
+
+class TrainLog:
+  """Buffers the train step's metrics on device; `flush` fetches them (the only host sync in
+  the loop), stops on a non-finite value, writes their mean and the console line."""
+
+  def __init__(self, writer, start_step: int, total_steps: int):
+    self.writer, self.total = writer, total_steps
+    self.progress = metrics_io.Progress(start_step, total_steps)
+    self.pending: list[tuple[int, dict]] = []
+
+  def append(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self, step: int) -> None:
+    rows = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(self.pending)]
+    self.pending.clear()
+    bad = first_nonfinite(rows)
+    if bad is not None:
+      raise FloatingPointError(
+        f"non-finite {bad[1]}={bad[2]} at step {bad[0]}; stopping "
+        f"without checkpointing the poisoned state"
+      )
+    if not rows:
+      return
+    mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
+    rate, eta = self.progress.update(step)
+    mean["steps_per_sec"] = rate
+    self.writer.write_scalars(step, mean)
+    logging.info("%s", metrics_io.train_line(step, self.total, mean, eta))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -172,140 +249,43 @@ def train_and_evaluate(
   """
   config_validation.validate(config, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
-  is_chief = jax.process_index() == 0
-  data_dir = config.data_dir or None
   total_steps, per_epoch = total_train_steps(config)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
   students, teacher = build.build_specs(config, total_steps)
   for i, s in enumerate(students):
     logging.info("student %d precision schedule: %s", i, schedule_lib.describe(s.schedule))
   meta = build.run_meta(config, students, teacher)
-
   mesh = build.create_mesh()
-  replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
-  sample = jnp.zeros((1, *build.input_shape(config)), jnp.float32)
-  init = functools.partial(joint.init_state, students, teacher, config.seed)
-  state = jax.jit(init, out_shardings=replicated)(sample)
-
-  manager, restored = checkpointing.restore_latest(
-    workdir, checkpointing.abstract_like(state), meta, config.keep_checkpoints
-  )
-  if restored is not None:
-    step0, state = restored
-    logging.info("resumed from %s at step %d", manager.directory, step0)
-  else:
-    if config.init_from:
-      same_teacher = (
-        teacher is not None
-        and not teacher.frozen
-        and (config.distill.teacher_model in ("", config.model))
-      )
-      state = load_students_from(config.init_from, state, teacher_too=same_teacher)
-      logging.info(
-        "students%s initialised from %s", " and teacher" * same_teacher, config.init_from
-      )
-    if config.distill.teacher_from:
-      state = load_teacher_from(config.distill.teacher_from, state)
-      logging.info("frozen teacher loaded from %s", config.distill.teacher_from)
-  start_step = int(state.step)
-
+  manager, state, resumed = initial_state(config, workdir, students, teacher, mesh, meta)
   p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
-
-  writer = metrics_io.create_writer(workdir, is_chief)
-  if start_step == 0:
+  writer = metrics_io.create_writer(workdir, jax.process_index() == 0)
+  step = int(state.step)
+  if step == 0:
     writer.write_hparams({k: str(v) for k, v in config_validation.flatten(config).items()})
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
-
-  def evaluate(state) -> dict[str, float]:
-    sums = collections.defaultdict(float)
-    batches = input_pipeline.create_eval_iterator(
-      config.dataset,
-      global_batch_size=config.batch_size,
-      data_dir=data_dir,
-      image_size=config.image_size or None,
-    )
-    for batch in device_batches(batches, data_sharding):
-      for k, v in jax.device_get(p_eval(state, batch)).items():
-        sums[k] += float(v)
-    count = sums.pop("eval_count")
-    return {k: v / count for k, v in sums.items()} | {"eval_examples": count}
-
-  train_iter = device_batches(
-    input_pipeline.create_train_iterator(
-      config.dataset,
-      global_batch_size=config.batch_size,
-      seed=config.seed,
-      start_step=start_step,
-      data_dir=data_dir,
-      augment=config.augment,
-      image_size=config.image_size or None,
-    ),
-    data_sharding,
-  )
-  progress = metrics_io.Progress(start_step, total_steps)
-  pending: list[tuple[int, dict]] = []
+  batches = train_batches(config, step, data_sharding)
+  log = TrainLog(writer, step, total_steps)
   eval_metrics: dict[str, float] = {}
-
-  def flush(step: int) -> None:
-    """Fetches buffered metrics (the only host sync in the loop), checks them, logs them."""
-    rows = [(s, {k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
-    pending.clear()
-    bad = first_nonfinite(rows)
-    if bad is not None:
-      raise FloatingPointError(
-        f"non-finite {bad[1]}={bad[2]} at step {bad[0]}; stopping "
-        f"without checkpointing the poisoned state"
-      )
-    if not rows:
-      return
-    mean = {k: float(np.mean([r[k] for _, r in rows])) for k in rows[-1][1]}
-    rate, eta = progress.update(step)
-    mean["steps_per_sec"] = rate
-    writer.write_scalars(step, mean)
-    logging.info(
-      "step %d/%d  loss %.4f  train_acc %.4f  W%gA%g  q-frac %.3f  %.2f steps/s  ETA %s",
-      step,
-      total_steps,
-      mean["train_loss"],
-      mean["train_accuracy"],
-      mean["weight_bits"],
-      mean["act_bits"],
-      mean["quantized_fraction"],
-      rate,
-      metrics_io.format_duration(eta),
-    )
-
+  if step >= total_steps and resumed:
+    eval_metrics = evaluate(p_eval, state, config, data_sharding)
   with _Preemption() as preemption:
-    step = start_step
-    if step >= total_steps and restored is not None:
-      eval_metrics = evaluate(state)
     while step < total_steps:
-      batch = next(train_iter)
-      state, metrics = p_train(state, batch)
+      state, metrics = p_train(state, next(batches))
       step += 1
-      pending.append((step, metrics))
-      last = step == total_steps
-      if step % config.log_every_steps == 0 or last:
-        flush(step)
-      if step % eval_every == 0 or last:
-        eval_metrics = evaluate(state)
+      log.append(step, metrics)
+      now = due(step, total_steps, config, eval_every, preemption.requested or step == stop_at_step)
+      if now.log:
+        log.flush(step)
+      if now.evaluate:
+        eval_metrics = evaluate(p_eval, state, config, data_sharding)
         writer.write_scalars(step, eval_metrics)
-        logging.info(
-          "eval at step %d: %s",
-          step,
-          "  ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())),
-        )
-      stop = preemption.requested or step == stop_at_step
-      if step % config.checkpoint_every_steps == 0 or last or stop:
-        flush(step)
+        logging.info("%s", metrics_io.eval_line(step, total_steps, eval_metrics))
+      if now.checkpoint:
         checkpointing.save(manager, step, state, meta)
-      if stop:
+      if now.stop:
         manager.wait_until_finished()
-        logging.warning(
-          "checkpoint at step %d saved; stopping early (%s)",
-          step,
-          "SIGTERM" if preemption.requested else "stop_at_step",
-        )
+        why = "SIGTERM" if preemption.requested else "stop_at_step"
+        logging.warning("checkpoint at step %d saved; stopping early (%s)", step, why)
         break
   manager.wait_until_finished()
   # Compile counts of this process (a precision change must never add one), for benchmarks.

@@ -1,7 +1,8 @@
 """Entry point: `python -m qnet.main --config=configs/fashion_mnist_w4a4.py --workdir=DIR`.
 
 Overrides: `--config.batch_size=64`, `--config.quant.weight_bits=2`, ... A bad config stops
-before any data loading or compilation with a one-line error and exit status 2.
+before any data loading or compilation with a one-line error and exit status 2. The console
+shows one line per log step and per evaluation; `--verbose` adds every library's log lines.
 
 Several processes (hosts): set QNET_DISTRIBUTED=1 in each. On Cloud TPU, SLURM and other
 clusters JAX finds its peers itself; by hand, also set JAX_COORDINATOR_ADDRESS=host0:PORT,
@@ -23,6 +24,12 @@ from qnet.datasets import DataError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+flags.DEFINE_bool(
+  "verbose",
+  False,
+  "Show every library's log lines with absl's prefixes (TFDS readers, orbax, JAX backends, "
+  "the hyperparameters, each metric write). Default: one line per log step and evaluation.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,13 +37,6 @@ def _reference_config():
   from configs import default  # the schema of every field
 
   return default.get_config()
-
-
-class _QuietLibraries:
-  """Drops INFO lines of orbax (several per checkpoint) from the console; warnings stay."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
 
 
 def _initialize_distributed() -> None:
@@ -49,9 +49,11 @@ def _initialize_distributed() -> None:
 
 
 def main(argv: list[str]) -> None:
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from qnet import console
+
+  console.configure(verbose=FLAGS.verbose)
   import jax
   from qnet import config_validation
 
@@ -85,33 +87,33 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    from qnet import config_validation
-
-    reference = config_validation.flatten(_reference_config())
-    for arg in argv[1:]:
-      if arg.startswith("--config."):
-        field = arg[len("--config.") :].split("=", 1)[0]
-        if field not in reference:
-          import difflib
-
-          near = difflib.get_close_matches(field, list(reference), n=1, cutoff=0.5)
-          hint = f"did you mean config.{near[0]}?" if near else "see configs/default.py"
-          print(f"qnet: config error: config.{field} is not a known field; {hint}", file=sys.stderr)
-          sys.exit(2)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    expected = ""
-    for arg in argv[1:]:
-      field = arg[len("--config.") :].split("=", 1)[0] if arg.startswith("--config.") else None
-      if field in reference and field in first:
-        default = reference[field]
-        allowed = (
-          config_validation.BITS_ALLOWED
-          if field.endswith("_bits")
-          else f"a {type(default).__name__} like the default {default!r}"
-        )
-        expected = f"; allowed: {allowed}"
-    print(f"qnet: config error: {first}{expected}", file=sys.stderr)
+    print(f"qnet: config error: {_flag_error(argv, e)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _flag_error(argv: list[str], error: Exception) -> str:
+  """The one-line message for a failed `--config.FIELD=VALUE`: an unknown field (with the
+  nearest known one), else absl's first line plus what the field allows."""
+  from qnet import config_validation
+
+  reference = config_validation.flatten(_reference_config())
+  fields = [a[len("--config.") :].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  try:
+    for field in fields:
+      config_validation.check_field_name(field, reference)
+  except config_validation.ConfigError as unknown:
+    return str(unknown)
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  expected = ""
+  for field in (f for f in fields if f in first):
+    default = reference[field]
+    allowed = (
+      config_validation.BITS_ALLOWED
+      if field.endswith("_bits")
+      else f"a {type(default).__name__} like the default {default!r}"
+    )
+    expected = f"; allowed: {allowed}"
+  return f"{first}{expected}"
 
 
 def run() -> None:

@@ -1,4 +1,4 @@
-"""Metric output: clu writers (TensorBoard + log) and `WORKDIR/metrics.jsonl`, plus progress."""
+"""Metric output: TensorBoard (clu) and `WORKDIR/metrics.jsonl`, plus the console lines."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any, Mapping
 from clu import metric_writers
 from clu.metric_writers import interface
 import numpy as np
+
+from qnet import console
 
 
 class JsonlWriter(interface.MetricWriter):
@@ -58,21 +60,45 @@ class JsonlWriter(interface.MetricWriter):
 
 
 def create_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
-  """TensorBoard + log + metrics.jsonl on the chief process; log only elsewhere."""
-  if not is_chief:
-    return metric_writers.create_default_writer(workdir, just_logging=True)
-  return metric_writers.MultiWriter(
-    [
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-    ]
-  )
+  """TensorBoard + metrics.jsonl on the chief process, nothing elsewhere; with a verbose
+  console (`console.verbose()`) every process also logs each write (clu's logging writer)."""
+  writers: list[metric_writers.MetricWriter] = []
+  if console.verbose():
+    writers.append(metric_writers.LoggingWriter())
+  if is_chief:
+    writers.append(metric_writers.SummaryWriter(workdir))
+    writers.append(JsonlWriter(os.path.join(workdir, "metrics.jsonl")))
+  return metric_writers.MultiWriter(writers)
 
 
 def read_jsonl(path: str) -> list[dict]:
   """All rows of a metrics.jsonl file."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def train_line(step: int, total: int, mean: Mapping[str, float], eta: float) -> str:
+  """The console line of a log step: step, loss, accuracy, bits, steps/s and ETA."""
+  return (
+    f"step {step}/{total}  loss {mean['train_loss']:.4f}  train_acc {mean['train_accuracy']:.4f}"
+    f"  W{mean['weight_bits']:g}A{mean['act_bits']:g}  q-frac {mean['quantized_fraction']:.3f}"
+    f"  {mean['steps_per_sec']:.2f} steps/s  ETA {format_duration(eta)}"
+  )
+
+
+def eval_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
+  """The console line of an evaluation: the first student's accuracy, top-5 and loss, then
+  every other network's accuracy (`teacher`, `student1`, ...)."""
+  others = "".join(
+    f"  {k[: -len('_eval_accuracy')]} {v:.4f}"
+    for k, v in sorted(metrics.items())
+    if k.endswith("_eval_accuracy") and "top5" not in k
+  )
+  return (
+    f"eval {step}/{total}  accuracy {metrics['eval_accuracy']:.4f}"
+    f"  top-5 {metrics['eval_top5_accuracy']:.4f}  loss {metrics['eval_loss']:.4f}{others}"
+    f"  ({metrics['eval_examples']:.0f} examples)"
+  )
 
 
 def format_duration(seconds: float) -> str:

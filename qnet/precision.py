@@ -62,21 +62,6 @@ class Layout:
       node["act_bits"] = act_bits[i]
     return tree
 
-  def vectors(self, tree: PyTree) -> tuple[jax.Array, jax.Array]:
-    """Inverse of `tree`: per-layer `(weight_bits, act_bits)` vectors."""
-
-    def get(path):
-      node = tree
-      for key in path:
-        node = node[key]
-      return node
-
-    nodes = [get(p) for p in self.paths]
-    return (
-      jnp.stack([jnp.asarray(n["weight_bits"]) for n in nodes]),
-      jnp.stack([jnp.asarray(n["act_bits"]) for n in nodes]),
-    )
-
 
 def layout_from_collection(collection: PyTree) -> Layout:
   """Layout of an initialised `precision` collection (a nested dict)."""
@@ -130,7 +115,7 @@ def full_precision(layout: Layout) -> PyTree:
 def stochastic_mask(
   key: jax.Array, ratio: jax.Array, layout: Layout, unit: str, keep_first_last_fp: bool = True
 ) -> tuple[jax.Array, jax.Array]:
-  """Which layers run at low precision this step (stochastic precision, paper.md remedy 2).
+  """Which layers run at low precision this step (stochastic precision, METHOD.md remedy 2).
 
   Each unit is drawn low-precision with probability `ratio`, independently; all layers of a
   unit share its draw. Layers kept FP by `keep_first_last_fp` are never sampled. Returns the

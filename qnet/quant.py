@@ -1,4 +1,4 @@
-"""DoReFa-style quantizers with straight-through gradients (paper.md, "Quantizers").
+"""DoReFa-style quantizers with straight-through gradients (qnet/METHOD.md, "Quantizers").
 
 All functions are pure and take `bits` as data: a Python number or a (traced) scalar array.
 Changing its value never recompiles a jitted caller. `bits >= 32` means full precision:

@@ -1,4 +1,5 @@
-"""Precision schedules: progressive quantization and stochastic precision (paper.md remedies 1, 2).
+"""Precision schedules: progressive quantization and stochastic precision (remedies 1 and 2 of
+qnet/METHOD.md).
 
 A `Schedule` is static (phase boundaries as Python ints, bits as tuples) and hashable; its
 methods are pure jnp functions of a traced step (and PRNG key), evaluated inside the one

@@ -186,10 +186,16 @@ def test_two_students_update_independently():
 
 
 def test_hint_term_trains_students_only():
-  c = _config(hint_weight=1.0)
-  _, _, state, step = _setup(c)
-  _, m = step(state, _batch())
+  updates = {}
+  for weight in (0.0, 1.0):
+    c = _config(hint_weight=weight)
+    _, _, state, step = _setup(c)
+    new, m = step(state, _batch())
+    updates[weight] = new
   assert float(m["hint_loss"]) > 0
+  # The hint changes the students' update but not the teacher's (stop-gradient on f_t).
+  assert not _leaves_equal(updates[0.0].students[0].params, updates[1.0].students[0].params)
+  assert _leaves_equal(updates[0.0].teacher.params, updates[1.0].teacher.params)
 
 
 def test_bfloat16_compute_keeps_float32_master_weights_and_statistics():

@@ -1,5 +1,6 @@
 """Models: registry, output shapes, parameter counts, precision pytree built from the model."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +129,28 @@ def test_relu_model_is_the_plain_fp_network():
     for p in (low, precision.full_precision(layout))
   ]
   np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_relu_tiny_cnn_equals_raw_kernels_and_relu_by_hand():
+  """`act='relu'`: the network is raw kernels and ReLU, written out here with lax ops."""
+  x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 28, 28, 1))
+  model = models.create_model("tiny_cnn", 10, act="relu")
+  v = model.init(jax.random.key(0, impl="rbg"), x, train=False)
+  # Non-trivial BN statistics, activations beyond 1 (a clip-ReLU left in would show).
+  v = jax.tree.map(lambda a: a * 3.0 + 0.1, v)
+  p, s = v["params"], v["batch_stats"]
+
+  def conv_bn(h, name):
+    dims = ("NHWC", "HWIO", "NHWC")
+    h = jax.lax.conv_general_dilated(h, p[name]["kernel"], (1, 1), "SAME", dimension_numbers=dims)
+    bn, st = p[f"{name}_bn"], s[f"{name}_bn"]
+    h = (h - st["mean"]) / jnp.sqrt(st["var"] + 1e-5) * bn["scale"] + bn["bias"]
+    return nn.max_pool(h, (2, 2), (2, 2))
+
+  h = conv_bn(x, "stem")
+  h = conv_bn(jax.nn.relu(h), "conv2_1")
+  h = jax.nn.relu(h).reshape(2, -1)
+  want = h @ p["head"]["kernel"] + p["head"]["bias"]
+  layout = precision.layout_of(model, x)
+  got = model.apply(v | {"precision": precision.full_precision(layout)}, x, train=False)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

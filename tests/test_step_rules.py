@@ -1,0 +1,200 @@
+"""The documented rules of the learning rate, the optimiser and the train/eval steps, each
+pinned by values that a small bug (a span, an off-by-one, a wrong key or mode) would change."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import default
+from qnet import build, joint, models, precision, schedule
+
+
+def _lr(kind="cosine", warmup=0, total=100, step_at=(0.5, 0.75), restart_at=None):
+  return joint.create_learning_rate_fn(1.0, kind, warmup, step_at, 0.1, total, restart_at)
+
+
+def _at(lr_fn, steps):
+  return [float(lr_fn(jnp.int32(s))) for s in steps]
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+
+def test_cosine_decays_over_exactly_the_run():
+  c = 0.5 * np.cos(np.pi / 4)
+  want = [1.0, 0.5 + c, 0.5, 0.5 - c, 0.0]
+  np.testing.assert_allclose(_at(_lr(), [0, 25, 50, 75, 100]), want, atol=1e-6)
+
+
+def test_warmup_reaches_the_base_lr_at_its_last_step_then_cosine_starts():
+  lr = _lr(warmup=10, total=110)
+  # Step s of the warm-up trains at (s + 1) / warmup: never a step at lr 0.
+  np.testing.assert_allclose(_at(lr, [0, 4, 9]), [0.1, 0.5, 1.0], atol=1e-6)
+  # The cosine spans the 100 steps after the warm-up.
+  np.testing.assert_allclose(_at(lr, [10, 60, 110]), [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_step_schedule_drops_at_its_fractions():
+  lr = _lr(kind="step", total=100)
+  want = [1, 1, 0.1, 0.1, 0.01, 0.01]
+  np.testing.assert_allclose(_at(lr, [0, 49, 50, 74, 75, 99]), want, rtol=1e-5)
+  np.testing.assert_allclose(_at(_lr(kind="constant"), [0, 50, 99]), [1, 1, 1])
+
+
+def test_lr_restart_runs_the_schedule_over_each_phase():
+  phases = schedule.Schedule(
+    starts=(0, 40), weight_bits=(8.0, 2.0), act_bits=(8.0, 2.0), total_steps=100
+  )
+  lr = _lr(warmup=4, restart_at=phases)
+  # Phase 1 is steps [0, 40), phase 2 [40, 100): each warms up and decays over itself.
+  want = [0.25, 1, 0.5, 0.25, 1, 0.5]
+  np.testing.assert_allclose(_at(lr, [0, 3, 22, 40, 43, 72]), want, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def _spec(starts=(0,), reset_momentum=False, momentum=0.9, weight_decay=0.0):
+  return joint.NetSpec(
+    model=None,
+    layout=None,
+    tx=joint.create_optimizer(momentum, weight_decay),
+    lr_fn=lambda step: jnp.float32(1.0),
+    schedule=schedule.Schedule(
+      starts=starts, weight_bits=(4.0,) * len(starts), act_bits=(4.0,) * len(starts), total_steps=10
+    ),
+    reset_momentum=reset_momentum,
+  )
+
+
+def _moves(spec, grads_per_step):
+  """Which steps move the parameters, for the given gradient (a scalar per step)."""
+  params = {"kernel": jnp.ones((2, 2))}
+  net = joint.NetState(params=params, batch_stats={}, opt_state=spec.tx.init(params))
+  moved = []
+  for step, g in enumerate(grads_per_step):
+    grads = {"kernel": jnp.full((2, 2), g, jnp.float32)}
+    new, _ = joint.apply_gradients(spec, net, grads, {}, jnp.int32(step))
+    moved.append(not np.array_equal(new.params["kernel"], net.params["kernel"]))
+    net = new
+  return moved
+
+
+def test_reset_momentum_zeroes_the_buffer_exactly_at_phase_starts():
+  grads = [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]  # after step 1 only momentum can move the weights
+  assert _moves(_spec(starts=(0, 3)), grads) == [True] * 6
+  # Reset at the phase start 3: steps 3 and later no longer move; step 2 still does.
+  assert _moves(_spec(starts=(0, 3), reset_momentum=True), grads) == [True] * 3 + [False] * 3
+  # Never at step 0 (the run's start is not a phase change), nor without a phase start.
+  assert _moves(_spec(starts=(0,), reset_momentum=True), grads) == [True] * 6
+
+
+def test_weight_decay_reaches_kernels_only():
+  model = models.create_model("tiny_resnet", 10)
+  variables = model.init(jax.random.key(0, impl="rbg"), jnp.zeros((1, 28, 28, 1)), train=False)
+  params = variables["params"]
+  tx = joint.create_optimizer(momentum=0.0, weight_decay=0.5)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  names = set()
+  for path, u in jax.tree_util.tree_leaves_with_path(updates):
+    name = path[-1].key
+    names.add(name)
+    p = params
+    for k in path:
+      p = p[k.key]
+    want = 0.5 * p if name == "kernel" else jnp.zeros_like(p)
+    np.testing.assert_allclose(u, want, err_msg=jax.tree_util.keystr(path))
+  assert {"kernel", "scale", "bias"} <= names
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def _config(**overrides):
+  c = default.get_config()
+  c.model = "tiny_resnet"
+  c.schedule.kind = "direct"
+  c.quant.weight_bits = c.quant.act_bits = 2
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def _batch(n=8, seed=0, masked=0):
+  rng = np.random.default_rng(seed)
+  return {
+    "image": jnp.asarray(rng.normal(size=(n, 28, 28, 1)) * 2 + 0.5, jnp.float32),
+    "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+    "mask": jnp.asarray([1.0] * (n - masked) + [0.0] * masked, jnp.float32),
+  }
+
+
+def _state(c, total=20):
+  students, teacher = build.build_specs(c, total)
+  state = joint.init_state(students, teacher, c.seed, jnp.zeros((1, 28, 28, 1)))
+  return students, teacher, state
+
+
+def test_teacher_kl_is_the_mean_over_students():
+  rng = np.random.default_rng(0)
+  t, s1, s2 = (jnp.asarray(rng.normal(size=(4, 10)), jnp.float32) for _ in range(3))
+  labels = jnp.zeros(4, jnp.int32)
+  d = joint.DistillSpec(temperature=2.0)
+  out = joint.Forward(t, {}, None)
+  loss2, m2 = joint.teacher_loss(out, labels, [s1, s2], d, trains=True)
+  want = (joint.distill_kl(t, s1, 2.0) + joint.distill_kl(t, s2, 2.0)) / 2
+  np.testing.assert_allclose(m2["kl_teacher"], want, rtol=1e-6)
+  # Two identical students pull the teacher as one does.
+  loss1, _ = joint.teacher_loss(out, labels, [s1], d, trains=True)
+  loss11, _ = joint.teacher_loss(out, labels, [s1, s1], d, trains=True)
+  np.testing.assert_allclose(loss11, loss1, rtol=1e-6)
+  want_loss = d.teacher_ce * m2["teacher_train_ce"] + d.teacher_kl * want
+  np.testing.assert_allclose(loss2, want_loss, rtol=1e-6)
+
+
+def test_sp_separate_draws_weights_and_activations_independently():
+  layout = precision.layout_of(models.create_model("tiny_resnet", 10), jnp.zeros((1, 28, 28, 1)))
+
+  def masks(separate, seed):
+    sched = schedule.Schedule(
+      starts=(0,),
+      weight_bits=(2.0,),
+      act_bits=(2.0,),
+      total_steps=100,
+      stochastic=True,
+      sp_ratios=(0.5,),
+      sp_separate=separate,
+    )
+    tree, _ = sched.sample(layout, jnp.int32(0), jax.random.key(seed, impl="rbg"))
+    nodes = [functools.reduce(lambda node, k: node[k], path, tree) for path in layout.paths]
+    w = np.array([float(n["weight_bits"]) for n in nodes])
+    a = np.array([float(n["act_bits"]) for n in nodes])
+    return w < 32, a < 32
+
+  shared = [masks(False, s) for s in range(8)]
+  separate = [masks(True, s) for s in range(8)]
+  assert all(np.array_equal(w, a) for w, a in shared)
+  assert any(not np.array_equal(w, a) for w, a in separate)
+
+
+def test_eval_step_runs_batchnorm_on_running_statistics_and_masks_padding():
+  c = _config()
+  students, _, state = _state(c)
+  train = jax.jit(functools.partial(joint.train_step, students=students))
+  for i in range(2):  # running statistics away from their initial values
+    state, _ = train(state, _batch(seed=i))
+  spec, net = students[0], state.students[0]
+  batch = _batch(n=8, seed=5, masked=3)
+  sums = jax.jit(functools.partial(joint.eval_step, students=students))(state, batch)
+  prec = spec.schedule.deterministic(spec.layout, state.step)
+  variables = {"params": net.params, "batch_stats": net.batch_stats, "precision": prec}
+  # The 5 real rows alone, in eval mode: BN in eval mode treats each row on its own.
+  logits = spec.model.apply(variables, batch["image"][:5], train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"][:5])
+  assert float(sums["eval_count"]) == 5
+  np.testing.assert_allclose(sums["eval_loss"], jnp.sum(losses), rtol=1e-5)
+  correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"][:5])
+  assert float(sums["eval_accuracy"]) == float(correct)
