@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
+from qnet import faults
 from qnet import schedule as schedule_lib
 
 PyTree = Any
@@ -161,6 +162,7 @@ class _Preemption:
 # ----------------------------------------------------------------------------- the loop
 
 
+@faults.guarded  # one writer per workdir; full disk / lost peer -> one-line errors
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None
 ) -> dict[str, float]:
