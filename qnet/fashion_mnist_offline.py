@@ -95,7 +95,9 @@ def load_split(split: str, directory: str | None = None) -> tuple[np.ndarray, np
     raise _missing_files_error(directory, [os.path.basename(p) for p in missing])
   images, labels = (_read_idx(p) for p in paths)
   if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
-    raise _corrupt_file_error(paths[0], f"{images.shape} images vs {labels.shape} labels in {paths[1]}")
+    raise _corrupt_file_error(
+      paths[0], f"{images.shape} images vs {labels.shape} labels in {paths[1]}"
+    )
   return images[..., None], labels.astype(np.int64)
 
 

@@ -24,6 +24,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from qnet import workdir_lock
+from qnet.datasets import DataError
 
 STORAGE_ERRNOS = {
   errno.ENOSPC: "No space left on device",
@@ -61,13 +62,23 @@ def _chain(exc: BaseException):
     todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
 
 
-def storage_cause(exc: BaseException) -> BaseException | None:
-  """The exception in `exc`'s chain that says the disk is full or not writable, if any."""
+def storage_cause(exc: BaseException, workdir: str | None = None) -> BaseException | None:
+  """The exception in `exc`'s chain that says a write under `workdir` failed for lack of
+  space or permission (any path if `workdir` is None), if any. A failure naming another
+  path (a data set, `init_from`) is not one."""
+  roots = {os.path.abspath(workdir), os.path.realpath(workdir)} if workdir else set()
+
+  def ours(path: str) -> bool:
+    path = os.path.abspath(path)
+    return not roots or any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
   for e in _chain(exc):
     if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-      return e
-    if any(text in str(e) for text in STORAGE_ERRNOS.values()):
-      return e
+      if not e.filename or ours(str(e.filename)):
+        return e
+    elif any(text in str(e) for text in STORAGE_ERRNOS.values()):
+      if not roots or any(root in str(e) for root in roots):
+        return e
   return None
 
 
@@ -100,7 +111,7 @@ def _latest_checkpoint(workdir: str) -> str:
 
 def translate(exc: BaseException, workdir: str) -> BaseException | None:
   """The one-line error `exc` stands for, or None if it is none of these faults."""
-  cause = storage_cause(exc)
+  cause = storage_cause(exc, workdir)
   if cause is not None:
     return StorageError(
       f"cannot write to {os.path.abspath(workdir)}: {_first_line(cause)}; "
@@ -127,8 +138,8 @@ def guard(workdir: str, is_chief: bool) -> Iterator[None]:
   try:
     with workdir_lock.hold(workdir, enabled=is_chief):
       yield
-  except (StorageError, PeerLostError, workdir_lock.WorkdirBusyError):
-    raise
+  except (StorageError, PeerLostError, workdir_lock.WorkdirBusyError, DataError):
+    raise  # already one clear line
   except Exception as e:  # noqa: BLE001 - translated or re-raised unchanged
     one_line = translate(e, workdir)
     if one_line is None:

@@ -63,8 +63,10 @@ def heartbeat_timeout_s() -> int:
   dead and the job stops (default 100, JAX's own)."""
   text = os.environ.get("QNET_HEARTBEAT_TIMEOUT_S", "100")
   if not text.isdigit() or int(text) < 1:
-    print(f"qnet: config error: QNET_HEARTBEAT_TIMEOUT_S={text!r}; allowed: seconds >= 1",
-          file=sys.stderr)
+    print(
+      f"qnet: config error: QNET_HEARTBEAT_TIMEOUT_S={text!r}; allowed: seconds >= 1",
+      file=sys.stderr,
+    )
     sys.exit(2)
   return int(text)
 

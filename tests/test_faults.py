@@ -164,8 +164,12 @@ def test_second_cli_run_on_a_busy_workdir_exits_2_and_the_first_is_undisturbed(
 ):
   work = str(tmp_path / "w")
   first = subprocess.Popen(
-    _cli(work, fake_data_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE, text=True,
+    _cli(work, fake_data_dir),
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   try:
     deadline = time.time() + 240
@@ -291,8 +295,12 @@ def test_storage_errors_are_recognised_through_wrapping():
   wrapped = RuntimeError("commit failed")
   wrapped.__cause__ = enospc
   assert faults.storage_cause(wrapped) is enospc
-  assert faults.storage_cause(ValueError("tensorstore: ... No space left on device ...")) is not None
+  tensorstore = ValueError("RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']")
+  assert faults.storage_cause(tensorstore) is tensorstore
   assert faults.storage_cause(OSError(errno.ENOENT, "No such file")) is None
+  elsewhere = PermissionError(errno.EACCES, "Permission denied", "/data/train.tfrecord")
+  assert faults.storage_cause(elsewhere, "/runs/a") is None  # not a write to the workdir
+  assert faults.storage_cause(OSError(errno.EROFS, "Read-only", "/runs/a/m"), "/runs/a") is not None
   assert faults.storage_cause(ValueError("bad value")) is None
 
 

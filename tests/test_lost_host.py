@@ -56,7 +56,9 @@ def _finish(procs, timeout=300):
 
 def _train_rows(work):
   path = os.path.join(work, "metrics.jsonl")
-  return [r for r in metrics_io.read_jsonl(path) if "train_loss" in r] if os.path.exists(path) else []
+  if not os.path.exists(path):
+    return []
+  return [r for r in metrics_io.read_jsonl(path) if "train_loss" in r]
 
 
 @pytest.mark.slow
