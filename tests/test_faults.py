@@ -378,3 +378,16 @@ def test_corrupted_train_record_stops_the_run_before_any_write(tmp_path, fake_da
     loop.train_and_evaluate(fm_config(data), str(work))
   assert "\n" not in str(info.value)
   assert sorted(os.listdir(work)) == []  # no checkpoint, no metrics, no lock left behind
+
+
+def test_a_damaged_record_read_mid_run_is_a_data_error():
+  import tensorflow as tf
+
+  def batches():
+    yield {"image": 1}
+    raise tf.errors.DataLossError(None, None, "corrupted record at 12")
+
+  it = input_pipeline._translate_data_loss(batches(), "/data/imagenet2012/5.1.0")
+  assert next(it) == {"image": 1}
+  with pytest.raises(DataError, match="corrupted record in the TFDS files under /data/imagenet"):
+    next(it)
