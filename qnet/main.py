@@ -39,9 +39,15 @@ def _reference_config():
 
 
 class _QuietLibraries:
-  """Drops INFO lines of orbax (several per checkpoint) from the console; warnings stay."""
+  """Drops INFO lines of orbax (several per checkpoint) from the console; warnings stay.
+  Also drops orbax's and asyncio's error tracebacks of a full or read-only disk (a dozen
+  per failed save): qnet reports that in one line (`qnet: storage error`)."""
 
   def filter(self, record) -> bool:
+    library = "/orbax/" in record.pathname or record.name == "asyncio"
+    if library and record.levelno >= 40:
+      text = record.getMessage() + (repr(record.exc_info[1]) if record.exc_info else "")
+      return not any(t in text for t in faults.STORAGE_ERRNOS.values())
     return record.levelno >= 30 or "/orbax/" not in record.pathname
 
 
