@@ -29,10 +29,24 @@ def verbose() -> bool:
 
 
 class _QnetLinesOnly(std_logging.Filter):
-  """INFO lines of qnet's own modules; warnings and errors from anyone."""
+  """INFO lines of qnet's own modules; warnings and errors from anyone, except orbax's and
+  asyncio's tracebacks of a full or read-only disk (a dozen per failed save), which qnet
+  reports in one line (`qnet: storage error`)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
+    if _storage_noise(record):
+      return False
     return record.levelno >= std_logging.WARNING or record.pathname.startswith(_QNET_DIR)
+
+
+def _storage_noise(record: std_logging.LogRecord) -> bool:
+  from qnet import faults
+
+  library = "/orbax/" in record.pathname or record.name == "asyncio"
+  if not library or record.levelno < std_logging.ERROR:
+    return False
+  text = record.getMessage() + (repr(record.exc_info[1]) if record.exc_info else "")
+  return any(t in text for t in faults.STORAGE_ERRNOS.values())
 
 
 class _Brief(std_logging.Formatter):

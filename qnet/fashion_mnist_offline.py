@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -58,15 +59,31 @@ def _missing_files_error(directory: str, missing: list[str]) -> DataError:
 
 
 def _read_idx(path: str) -> np.ndarray:
-  """Reads one gzipped IDX file (unsigned-byte data) into a numpy array."""
-  with gzip.open(path, "rb") as f:
-    data = f.read()
+  """Reads one gzipped IDX file (unsigned-byte data) into a numpy array; a truncated or
+  corrupt file is a `DataError` naming it."""
+  try:
+    with gzip.open(path, "rb") as f:
+      data = f.read()
+  except (OSError, EOFError, zlib.error) as e:  # cut gzip stream, bad CRC, not gzip
+    raise _corrupt_file_error(path, f"{type(e).__name__}: {e}") from e
   magic = int.from_bytes(data[0:4], "big")
-  if magic >> 8 != 0x08:  # 0x08 = unsigned byte
-    raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
+  if len(data) < 4 or magic >> 8 != 0x08:  # 0x08 = unsigned byte
+    raise _corrupt_file_error(path, f"not an unsigned-byte IDX file (magic {magic:#x})")
   ndim = magic & 0xFF
   shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+  expected = 4 + 4 * ndim + int(np.prod(shape))
+  if len(data) != expected:
+    raise _corrupt_file_error(
+      path, f"{len(data)} bytes where its header {shape} needs {expected}: truncated"
+    )
   return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _corrupt_file_error(path: str, why: str) -> DataError:
+  return DataError(
+    f"Fashion-MNIST file {path} is truncated or corrupt ({why}); replace it "
+    f"(`apt-get install --reinstall dataset-fashion-mnist` or a fresh download)"
+  )
 
 
 def load_split(split: str, directory: str | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +95,9 @@ def load_split(split: str, directory: str | None = None) -> tuple[np.ndarray, np
     raise _missing_files_error(directory, [os.path.basename(p) for p in missing])
   images, labels = (_read_idx(p) for p in paths)
   if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
-    raise ValueError(f"{directory}: inconsistent {split} files: {images.shape} vs {labels.shape}")
+    raise _corrupt_file_error(
+      paths[0], f"{images.shape} images vs {labels.shape} labels in {paths[1]}"
+    )
   return images[..., None], labels.astype(np.int64)
 
 

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
+from qnet import faults
 from qnet import schedule as schedule_lib
 
 
@@ -238,6 +239,7 @@ class TrainLog:
 # ----------------------------------------------------------------------------- the loop
 
 
+@faults.guarded  # one writer per workdir; full disk / lost peer -> one-line errors
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, stop_at_step: int | None = None
 ) -> dict[str, float]:

@@ -6,7 +6,12 @@ shows one line per log step and per evaluation; `--verbose` adds every library's
 
 Several processes (hosts): set QNET_DISTRIBUTED=1 in each. On Cloud TPU, SLURM and other
 clusters JAX finds its peers itself; by hand, also set JAX_COORDINATOR_ADDRESS=host0:PORT,
-QNET_NUM_PROCESSES=N and QNET_PROCESS_ID=0..N-1.
+QNET_NUM_PROCESSES=N and QNET_PROCESS_ID=0..N-1. A process that stops sending heartbeats
+(its host is lost) stops the others within QNET_HEARTBEAT_TIMEOUT_S seconds (default 100).
+
+Faults that need a person end with one line `qnet: KIND: ...` on stderr and exit status 2
+(config error, data error, workdir busy, storage error); a lost peer process ends the
+survivors with `qnet: lost a peer process: ...` and exit status 1 (relaunch all of them).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only our data loader
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qnet import faults, workdir_lock
 from qnet.datasets import DataError
 
 FLAGS = flags.FLAGS
@@ -45,7 +51,44 @@ def _initialize_distributed() -> None:
   import jax
 
   n, i = os.environ.get("QNET_NUM_PROCESSES"), os.environ.get("QNET_PROCESS_ID")
-  jax.distributed.initialize(num_processes=int(n) if n else None, process_id=int(i) if i else None)
+  jax.distributed.initialize(
+    num_processes=int(n) if n else None,
+    process_id=int(i) if i else None,
+    heartbeat_timeout_seconds=heartbeat_timeout_s(),
+  )
+
+
+def heartbeat_timeout_s() -> int:
+  """`QNET_HEARTBEAT_TIMEOUT_S`: seconds without heartbeats after which a process counts as
+  dead and the job stops (default 100, JAX's own)."""
+  text = os.environ.get("QNET_HEARTBEAT_TIMEOUT_S", "100")
+  if not text.isdigit() or int(text) < 1:
+    print(
+      f"qnet: config error: QNET_HEARTBEAT_TIMEOUT_S={text!r}; allowed: seconds >= 1",
+      file=sys.stderr,
+    )
+    sys.exit(2)
+  return int(text)
+
+
+# Errors that end a run with one line `qnet: KIND: message` and an exit status.
+ONE_LINE_ERRORS = (
+  (DataError, "data error", 2),
+  (workdir_lock.WorkdirBusyError, "workdir busy", 2),
+  (faults.StorageError, "storage error", 2),
+  (faults.PeerLostError, "lost a peer process", 1),
+)
+
+
+def _exit_with_one_line(e: Exception) -> None:
+  for kind, label, status in ONE_LINE_ERRORS:
+    if isinstance(e, kind):
+      print(f"qnet: {label}: {e}", file=sys.stderr, flush=True)
+      if isinstance(e, faults.PeerLostError):
+        # jax.distributed's exit barrier would wait for the dead peer (minutes): skip it.
+        logging.flush()
+        os._exit(status)
+      sys.exit(status)
 
 
 def main(argv: list[str]) -> None:
@@ -73,13 +116,14 @@ def main(argv: list[str]) -> None:
     jax.local_device_count(),
     jax.default_backend(),
   )
-  from qnet import loop
-
   try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except DataError as e:  # the data is first looked up before any compute or checkpoint write
-    print(f"qnet: data error: {e}", file=sys.stderr)
-    sys.exit(2)
+    # The lock first (before TensorFlow loads): a second run on a busy workdir stops at once.
+    with faults.guard(FLAGS.workdir, is_chief=jax.process_index() == 0):
+      from qnet import loop
+
+      loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except tuple(kind for kind, _, _ in ONE_LINE_ERRORS) as e:
+    _exit_with_one_line(e)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Mapping
 
 from clu import metric_writers
@@ -18,7 +19,9 @@ from qnet import console
 class JsonlWriter(interface.MetricWriter):
   """Appends one JSON object per `write_scalars` call: `{"step": s, name: value, ...}`.
 
-  Non-scalar summaries are ignored (TensorBoard keeps those).
+  A run killed mid-write leaves a torn last line; the next append starts on a fresh line
+  so only that fragment is lost (`read_jsonl` skips it). Non-scalar summaries are ignored
+  (TensorBoard keeps those).
   """
 
   def __init__(self, path: str):
@@ -28,8 +31,17 @@ class JsonlWriter(interface.MetricWriter):
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     row = {"step": int(step)}
     row.update({k: float(np.asarray(v)) for k, v in scalars.items()})
-    with open(self._path, "a") as f:
-      f.write(json.dumps(row, allow_nan=True) + "\n")
+    line = (json.dumps(row, allow_nan=True) + "\n").encode()
+    try:
+      with open(self._path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+          f.seek(end - 1)
+          if f.read(1) != b"\n":
+            line = b"\n" + line
+        f.write(line)  # one write call: a line is torn only by a kill or a full disk
+    except OSError as e:  # name the file: the caller reports "no space" / "read-only"
+      raise OSError(e.errno, e.strerror, self._path) from e
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -72,9 +84,30 @@ def create_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  """All rows of a metrics.jsonl file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """All rows of a metrics.jsonl file. Lines that do not parse as a JSON object (torn by a
+  run killed mid-write) are skipped with one `RuntimeWarning` counting them."""
+  rows, bad = [], []
+  with open(path, errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except ValueError:
+        row = None
+      if isinstance(row, dict):
+        rows.append(row)
+      else:
+        bad.append(number)
+  if bad:
+    shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+    warnings.warn(
+      f"{path}: skipped {len(bad)} unreadable line(s) (torn by a run killed mid-write?): "
+      f"line {shown}",
+      RuntimeWarning,
+      stacklevel=2,
+    )
+  return rows
 
 
 def train_line(step: int, total: int, mean: Mapping[str, float], eta: float) -> str:
