@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
+from qnet import run_config
 from qnet import schedule as schedule_lib
 
 PyTree = Any
@@ -212,6 +213,8 @@ def train_and_evaluate(
   p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
 
   writer = metrics_io.create_writer(workdir, is_chief)
+  if is_chief:  # what `qnet.export` / `qnet.evaluate` read back
+    run_config.save(workdir, config, total_steps)
   if start_step == 0:
     writer.write_hparams({k: str(v) for k, v in config_validation.flatten(config).items()})
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
