@@ -163,6 +163,15 @@ class _Val:
   bits: int = FP  # < 32: uint8 codes of that many bits; 32: float32
 
 
+def _window(size, window, strides, padding) -> tuple[tuple[int, int], list[list[int]]]:
+  """Output size and explicit `[[lo, hi], [lo, hi]]` pads of a 2-D window op (XLA's SAME)."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(tuple(size), tuple(window), tuple(strides), padding)
+  pads = [[int(lo), int(hi)] for lo, hi in padding]
+  out = tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(size, pads, window, strides))
+  return out, pads
+
+
 class _Builder:
   def __init__(self, params, batch_stats, bits: dict[str, tuple[int, int]], per_channel: bool):
     self.params, self.stats, self.bits, self.per_channel = params, batch_stats, bits, per_channel
@@ -265,19 +274,11 @@ class _Builder:
     return self._batchnorm_float(self._materialize(v), path)
 
   def _pool(self, v: _Val, window, strides, padding) -> _Val:
-    h, w, c = v.shape
-    pads = lax.padtype_to_pads((h, w), window, strides, padding) if isinstance(padding, str) else padding
-    oh = (h + sum(pads[0]) - window[0]) // strides[0] + 1
-    ow = (w + sum(pads[1]) - window[1]) // strides[1] + 1
+    (oh, ow), pads = _window(v.shape[:2], window, strides, padding)
     out = self._emit(
-      "maxpool",
-      [v.name],
-      "pool",
-      window=list(window),
-      strides=list(strides),
-      padding=[list(map(int, p)) for p in pads],
+      "maxpool", [v.name], "pool", window=list(window), strides=list(strides), padding=pads
     )
-    return _Val(out, (oh, ow, c), v.bits)
+    return _Val(out, (oh, ow, v.shape[2]), v.bits)
 
   def maxpool(self, v, window, strides, padding="VALID"):
     if isinstance(v, _Acc) and v.bn is not None:
@@ -306,77 +307,62 @@ class _Builder:
     w, a = self.bits[path]
     return w, (a if quantize_input else FP)
 
-  def conv(self, v, path: str, strides=(1, 1), padding: Any = "SAME", quantize_input=True):
-    w_bits, a_bits = self._layer_bits(path, quantize_input)
-    kernel = self._node(path, self.params)["kernel"]
-    kh, kw, _, out_c = kernel.shape
-    x = self.act(v, a_bits, path) if quantize_input else self._materialize(v)
-    h, w, _ = x.shape
-    pads = lax.padtype_to_pads((h, w), (kh, kw), strides, padding) if isinstance(padding, str) else padding
-    pads = [list(map(int, p)) for p in pads]
-    oh = (h + sum(pads[0]) - kh) // strides[0] + 1
-    ow = (w + sum(pads[1]) - kw) // strides[1] + 1
-    weight = self._weights(path, w_bits)
+  def _layer(self, kind: str, x: _Val, path: str, bits, shape, tensors, **attrs):
+    """Emits a conv/dense op: integer (acc out) if input and weights are codes, else float."""
+    w_bits, a_bits = bits
     integer = x.bits != FP and w_bits != FP
     if not integer:
       x = self._as_float(x)
     out = self._emit(
-      "conv",
-      [x.name],
-      path,
-      layer=path,
-      weight=weight,
-      weight_bits=w_bits,
-      in_bits=x.bits,
-      strides=list(strides),
-      padding=pads,
+      kind, [x.name], path, layer=path, weight=tensors[0], weight_bits=w_bits, in_bits=x.bits, **attrs
     )
     self.layers[path] = {
-      "kind": "conv",
+      "kind": kind,
       "weight_bits": w_bits,
       "act_bits": a_bits,
       "integer": integer,
-      "shape": list(kernel.shape),
-      "tensors": [weight],
+      "shape": list(shape),
+      "tensors": tensors,
     }
+    return out, integer, x.bits
+
+  def conv(self, v, path: str, strides=(1, 1), padding: Any = "SAME", quantize_input=True):
+    w_bits, a_bits = self._layer_bits(path, quantize_input)
+    kernel = self._node(path, self.params)["kernel"]
+    x = self.act(v, a_bits, path) if quantize_input else self._materialize(v)
+    (oh, ow), pads = _window(x.shape[:2], kernel.shape[:2], strides, padding)
+    weight = self._weights(path, w_bits)
+    out, integer, in_bits = self._layer(
+      "conv", x, path, (w_bits, a_bits), kernel.shape, [weight], strides=list(strides), padding=pads
+    )
+    shape = (oh, ow, kernel.shape[-1])
     if integer:
-      return _Acc(out, (oh, ow, out_c), 1.0 / (levels(w_bits) * levels(x.bits)))
-    return _Val(out, (oh, ow, out_c))
+      return _Acc(out, shape, 1.0 / (levels(w_bits) * levels(in_bits)))
+    return _Val(out, shape)
 
   def dense(self, v, path: str, reduce: str):
     w_bits, a_bits = self._layer_bits(path, True)
     x = self.act(v, a_bits, path)
     node = self._node(path, self.params)
-    out_f = node["kernel"].shape[-1]
     weight = self._weights(path, w_bits)
     bias = f"{path}.bias"
     self.arrays[bias] = np.asarray(node["bias"], np.float32)
     integer = x.bits != FP and w_bits != FP
-    if not integer:
-      x = self._as_float(x)
-    out = self._emit(
+    out, integer, in_bits = self._layer(
       "dense",
-      [x.name],
+      x,
       path,
-      layer=path,
-      weight=weight,
-      weight_bits=w_bits,
-      in_bits=x.bits,
+      (w_bits, a_bits),
+      node["kernel"].shape,
+      [weight, bias],
       reduce=reduce,
       bias=None if integer else bias,
     )
-    self.layers[path] = {
-      "kind": "dense",
-      "weight_bits": w_bits,
-      "act_bits": a_bits,
-      "integer": integer,
-      "shape": list(node["kernel"].shape),
-      "tensors": [weight, bias],
-    }
+    shape = (node["kernel"].shape[-1],)
     if integer:
       pooled = x.shape[0] * x.shape[1] if reduce == "mean" and len(x.shape) == 3 else 1
-      return _Acc(out, (out_f,), 1.0 / (levels(w_bits) * levels(x.bits) * pooled), bias=bias)
-    return _Val(out, (out_f,))
+      return _Acc(out, shape, 1.0 / (levels(w_bits) * levels(in_bits) * pooled), bias=bias)
+    return _Val(out, shape)
 
   def output(self, v) -> None:
     v = self._materialize(v)

@@ -282,7 +282,7 @@ else:
 import jax
 from jax import export
 images = np.load({images!r})
-f = export.deserialize(bytearray(open({hlo!r}, 'rb').read()))
+f = export.deserialize(open({hlo!r}, 'rb').read())
 np.save({result!r}, np.asarray(f.call(images)))
 """
 
@@ -343,9 +343,12 @@ def test_manifest_records_sizes_hashes_and_layers(exported):
   _, manifest = export.load_export(exported)
   assert set(manifest["files"]) == {"weights.safetensors", "model.stablehlo", "model.onnx"}
   s = manifest["sizes"]
-  assert s["quantized_weights_packed_bytes"] == int(np.ceil(s["quantized_weights_k_over_32_bytes"])) or (
-    s["quantized_weights_packed_bytes"] - s["quantized_weights_k_over_32_bytes"] < len(manifest["layers"])
-  )
+  # k/32 of the FP32 bytes (3 bits here), up to one padding byte a layer; requant < 2%.
+  slack = s["quantized_weights_packed_bytes"] - s["quantized_weights_k_over_32_bytes"]
+  assert s["quantized_weights_k_over_32_bytes"] == s["quantized_weights_fp32_bytes"] * 3 / 32
+  assert 0 <= slack < len(manifest["layers"])
+  assert s["requant_overhead_fraction_of_fp32"] < 0.02
+  assert s["export_files_bytes"]["weights.safetensors"] == manifest["files"]["weights.safetensors"]["bytes"]
   assert manifest["input"] == {"name": "image", "shape": ["batch", 28, 28, 1], "dtype": "uint8", "layout": "NHWC"}
   assert manifest["layers"]["conv2_1"]["integer"] and manifest["layers"]["head"]["integer"]
   assert not manifest["layers"]["stem"]["integer"]
