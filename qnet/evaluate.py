@@ -63,7 +63,10 @@ def fake_quant_fn(manifest: dict) -> Callable[[np.ndarray], np.ndarray]:
   from qnet import build, conv, export, run_config
 
   source = manifest["source"]
-  config, total_steps = run_config.load(source["workdir"])
+  try:
+    config, total_steps = run_config.load(source["workdir"])
+  except FileNotFoundError as e:
+    raise export.ExportError(f"the source run of the export is not available: {e}") from e
   students, _ = build.build_specs(config, total_steps)
   spec = students[0]
   params, batch_stats = export.read_checkpoint(source["workdir"], source["step"])

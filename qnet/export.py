@@ -20,7 +20,9 @@ an existing OUT is refused unless `--overwrite`):
   images gives float32 logits, in a Python that has jax but not qnet;
 * `model.onnx`: the same network with ONNX integer operators (`qnet.onnx_graph`).
 
-The exported precision is the one evaluation uses at the checkpoint's step: the
+The exported network is the run's first student (with distillation: not the teacher,
+nor `extra_students`), in float32 whatever `config.dtype` trained it. The exported
+precision is the one evaluation uses at the checkpoint's step: the
 schedule's deterministic, fully quantized precision of the phase that step is in (so a
 checkpoint taken mid-way through a progressive schedule exports that phase's bits; the
 manifest's `precision` says which). Bad input is one line on stderr and exit status 2.
@@ -154,10 +156,15 @@ def program_from_run(workdir: str, step: int | None = None):
     config, total_steps = run_config.load(workdir)
   except FileNotFoundError as e:
     raise ExportError(str(e)) from e
+  ds = DATASETS[config.dataset]
+  if config.image_size and config.image_size != ds.image_size:
+    raise ExportError(
+      f"config.image_size={config.image_size}: export takes the dataset's native "
+      f"{ds.image_size}x{ds.image_size} images (resizing is not part of the exported graph)"
+    )
   bits, precision = eval_precision(config, total_steps, step)
   check_bits(bits, config)
   params, batch_stats = read_checkpoint(workdir, step)
-  ds = DATASETS[config.dataset]
   try:
     program = integer.build_program(
       params,
@@ -182,11 +189,6 @@ def program_from_run(workdir: str, step: int | None = None):
       "eval_accuracy": recorded_accuracy(workdir, step),
     },
   }
-  if config.image_size and config.image_size != ds.image_size:
-    raise ExportError(
-      f"config.image_size={config.image_size}: export takes the dataset's native "
-      f"{ds.image_size}x{ds.image_size} images (resizing is not part of the exported graph)"
-    )
   return program, info
 
 

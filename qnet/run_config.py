@@ -56,4 +56,16 @@ def load(workdir: str) -> tuple[ml_collections.ConfigDict, int]:
     )
   with open(path) as f:
     saved = json.load(f)
-  return ml_collections.ConfigDict(_tuples(saved["config"])), int(saved["total_steps"])
+  return _on_defaults(_tuples(saved["config"])), int(saved["total_steps"])
+
+
+def _on_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """The saved values over `configs/default.py`: a field added to qnet after the run was
+  saved takes its default; a field qnet no longer has is dropped."""
+  from configs import default
+  from qnet.config_validation import flatten
+
+  config = default.get_config()
+  known = flatten(config)
+  config.update_from_flattened_dict({k: v for k, v in flatten(saved).items() if k in known})
+  return config
