@@ -35,7 +35,7 @@ parameter tree's names: `stem`, `conv{s}_{c}`, `fc`, `head` (SimpleCNN); `stem`,
 `stage{i}_block{j}/{conv1,conv2,conv3,shortcut,bn1,...}`, `final_bn` (PreActResNet, the
 first block of every stage after the first has stride 2, as in `qnet.models.resnet`).
 Other quantizers (LSQ, PACT) would plug in at `weight_codes` (their codes and one scale per
-tensor or channel) and in `_fold` (their activation step size instead of `1/n`).
+tensor or channel) and in `_Builder._requant` (their activation step size instead of `1/n`).
 """
 
 from __future__ import annotations
