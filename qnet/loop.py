@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
-from qnet import faults
+from qnet import faults, run_config
 from qnet import schedule as schedule_lib
 
 
@@ -261,7 +261,10 @@ def train_and_evaluate(
   data_sharding = NamedSharding(mesh, P("data"))
   manager, state, resumed = initial_state(config, workdir, students, teacher, mesh, meta)
   p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
-  writer = metrics_io.create_writer(workdir, jax.process_index() == 0)
+  is_chief = jax.process_index() == 0
+  writer = metrics_io.create_writer(workdir, is_chief)
+  if is_chief:  # what `qnet.export` / `qnet.evaluate` read back
+    run_config.save(workdir, config, total_steps)
   step = int(state.step)
   if step == 0:
     writer.write_hparams({k: str(v) for k, v in config_validation.flatten(config).items()})

@@ -1,0 +1,413 @@
+"""Export a trained low-bit network: `python -m qnet.export --workdir=WORKDIR --out=OUT`.
+
+Reads the run's saved config (`WORKDIR/config.json`) and a checkpoint (`--step`, default
+the latest), and writes OUT atomically (a temporary directory renamed to OUT at the end;
+an existing OUT is refused unless `--overwrite`):
+
+* `weights.safetensors`: the quantized layers' weight levels packed into a k-bit
+  bitstream (`qnet.packing`; uint8 tensors named `LAYER.levels`), the per-channel
+  `requant_scale`/`requant_shift` (float64) that fold BatchNorm, bias, clip and rounding
+  into the next activation codes (`qnet.integer.thresholds`), and float32 tensors only
+  for what the network keeps in float (32-bit kernels, biases, BatchNorms the float parts
+  use). safetensors: a flat, zero-copy, header-plus-bytes format with no code execution
+  on load (unlike pickle), read by numpy, PyTorch, JAX and Rust alike;
+* `manifest.json`: model, input/output, preprocessing, the precision and where it comes
+  from, per layer its bits and tensor names, the program (ops), tensor shapes and
+  dtypes, byte sizes, sha256 of every other file, the source checkpoint and its
+  recorded `eval_accuracy`, versions;
+* `model.stablehlo`: `jax.export` of the integer inference function (batch symbolic):
+  `jax.export.deserialize(open(f, 'rb').read()).call(images)` with `uint8 [B, H, W, C]`
+  images gives float32 logits, in a Python that has jax but not qnet;
+* `model.onnx`: the same network with ONNX integer operators (`qnet.onnx_graph`).
+
+The exported network is the run's first student (with distillation: not the teacher,
+nor `extra_students`), in float32 whatever `config.dtype` trained it. The exported
+precision is the one evaluation uses at the checkpoint's step: the
+schedule's deterministic, fully quantized precision of the phase that step is in (so a
+checkpoint taken mid-way through a progressive schedule exports that phase's bits; the
+manifest's `precision` says which). Bad input is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+from qnet import integer, packing
+
+PyTree = Any
+FORMAT = "qnet-integer-export/1"
+WEIGHTS, MANIFEST, STABLEHLO, ONNX = "weights.safetensors", "manifest.json", "model.stablehlo", "model.onnx"
+
+
+class ExportError(ValueError):
+  """Bad input to export or load: the message is one line naming what and why."""
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _checkpoint_steps(workdir: str) -> list[int]:
+  ckpt = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt):
+    return []
+  return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+
+
+def read_checkpoint(workdir: str, step: int) -> tuple[PyTree, PyTree]:
+  """(params, batch_stats) of the first student at `step`, as numpy arrays.
+
+  The restore target is built from the checkpoint's own metadata on one local device, so a
+  checkpoint saved on another topology (e.g. 4 devices) loads here.
+  """
+  import jax
+  import orbax.checkpoint as ocp
+
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  raw = checkpointer.restore(path, target)
+  checkpointer.close()
+  students = raw["students"]
+  net = students["0"] if isinstance(students, dict) else students[0]
+  return jax.tree.map(np.asarray, net["params"]), jax.tree.map(np.asarray, net["batch_stats"])
+
+
+def recorded_accuracy(workdir: str, step: int) -> float | None:
+  """`eval_accuracy` that the run logged at `step` (metrics.jsonl), if any."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [r for r in rows if r["step"] == step and "eval_accuracy" in r]
+  return rows[-1]["eval_accuracy"] if rows else None
+
+
+def eval_precision(config, total_steps: int, step: int) -> tuple[dict[str, tuple[int, int]], dict]:
+  """Per-layer `(weight_bits, act_bits)` that evaluation uses at `step`, and a description."""
+  import jax
+
+  from qnet import build
+
+  students, _ = build.build_specs(config, total_steps)
+  spec = students[0]
+  sched = spec.schedule
+  w, a = spec.layout.vectors(sched.deterministic(spec.layout, step))
+  w, a = np.asarray(w), np.asarray(a)
+  bits = {"/".join(p): (int(w[i]), int(a[i])) for i, p in enumerate(spec.layout.paths)}
+  phase = int(jax.device_get(sched.phase(step)))
+  desc = {
+    "source": "the schedule's evaluation precision at the checkpoint's step (fully quantized, "
+    "as qnet's evaluation; stochastic precision draws none)",
+    "schedule": config.schedule.kind,
+    "phase": phase,
+    "num_phases": sched.num_phases,
+    "phase_bits": [sched.weight_bits[phase], sched.act_bits[phase]],
+    "target_bits": [config.quant.weight_bits, config.quant.act_bits],
+    "final_phase": phase == sched.num_phases - 1,
+    "keep_first_last_fp": bool(config.quant.keep_first_last_fp),
+    "per_channel": bool(config.quant.per_channel),
+    "stochastic": sched.stochastic,
+  }
+  return bits, desc
+
+
+def check_bits(bits: dict[str, tuple[int, int]], config) -> None:
+  """ExportError for a full-precision network or bits the integer form cannot hold."""
+  if config.model_act == "relu":
+    raise ExportError("config.model_act='relu' is the plain FP network: nothing to quantize")
+  if all(w == integer.FP and a == integer.FP for w, a in bits.values()):
+    raise ExportError("the run is full precision at this step (all bits 32): nothing to quantize")
+  for path, (w, a) in bits.items():
+    for name, k in (("weight_bits", w), ("act_bits", a)):
+      if integer.MAX_BITS < k < integer.FP:
+        raise ExportError(
+          f"layer {path} has {name}={k}; export allows 1..{integer.MAX_BITS} or 32 (full precision)"
+        )
+
+
+def program_from_run(workdir: str, step: int | None = None):
+  """(program, info) of a run's checkpoint; `info` feeds the manifest."""
+  from qnet import build, run_config
+  from qnet.datasets import DATASETS
+
+  steps = _checkpoint_steps(workdir)
+  if not steps:
+    raise ExportError(f"--workdir={workdir} holds no checkpoint ({workdir}/checkpoints/STEP)")
+  if step is None or step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise ExportError(f"--step={step} has no checkpoint; allowed: {', '.join(map(str, steps))}")
+  try:
+    config, total_steps = run_config.load(workdir)
+  except FileNotFoundError as e:
+    raise ExportError(str(e)) from e
+  ds = DATASETS[config.dataset]
+  if config.image_size and config.image_size != ds.image_size:
+    raise ExportError(
+      f"config.image_size={config.image_size}: export takes the dataset's native "
+      f"{ds.image_size}x{ds.image_size} images (resizing is not part of the exported graph)"
+    )
+  bits, precision = eval_precision(config, total_steps, step)
+  check_bits(bits, config)
+  params, batch_stats = read_checkpoint(workdir, step)
+  try:
+    program = integer.build_program(
+      params,
+      batch_stats,
+      bits,
+      input_shape=build.input_shape(config),
+      mean=ds.mean,
+      std=ds.std,
+      per_channel=bool(config.quant.per_channel),
+    )
+  except integer.UnsupportedModel as e:
+    raise ExportError(f"config.model={config.model!r}: {e}") from e
+  info = {
+    "model": config.model,
+    "dataset": config.dataset,
+    "precision": precision,
+    "fp32_checkpoint_bytes": integer.fp32_bytes(params, batch_stats),
+    "source": {
+      "workdir": os.path.abspath(workdir),
+      "step": int(step),
+      "total_steps": int(total_steps),
+      "eval_accuracy": recorded_accuracy(workdir, step),
+    },
+  }
+  return program, info
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def stored_tensors(program: integer.Program) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+  """What `weights.safetensors` holds (weight levels packed) and each tensor's description."""
+  wbits = {
+    op["weight"]: op["weight_bits"]
+    for op in program.ops
+    if op["op"] in ("conv", "dense") and op["weight_bits"] != integer.FP
+  }
+  tensors, desc = {}, {}
+  for name, arr in sorted(program.arrays.items()):
+    arr = np.asarray(arr)
+    if name in wbits:
+      tensors[name] = packing.pack(arr, wbits[name])
+      desc[name] = {
+        "dtype": "uint8",
+        "shape": list(arr.shape),
+        "bits": wbits[name],
+        "stored_as": f"{wbits[name]}-bit levels i, packed LSB-first (qnet.packing); w = 2 i / n - 1",
+      }
+    else:
+      tensors[name] = np.ascontiguousarray(arr)
+      desc[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
+  return tensors, desc
+
+
+def size_report(program: integer.Program, tensors: dict, fp32_checkpoint_bytes: int) -> dict:
+  """Byte sizes: weights of the quantized layers vs their FP32 bytes, and the overheads."""
+  quantized = [
+    op for op in program.ops if op["op"] in ("conv", "dense") and op["weight_bits"] != integer.FP
+  ]
+  q_fp32 = sum(4 * program.arrays[op["weight"]].size for op in quantized)
+  q_packed = sum(tensors[op["weight"]].nbytes for op in quantized)
+  q_ideal = sum(program.arrays[op["weight"]].size * op["weight_bits"] / 8 for op in quantized)
+  requant = sum(v.nbytes for k, v in tensors.items() if ".requant_" in k)
+  floats = sum(v.nbytes for k, v in tensors.items() if v.dtype == np.float32)
+  return {
+    "fp32_checkpoint_bytes": int(fp32_checkpoint_bytes),
+    "tensor_bytes": int(sum(v.nbytes for v in tensors.values())),
+    "quantized_weights_fp32_bytes": int(q_fp32),
+    "quantized_weights_packed_bytes": int(q_packed),
+    "quantized_weights_k_over_32_bytes": float(q_ideal),
+    "requant_scale_shift_bytes": int(requant),
+    "requant_overhead_fraction_of_fp32": requant / q_fp32 if q_fp32 else 0.0,
+    "float32_bytes": int(floats),
+  }
+
+
+def stablehlo_bytes(program: integer.Program) -> bytes:
+  """`jax.export` serialization of the integer function, batch dimension symbolic."""
+  import jax
+  from jax import export as jax_export
+
+  (batch,) = jax_export.symbolic_shape("batch")
+  spec = jax.ShapeDtypeStruct((batch, *program.input_shape), np.uint8)
+  arrays = {k: np.asarray(v) for k, v in integer.runtime_arrays(program).items()}
+  exported = jax_export.export(jax.jit(lambda x: integer.interpret(program.ops, arrays, x)))(spec)
+  return bytes(exported.serialize())
+
+
+def write_export(out: str, program: integer.Program, info: dict, overwrite: bool = False) -> dict:
+  """Writes the four files into a temporary sibling of `out`, then renames it to `out`."""
+  import jax
+  from safetensors.numpy import save_file
+
+  import qnet
+
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise ExportError(f"--out={out} exists; choose a new directory or pass --overwrite")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  try:
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT is an ordinary directory
+    tensors, desc = stored_tensors(program)
+    save_file(tensors, os.path.join(tmp, WEIGHTS))
+    with open(os.path.join(tmp, STABLEHLO), "wb") as f:
+      f.write(stablehlo_bytes(program))
+    from qnet import onnx_graph
+
+    with open(os.path.join(tmp, ONNX), "wb") as f:
+      f.write(onnx_graph.to_onnx(program).SerializeToString())
+    files = {
+      name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
+      for name in (WEIGHTS, STABLEHLO, ONNX)
+    }
+    h, w, c = program.input_shape
+    manifest = {
+      "format": FORMAT,
+      "model": info["model"],
+      "dataset": info["dataset"],
+      "input": {"name": "image", "shape": ["batch", h, w, c], "dtype": "uint8", "layout": "NHWC"},
+      "output": {"name": "logits", "shape": ["batch", program.num_classes], "dtype": "float32"},
+      "preprocessing": {
+        "formula": "x = (image / 255 - mean) / std (float32, per channel); inside every model file",
+        "mean": program.ops[0]["mean"],
+        "std": program.ops[0]["std"],
+      },
+      "precision": info["precision"],
+      "layers": program.layers,
+      "ops": program.ops,
+      "tensors": desc,
+      "sizes": size_report(program, tensors, info["fp32_checkpoint_bytes"]) | {
+        "export_files_bytes": {k: v["bytes"] for k, v in files.items()}
+      },
+      "files": files,
+      "source": info["source"],
+      "qnet_version": qnet.__version__,
+      "jax_version": jax.__version__,
+    }
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=1)
+    for name in (WEIGHTS, MANIFEST, STABLEHLO, ONNX):
+      os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    if os.path.exists(out):  # --overwrite: swap in, then drop the old one
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+      os.rename(out, os.path.join(old, "x"))
+      os.rename(tmp, out)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return manifest
+
+
+def load_export(out: str) -> tuple[integer.Program, dict]:
+  """(program, manifest) of an export directory; every file's sha256 is checked first."""
+  path = os.path.join(out, MANIFEST)
+  if not os.path.isfile(path):
+    raise ExportError(f"--export={out} has no {MANIFEST}: not a qnet export")
+  with open(path) as f:
+    manifest = json.load(f)
+  if manifest.get("format") != FORMAT:
+    raise ExportError(f"{path}: format {manifest.get('format')!r}; this qnet reads {FORMAT!r}")
+  for name, meta in manifest["files"].items():
+    file = os.path.join(out, name)
+    if not os.path.isfile(file):
+      raise ExportError(f"{file} is missing")
+    if _sha256(file) != meta["sha256"]:
+      raise ExportError(f"{file} is damaged: sha256 differs from the manifest's")
+  from safetensors.numpy import load_file
+
+  stored = load_file(os.path.join(out, WEIGHTS))
+  arrays = {}
+  for name, d in manifest["tensors"].items():
+    arr = stored[name]
+    arrays[name] = packing.unpack(arr, d["bits"], tuple(d["shape"])) if "bits" in d else arr
+  h, w, c = manifest["input"]["shape"][1:]
+  program = integer.Program(
+    ops=manifest["ops"],
+    arrays=arrays,
+    input_shape=(h, w, c),
+    num_classes=manifest["output"]["shape"][1],
+    layers=manifest["layers"],
+  )
+  return program, manifest
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _flags():
+  from absl import flags
+
+  flags.DEFINE_string("workdir", None, "Workdir of a qnet run (holds config.json, checkpoints/).")
+  flags.DEFINE_string("out", None, "Directory to write; must not exist unless --overwrite.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step to export; -1: the latest.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+  flags.mark_flags_as_required(["workdir", "out"])
+  return flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+  from absl import app
+
+  FLAGS = sys.modules[__name__].FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    out = os.path.abspath(FLAGS.out)
+    if os.path.exists(out) and not FLAGS.overwrite:
+      raise ExportError(f"--out={out} exists; choose a new directory or pass --overwrite")
+    program, info = program_from_run(FLAGS.workdir, FLAGS.step)
+    manifest = write_export(out, program, info, FLAGS.overwrite)
+  except ExportError as e:
+    print(f"qnet.export: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  s = manifest["sizes"]
+  print(
+    f"wrote {out}: step {info['source']['step']}, "
+    f"W/A per layer {sorted(set(tuple(v) for v in info_bits(manifest)))}; weights.safetensors "
+    f"{manifest['files'][WEIGHTS]['bytes']:,} bytes vs FP32 checkpoint {s['fp32_checkpoint_bytes']:,}"
+  )
+
+
+def info_bits(manifest: dict) -> list[tuple[int, int]]:
+  """Per-layer `(weight_bits, act_bits)` of an export's manifest."""
+  return [(v["weight_bits"], v["act_bits"]) for v in manifest["layers"].values()]
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  FLAGS = _flags()
+  app.run(main)

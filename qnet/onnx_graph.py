@@ -1,0 +1,179 @@
+"""ONNX form of an integer `Program` (qnet.integer), built with the `onnx` helper API.
+
+Same input and output as the StableHLO export: raw `uint8` images `[B, H, W, C]` (batch
+symbolic) in, float32 logits `[B, classes]` out. Inside, the network runs NCHW (ONNX's
+layout). Integer layers are `ConvInteger` / `MatMulInteger` with `uint8` activation codes
+and `int8` weight codes `2i - n` (int32 accumulators); 8-bit weights, whose codes do not
+fit int8, are split exactly as `2 ((c - 1) / 2) + 1` into two integer ops. The requant
+step is the integer thresholds of `qnet.integer.thresholds` (`GreaterOrEqual` on int32,
+summed). Opset 17; runs on onnxruntime's CPU provider.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qnet import integer
+
+OPSET = 17
+
+
+def _onnx():
+  try:
+    import onnx
+  except ImportError as e:  # optional extra
+    raise ImportError("ONNX export needs the `onnx` package: pip install 'qnet[export]'") from e
+  return onnx
+
+
+class _Graph:
+  def __init__(self):
+    onnx = _onnx()
+    self.helper, self.numpy_helper, self.TensorProto = onnx.helper, onnx.numpy_helper, onnx.TensorProto
+    self.nodes, self.inits = [], []
+    self._count = 0
+
+  def const(self, array: np.ndarray, hint: str = "c") -> str:
+    self._count += 1
+    name = f"{hint}_{self._count}"
+    self.inits.append(self.numpy_helper.from_array(np.asarray(array), name))
+    return name
+
+  def node(self, op: str, ins: list[str], hint: str = "t", **attrs) -> str:
+    self._count += 1
+    out = f"{hint}_{self._count}"
+    self.nodes.append(self.helper.make_node(op, ins, [out], **attrs))
+    return out
+
+
+def _pads(padding) -> list[int]:
+  (t, b), (l, r) = padding
+  return [int(t), int(l), int(b), int(r)]
+
+
+def to_onnx(program: integer.Program, opset: int = OPSET):
+  """The `onnx.ModelProto` of `program` (checked with `onnx.checker`)."""
+  onnx = _onnx()
+  g = _Graph()
+  tp = g.TensorProto
+  arrays = program.arrays
+  env: dict[str, tuple[str, int]] = {}  # value name -> (onnx name, rank)
+
+  def chw(vec: np.ndarray, rank: int) -> np.ndarray:
+    return vec.reshape((-1, 1, 1) if rank == 4 else (-1,))
+
+  for op in program.ops:
+    kind = op["op"]
+    x, rank = env.get(op["in"][0], ("image", 4))
+    if kind == "preprocess":
+      y = g.node("Cast", [x], to=tp.FLOAT)
+      y = g.node("Div", [y, g.const(np.float32(255.0))])
+      y = g.node("Sub", [y, g.const(np.asarray(op["mean"], np.float32))])
+      y = g.node("Div", [y, g.const(np.asarray(op["std"], np.float32))])
+      out = g.node("Transpose", [y], perm=[0, 3, 1, 2])
+    elif kind == "quantize":
+      n = np.float32(integer.levels(op["bits"]))
+      y = g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
+      y = g.node("Round", [g.node("Mul", [y, g.const(n)])])
+      out = g.node("Cast", [y], to=tp.UINT8)
+    elif kind == "clip":
+      out = g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
+    elif kind == "dequant_codes":
+      y = g.node("Cast", [x], to=tp.FLOAT)
+      out = g.node("Div", [y, g.const(np.float32(integer.levels(op["bits"])))])
+    elif kind in ("conv", "dense"):
+      out, rank = _layer(g, op, x, rank, arrays)
+    elif kind == "dequant":
+      y = g.node("Mul", [g.node("Cast", [x], to=tp.FLOAT), g.const(np.float32(op["factor"]))])
+      out = g.node("Add", [y, g.const(chw(arrays[op["bias"]], rank))]) if op["bias"] else y
+    elif kind == "requant":
+      sign, u = integer.thresholds(arrays[op["scale"]], arrays[op["shift"]], op["bits"])
+      y = g.node("Mul", [x, g.const(chw(sign, rank))])
+      y = g.node("Unsqueeze", [y, g.const(np.array([-1], np.int64))])
+      u = u.reshape(u.shape[0], 1, 1, u.shape[1]) if rank == 4 else u
+      y = g.node("Cast", [g.node("GreaterOrEqual", [y, g.const(u)])], to=tp.INT32)
+      y = g.node("ReduceSum", [y, g.const(np.array([-1], np.int64))], keepdims=0)
+      out = g.node("Cast", [y], to=tp.UINT8)
+    elif kind == "batchnorm":
+      var, scale = arrays[op["var"]], arrays[op["scale"]]
+      mul = (np.float32(1.0) / np.sqrt(var + np.float32(op["eps"]))) * scale
+      y = g.node("Sub", [x, g.const(chw(arrays[op["mean"]], rank))])
+      y = g.node("Mul", [y, g.const(chw(mul.astype(np.float32), rank))])
+      out = g.node("Add", [y, g.const(chw(arrays[op["bias"]], rank))])
+    elif kind == "maxpool":
+      out = g.node(
+        "MaxPool",
+        [x],
+        kernel_shape=op["window"],
+        strides=op["strides"],
+        pads=_pads(op["padding"]),
+      )
+    elif kind == "relu":
+      out = g.node("Relu", [x])
+    elif kind == "add":
+      out = g.node("Add", [x, env[op["in"][1]][0]])
+    elif kind == "output":
+      out = g.node("Identity", [x])
+      g.nodes[-1].output[0] = "logits"
+      out = "logits"
+    else:
+      raise ValueError(f"unknown op {kind!r}")
+    env[op["out"]] = (out, rank)
+
+  h, w, c = program.input_shape
+  graph = g.helper.make_graph(
+    g.nodes,
+    "qnet_integer",
+    [g.helper.make_tensor_value_info("image", tp.UINT8, ["batch", h, w, c])],
+    [g.helper.make_tensor_value_info("logits", tp.FLOAT, ["batch", program.num_classes])],
+    g.inits,
+  )
+  model = g.helper.make_model(
+    graph, opset_imports=[g.helper.make_opsetid("", opset)], producer_name="qnet"
+  )
+  onnx.checker.check_model(model)
+  return model
+
+
+def _layer(g: _Graph, op: dict, x: str, rank: int, arrays) -> tuple[str, int]:
+  tp = g.TensorProto
+  w_bits, in_bits = op["weight_bits"], op["in_bits"]
+  weight = arrays[op["weight"]]
+  integer_layer = w_bits != integer.FP and in_bits != integer.FP
+  if w_bits != integer.FP:
+    if integer_layer:
+      parts = integer.int8_parts(integer.signed_codes(weight, w_bits), w_bits, signed=True)
+    else:
+      parts = [(1, integer.dequantize_weights(weight, w_bits))]
+  else:
+    parts = [(1, weight.astype(np.float32))]
+
+  def combine(terms):
+    out = None
+    for k, t in terms:
+      t = t if k == 1 else g.node("Mul", [t, g.const(np.int32(k))])
+      out = t if out is None else g.node("Add", [out, t])
+    return out
+
+  if op["op"] == "conv":
+    attrs = dict(strides=op["strides"], pads=_pads(op["padding"]))
+    oihw = lambda w: np.ascontiguousarray(w.transpose(3, 2, 0, 1))
+    if integer_layer:
+      return combine([(k, g.node("ConvInteger", [x, g.const(oihw(w), "w")], **attrs)) for k, w in parts]), 4
+    return g.node("Conv", [x, g.const(oihw(parts[0][1]), "w")], **attrs), 4
+  # dense
+  reduce = op["reduce"]
+  if rank == 4 and (reduce == "flatten" or integer_layer):
+    x = g.node("Transpose", [x], perm=[0, 2, 3, 1])  # NHWC: the model's flatten order
+    if reduce == "flatten":
+      x = g.node("Flatten", [x], axis=1)
+  elif rank == 4:
+    x = g.node("ReduceMean", [x], axes=[2, 3], keepdims=0)
+  if integer_layer:
+    terms = [(k, g.node("MatMulInteger", [x, g.const(w, "w")])) for k, w in parts]
+    out = combine(terms)
+    if rank == 4 and reduce == "mean":  # per-position products, summed in int32
+      out = g.node("ReduceSum", [out, g.const(np.array([1, 2], np.int64))], keepdims=0)
+    return out, 2
+  y = g.node("MatMul", [x, g.const(parts[0][1], "w")])
+  return g.node("Add", [y, g.const(arrays[op["bias"]].astype(np.float32))]), 2

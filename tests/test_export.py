@@ -1,0 +1,421 @@
+"""Integer export: packing, exact weight levels, per-layer integer arithmetic vs fake quant,
+the three inference paths (qnet, StableHLO without qnet, ONNX Runtime), the CLIs' errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax
+import hypothesis.strategies as st
+from hypothesis import given, settings
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from qnet import export, integer, loop, models, packing, quant
+from qnet import precision as precision_lib
+from qnet.datasets import DATASETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+U = 2.0**-24  # float32 unit roundoff
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), shape=st.lists(st.integers(1, 7), min_size=1, max_size=3), seed=st.integers(0, 2**31))
+def test_pack_unpack_round_trip_every_bit_width_and_odd_sizes(bits, shape, seed):
+  codes = np.random.default_rng(seed).integers(0, 1 << bits, shape).astype(np.uint8)
+  stream = packing.pack(codes, bits)
+  assert stream.dtype == np.uint8 and stream.size == -(-codes.size * bits // 8)
+  np.testing.assert_array_equal(packing.unpack(stream, bits, codes.shape), codes)
+
+
+def test_packing_layout_is_a_dense_lsb_first_bitstream():
+  assert packing.pack(np.array([1, 2, 3, 0]), 2).tolist() == [0b00111001]  # 4 codes a byte
+  assert packing.pack(np.array([0xA, 0x5]), 4).tolist() == [0x5A]  # 2 codes a byte
+  assert packing.pack(np.full(8, 7), 3).tolist() == [255, 255, 255]  # 8 codes in 3 bytes
+  with pytest.raises(ValueError, match="out of range"):
+    packing.pack(np.array([4]), 2)
+  with pytest.raises(ValueError, match="bits=9"):
+    packing.pack(np.array([4]), 9)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_unpacked_levels_times_scale_equal_fake_quantized_weights_exactly(per_channel):
+  kernel = np.random.default_rng(0).normal(0, 0.1, (3, 3, 5, 7)).astype(np.float32)
+  for bits in range(1, 9):
+    i = integer.weight_codes(kernel, bits, per_channel)
+    back = packing.unpack(packing.pack(i, bits), bits, kernel.shape)
+    wq = np.asarray(jax.jit(quant.quantize_weights, static_argnums=2)(kernel, bits, per_channel))
+    np.testing.assert_array_equal(integer.dequantize_weights(back, bits), wq)
+    # The integer codes c = 2i - n are the weights times n (to the float rounding of wq).
+    n = integer.levels(bits)
+    c = integer.signed_codes(back, bits)
+    assert np.all(np.abs(c) <= n) and np.all(c % 2 == 1)
+    np.testing.assert_allclose(c / n, wq, rtol=0, atol=2 * U)
+
+
+def test_thresholds_reproduce_round_clip_of_the_affine_map():
+  rng = np.random.default_rng(1)
+  scale = np.array([0.013, -0.021, 0.0, 0.002])
+  shift = np.array([-3.3, 8.1, 2.2, 40.0])
+  acc = rng.integers(-3000, 3000, (500, 4))
+  sign, u = integer.thresholds(scale, shift, 4)
+  codes = np.sum((acc * sign)[..., None] >= u, axis=-1)
+  np.testing.assert_array_equal(codes, np.clip(np.round(acc * scale + shift), 0, 15))
+
+
+# ----------------------------------------------------------------------------- per layer
+
+
+def random_net(name, shape, seed=0):
+  """An initialised model with non-trivial BatchNorm statistics and affine parameters."""
+  model = models.create_model(name, 10)
+  v = model.init(jax.random.key(seed), jnp.zeros((1, *shape)), train=False)
+  rng = np.random.default_rng(seed)
+  stats = jax.tree.map(lambda a: a + rng.uniform(0.05, 0.5, a.shape).astype(np.float32), v["batch_stats"])
+  params = jax.tree_util.tree_map_with_path(
+    lambda p, a: a + rng.normal(0, 0.3, a.shape).astype(np.float32)
+    if jax.tree_util.keystr(p).endswith(("['bias']", "['scale']"))
+    else a,
+    v["params"],
+  )
+  return model, params, stats
+
+
+def bits_for(model, shape, w, a, keep_first_last_fp, mixed=False):
+  layout = precision_lib.layout_of(model, jnp.zeros((1, *shape)))
+  wv, av = precision_lib.layer_bits(layout, w, a, keep_first_last_fp)
+  wv, av = np.asarray(wv).astype(int), np.asarray(av).astype(int)
+  if mixed:  # per-layer bits: cycle through 2..8 where the layer is quantized
+    cycle = [2, 5, 8, 3, 4, 6, 7]
+    wv = np.where(wv < 32, [cycle[i % 7] for i in range(len(wv))], wv)
+    av = np.where(av < 32, [cycle[(i + 3) % 7] for i in range(len(av))], av)
+  tree = layout.tree(jnp.asarray(wv, jnp.float32), jnp.asarray(av, jnp.float32))
+  return {"/".join(p): (int(wv[i]), int(av[i])) for i, p in enumerate(layout.paths)}, tree
+
+
+def _node(tree, path):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+@pytest.fixture
+def per_channel_weights(monkeypatch):
+  """Makes the fake-quant model quantize weights per channel, as `quant.per_channel=True`
+  does once build.py wires the flag into the layers (the exporter reads it from the config)."""
+  original = quant.quantize_weights
+  monkeypatch.setattr(quant, "quantize_weights", lambda w, b, per_channel=False: original(w, b, True))
+
+
+CASES = [
+  ("fmnist_cnn", 4, 4, True, False, False),
+  ("fmnist_cnn", 2, 2, False, True, False),
+  ("fmnist_cnn", 3, 3, True, False, False),
+  ("fmnist_cnn", 0, 0, False, False, True),  # per-layer mixed bits 2..8
+  ("resnet20", 2, 2, False, False, False),
+  ("tiny_resnet", 4, 4, True, True, True),
+]
+
+
+@pytest.mark.parametrize("name,w,a,keep_fp,per_channel,mixed", CASES)
+def test_integer_layers_equal_fake_quant_layer_by_layer(request, name, w, a, keep_fp, per_channel, mixed):
+  if per_channel:
+    request.getfixturevalue("per_channel_weights")
+  ds = DATASETS["fashion_mnist" if "cnn" in name else "cifar10"]
+  shape = (28, 28, 1) if "cnn" in name else (32, 32, 3)
+  model, params, stats = random_net(name, shape)
+  bits, tree = bits_for(model, shape, w or 4, a or 4, keep_fp, mixed)
+  program = integer.build_program(
+    params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel
+  )
+  images = np.random.default_rng(2).integers(0, 256, (6, *shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  x = (images.astype(np.float32) / 255.0 - np.float32(ds.mean)) / np.float32(ds.std)
+  variables = {"params": params, "batch_stats": stats, "precision": tree}
+  fq_logits, state = jax.jit(
+    lambda v, x: model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+  )(variables, x)
+  inter = flax.core.unfreeze(state["intermediates"])
+
+  int_layers = [op for op in program.ops if op["op"] in ("conv", "dense") and op["in_bits"] < 32 and op["weight_bits"] < 32]
+  assert int_layers, "no integer layer to check"
+  acc_error = {}  # bound of the fake-quant side's float32 error, in accumulator units
+  for op in int_layers:
+    acc = np.asarray(values[op["out"]]).astype(np.float64)
+    y = np.asarray(_node(inter, op["layer"])["__call__"][0]).astype(np.float64)
+    nw, na = integer.levels(op["weight_bits"]), integer.levels(op["in_bits"])
+    j = np.asarray(values[op["in"][0]]).astype(np.int32)
+    # |c| + 2 n_w: a weight 2 (i / n) - 1 carries an absolute float32 error up to 2u (from
+    # rounding i / n), which is 2 n_w u in code units, whatever the size of c.
+    c = np.abs(integer.signed_codes(program.arrays[op["weight"]], op["weight_bits"])).astype(np.int32)
+    c = c + 2 * nw
+    fan_in = np.prod(c.shape[:-1])
+    slack = 3
+    if op["op"] == "conv":
+      total = integer._conv(j, c, op, jnp.int32)
+    elif op["reduce"] == "mean" and j.ndim == 4:
+      total = np.sum(np.asarray(integer._dot(j, c, jnp.int32)), axis=(1, 2))
+      slack += j.shape[1] * j.shape[2]
+      y = y * j.shape[1] * j.shape[2]
+    else:
+      total = integer._dot(j.reshape(j.shape[0], -1), c, jnp.int32)
+    total = np.asarray(total).astype(np.float64)
+    if op["op"] == "dense":  # the fake-quant side added the bias: remove it (rounding included)
+      bias = np.asarray(_node(params, op["layer"])["bias"]).astype(np.float64)
+      total = total + 2 * np.abs(bias + y) * nw * na
+      y = y - bias * (j.shape[1] * j.shape[2] if op["reduce"] == "mean" and j.ndim == 4 else 1)
+    # acc is exact; the fake-quant sum of K rounded products is within (K + 3) u sum|terms|.
+    err = (fan_in + slack) * U * total
+    assert np.all(np.abs(y * nw * na - acc) <= err), op["layer"]
+    acc_error[op["out"]] = err
+
+  requants = [op for op in program.ops if op["op"] == "requant"]
+  checked = 0
+  for op in requants:
+    codes = np.asarray(values[op["out"]]).astype(np.int64)
+    acc = np.asarray(values[op["in"][0]]).astype(np.float64)
+    z = np.asarray(_node(inter, op["bn"])["__call__"][0]).astype(np.float64)
+    n = integer.levels(op["bits"])
+    expected = np.clip(np.round(z * n), 0, n)
+    differ = codes != expected
+    # Every disagreement is a tie: z n lies within the fake-quant side's float32 error
+    # (of the accumulator, scaled, plus the BatchNorm's few roundings) of a boundary m - 1/2.
+    scale, shift = program.arrays[op["scale"]], program.arrays[op["shift"]]
+    tol = np.abs(scale) * acc_error[op["in"][0]] + 16 * U * (np.abs(scale * acc) + np.abs(shift) + 1)
+    distance = np.abs(z * n - (np.floor(z * n) + 0.5))
+    assert np.all(np.abs(codes - expected)[differ] == 1)
+    assert np.all(distance[differ] <= tol[differ]), (op["bn"], distance[differ], tol[differ])
+    assert differ.mean() < 0.01
+    checked += codes.size
+  if not keep_fp or "resnet" in name:
+    assert requants and checked
+  np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(fq_logits, -1))
+  np.testing.assert_allclose(logits, fq_logits, atol=0.05 * float(np.abs(fq_logits).max()))
+
+
+def test_resnet18_program_shapes_and_sizes():
+  model = models.create_model("resnet18", 1000)
+  shape = (224, 224, 3)
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), v["params"])
+  stats = jax.tree.map(lambda s: np.ones(s.shape, np.float32), v["batch_stats"])
+  bits, _ = bits_for(model, shape, 2, 2, True)
+  ds = DATASETS["imagenet2012"]
+  program = integer.build_program(params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
+  out = jax.eval_shape(integer.make_apply(program), jax.ShapeDtypeStruct((2, *shape), jnp.uint8))
+  assert out.shape == (2, 1000) and out.dtype == jnp.float32
+  tensors, _ = export.stored_tensors(program)
+  sizes = export.size_report(program, tensors, integer.fp32_bytes(params, stats))
+  # The quantized layers take k/32 of their FP32 bytes, plus at most 2% for requant.
+  assert sizes["quantized_weights_packed_bytes"] == sizes["quantized_weights_k_over_32_bytes"]
+  assert sizes["quantized_weights_packed_bytes"] * 16 == sizes["quantized_weights_fp32_bytes"]
+  assert sizes["requant_overhead_fraction_of_fp32"] < 0.02
+  assert {op["op"] for op in program.ops} >= {"conv", "requant", "add", "maxpool", "relu", "batchnorm"}
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def train_tiny(workdir, data_dir, **overrides):
+  c = default.get_config()
+  c.update_from_flattened_dict(
+    {
+      "dataset": "fashion_mnist",
+      "data_dir": data_dir,
+      "model": "tiny_cnn",
+      "batch_size": 8,
+      "num_train_steps": 3,
+      "eval_every_steps": 3,
+      "checkpoint_every_steps": 3,
+      "log_every_steps": 3,
+      "augment": False,
+      "quant.weight_bits": 3,
+      "quant.act_bits": 3,
+      "quant.keep_first_last_fp": False,
+      **overrides,
+    }
+  )
+  loop.train_and_evaluate(c, str(workdir))
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, fake_data_dir):
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  train_tiny(workdir, fake_data_dir)
+  return str(workdir)
+
+
+def cli(module, *args):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+    [sys.executable, "-m", f"qnet.{module}", *args], capture_output=True, text=True, cwd=ROOT, env=env
+  )
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("exports") / "tiny")
+  r = cli("export", f"--workdir={tiny_run}", f"--out={out}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  return out
+
+
+_NO_QNET = """
+import sys, json, numpy as np
+sys.path = [p for p in sys.path if p not in ('', {root!r})]
+try:
+  import qnet
+except ImportError:
+  pass
+else:
+  raise SystemExit('qnet is importable')
+import jax
+from jax import export
+images = np.load({images!r})
+f = export.deserialize(open({hlo!r}, 'rb').read())
+np.save({result!r}, np.asarray(f.call(images)))
+"""
+
+
+def test_three_paths_agree_and_match_fake_quant_top1(exported, tiny_run, fake_data_dir, tmp_path):
+  program, manifest = export.load_export(exported)
+  assert manifest["source"]["step"] == 3 and manifest["source"]["eval_accuracy"] is not None
+  assert {tuple(v) for v in export.info_bits(manifest)} == {(3, 3), (3, 32)}  # stem: image input
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (7, 28, 28, 1)).astype(np.uint8)
+  np.save(tmp_path / "images.npy", images)
+  ours = np.asarray(integer.make_apply(program)(images))
+
+  # StableHLO in a Python where qnet is not importable (no worktree, no editable finder).
+  script = _NO_QNET.format(
+    root=ROOT, images=str(tmp_path / "images.npy"), hlo=os.path.join(exported, "model.stablehlo"),
+    result=str(tmp_path / "hlo.npy"),
+  )
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+  r = subprocess.run([sys.executable, "-S", "-c", _site_without_qnet() + script], capture_output=True, text=True, cwd=str(tmp_path), env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  hlo = np.load(tmp_path / "hlo.npy")
+
+  import onnxruntime as ort
+
+  sess = ort.InferenceSession(os.path.join(exported, "model.onnx"), providers=["CPUExecutionProvider"])
+  onnx_logits = sess.run(["logits"], {"image": images})[0]
+  np.testing.assert_allclose(hlo, ours, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(onnx_logits, ours, rtol=1e-5, atol=1e-4)
+
+  from qnet import evaluate
+
+  result = evaluate.evaluate(exported, fake_data_dir, batch_size=8)
+  assert result["test_images"] == 23
+  for name in evaluate.PATHS:
+    row = result["paths"][name]
+    assert row["top1_differs_from_fake_quant"] == 0, (name, row)
+    assert row["accuracy"] == result["paths"]["fake_quant"]["accuracy"]
+  assert result["paths"]["fake_quant"]["accuracy"] == pytest.approx(manifest["source"]["eval_accuracy"])
+
+
+def _site_without_qnet() -> str:
+  """Preamble for `python -S`: this environment's site-packages (as the test process sees
+  them) with their .pth files processed, except qnet's editable-install finder."""
+  import site
+
+  return (
+    "import site, sys, os\n"
+    f"for d in {site.getsitepackages()!r}:\n"
+    "  sys.path.append(d)\n"
+    "  for f in sorted(os.listdir(d)):\n"
+    "    if f.endswith('.pth') and 'qnet' not in f:\n"
+    "      site.addpackage(d, f, set())\n"
+  )
+
+
+def test_manifest_records_sizes_hashes_and_layers(exported):
+  _, manifest = export.load_export(exported)
+  assert set(manifest["files"]) == {"weights.safetensors", "model.stablehlo", "model.onnx"}
+  s = manifest["sizes"]
+  # k/32 of the FP32 bytes (3 bits here), up to one padding byte a layer; requant < 2%.
+  slack = s["quantized_weights_packed_bytes"] - s["quantized_weights_k_over_32_bytes"]
+  assert s["quantized_weights_k_over_32_bytes"] == s["quantized_weights_fp32_bytes"] * 3 / 32
+  assert 0 <= slack < len(manifest["layers"])
+  assert s["requant_overhead_fraction_of_fp32"] < 0.02
+  assert s["export_files_bytes"]["weights.safetensors"] == manifest["files"]["weights.safetensors"]["bytes"]
+  assert manifest["input"] == {"name": "image", "shape": ["batch", 28, 28, 1], "dtype": "uint8", "layout": "NHWC"}
+  assert manifest["layers"]["conv2_1"]["integer"] and manifest["layers"]["head"]["integer"]
+  assert not manifest["layers"]["stem"]["integer"]
+
+
+def _one_line_exit_2(r, pattern):
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and pattern in lines[0], r.stderr[-2000:]
+
+
+def _edited_run(tiny_run, tmp_path, edit):
+  import shutil
+
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  path = workdir / "config.json"
+  saved = json.loads(path.read_text())
+  edit(saved)
+  path.write_text(json.dumps(saved))
+  return str(workdir)
+
+
+def test_bad_inputs_are_one_line_exit_2_and_leave_no_out(tiny_run, exported, tmp_path):
+  out = tmp_path / "out"
+  r = cli("export", f"--workdir={tmp_path}", f"--out={out}")
+  _one_line_exit_2(r, "holds no checkpoint")
+  assert not out.exists()
+
+  fp = _edited_run(tiny_run, tmp_path / "fp", lambda s: s["config"]["quant"].update(weight_bits=32, act_bits=32))
+  r = cli("export", f"--workdir={fp}", f"--out={out}")
+  _one_line_exit_2(r, "nothing to quantize")
+  assert not out.exists()
+
+  w16 = _edited_run(tiny_run, tmp_path / "w16", lambda s: s["config"]["quant"].update(weight_bits=16))
+  r = cli("export", f"--workdir={w16}", f"--out={out}")
+  _one_line_exit_2(r, "weight_bits=16")
+  assert not out.exists()
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]  # no temporary left
+
+  before = sorted(os.listdir(exported))
+  r = cli("export", f"--workdir={tiny_run}", f"--out={exported}")
+  _one_line_exit_2(r, "exists")
+  assert sorted(os.listdir(exported)) == before
+
+  import shutil
+
+  damaged = tmp_path / "damaged"
+  shutil.copytree(exported, damaged)
+  with open(damaged / "weights.safetensors", "r+b") as f:
+    f.seek(-1, 2)
+    last = f.read(1)
+    f.seek(-1, 2)
+    f.write(bytes([last[0] ^ 1]))
+  r = cli("evaluate", f"--export={damaged}")
+  _one_line_exit_2(r, "sha256")
+
+
+def test_midway_progressive_checkpoint_exports_the_phase_precision(tiny_run, tmp_path):
+  def progressive(s):
+    s["config"]["schedule"]["kind"] = "progressive"
+    s["config"]["quant"].update(weight_bits=2, act_bits=2)
+    s["total_steps"] = 12  # ladder 32, 8, 4, 2: phases start at 0, 3, 6, 9; step 3 is W8A8
+
+  workdir = _edited_run(tiny_run, tmp_path, progressive)
+  program, info = export.program_from_run(workdir)
+  p = info["precision"]
+  assert (p["phase"], p["num_phases"], p["phase_bits"], p["target_bits"]) == (1, 4, [8.0, 8.0], [2, 2])
+  assert not p["final_phase"]
+  assert {(v["weight_bits"], v["act_bits"]) for v in program.layers.values()} == {(8, 8), (8, 32)}
