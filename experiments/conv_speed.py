@@ -132,7 +132,10 @@ def _subpixel_conv(x, kernel, *, strides=(1, 1), padding="SAME", precision=None)
 def op_setups() -> dict:
   """--per_op set-up name -> (conv function, compiler options)."""
   eigen = dict(qconv.CPU_CONV_OPTIONS)
-  xnn = {**eigen, "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+  xnn = {
+    **eigen,
+    "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+  }
   return {
     "eigen": (stock_conv, eigen),
     "ynn": (stock_conv, {}),
@@ -186,7 +189,8 @@ def per_op(
       )
     for name in setups:
       if name.startswith("subpixel+") and (base := name[len("subpixel+") :]) in setups:
-        print(f"  dx: {name} faster than {base} in {faster_in(row[base]['dx'], row[name]['dx'])} rounds")
+        wins = faster_in(row[base]["dx"], row[name]["dx"])
+        print(f"  dx: {name} faster than {base} in {wins} rounds")
     shapes.append(row)
   print("\nper ResNet-20 step (shapes weighted by count):")
   for name, t in totals.items():

@@ -55,7 +55,8 @@ def _once(model: str, impl: str, mesh, steps: int) -> dict:
     state, _ = step_c(state, batch)
     jax.block_until_ready(state)
     times.append(1e3 * (time.perf_counter() - t))
-  return {"init_compile_s": init_s, "step_compile_s": step_s, "step_ms": float(np.median(times[1:]))}
+  step_ms = float(np.median(times[1:]))
+  return {"init_compile_s": init_s, "step_compile_s": step_s, "step_ms": step_ms}
 
 
 def main() -> None:
@@ -71,9 +72,15 @@ def main() -> None:
       p.error(f"--models: {m!r} not in {', '.join(SHAPES)}")
   load_start = _loadavg()
   out = args.out or os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "results", f"prng_compile_cpu_jax{jax.__version__}.json"
+    os.path.dirname(os.path.abspath(__file__)),
+    "results",
+    f"prng_compile_cpu_jax{jax.__version__}.json",
   )
-  stack = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+  stack = {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+  }
   print(f"{stack}, load average {load_start}", flush=True)
   mesh = build.create_mesh()
   runs = {m: {i: [] for i in IMPLS} for m in models}

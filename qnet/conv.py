@@ -10,7 +10,7 @@ measurements and commands are in experiments/README.md ("CPU conv tuning").
    XLA's Eigen path and keep YNNPACK for dots and reductions (YNNPACK off entirely
    is worse: reductions slow down). jaxlib 0.10.2, idle machine: 1,143 -> 648
    ms/step alone (YNNPACK kernel gradients 5-10x slower than Eigen on 2 threads).
-   jaxlib 0.12.0.1 and 0.10.2 on a machine loaded ~10x over its 2 cores: no
+   jaxlib 0.12.0.1 and 0.10.2 on a machine loaded 6-10x over its 2 cores: no
    step-level difference with the barrier on, either way; kept on both stacks
    because nothing measured shows they stopped helping on an idle machine.
 2. Cond barrier: XLA fuses a whole stage's BatchNorm -> ReLU -> residual chain
@@ -19,20 +19,21 @@ measurements and commands are in experiments/README.md ("CPU conv tuning").
    does not stop this on CPU; an identity `lax.cond` on a runtime predicate does.
    `conv` is therefore a `jax.custom_vjp` whose backward materialises the saved
    input and the cotangent through such a cond. Still needed on jaxlib 0.12.0.1:
-   the compiled HLO shows the re-fused transposes without it, and the step was
-   faster with it than without in every alternating round (both stacks).
+   the compiled HLO shows the re-fused transposes without it; with it the step
+   took 7-10% less CPU time (both stacks, with the options) and was faster than
+   the stock conv in 5 of 5 alternating rounds (without the options).
 3. Sub-pixel strided input gradients (`subpixel_input_grad`, with the options
    only): the stock vjp of a stride-2 conv convolves a zero-dilated cotangent;
    one stride-1 conv per output phase does the forward's multiply-adds instead.
-   Per op, with the options: ResNet-20's 3x3 stride-2 input gradients took 1/3
-   less CPU time (12.6 -> 8.4 ms and 6.0 -> 5.0 ms, jaxlib 0.12; alike on 0.10.2),
-   faster in 30/30 and 22/30 alternations; at the step level (~0.5%) it is below
+   Per op, with the options: ResNet-20's 3x3 stride-2 input gradients took a
+   third and a sixth less CPU time (12.6 -> 8.4 ms, 6.0 -> 5.0 ms, jaxlib 0.12;
+   alike on 0.10.2), faster in 30/30 and 22/30 alternations; at the step level (~0.5%) it is below
    the noise. Under XLA's defaults (YNNPACK) it was not a win, so it follows the
    options.
 
 Forward outputs and kernel gradients are bitwise identical to the stock conv under
 the same compiler options; strided input gradients equal the stock ones up to fp32
-summation order (~1e-6 relative). The options change which library sums, so fp32
+summation order (~1e-6). The options change which library sums, so fp32
 results move at the ~1e-4 level compared with XLA's default CPU options.
 
 Environment overrides (read when a function is traced / a jit is built):
@@ -40,7 +41,7 @@ Environment overrides (read when a function is traced / a jit is built):
                             this also turns the sub-pixel input gradient off.
   QNET_CPU_CONV_BARRIER=0   no cond barrier.
   QNET_CPU_CONV_SUBPIXEL=0  stock strided input gradients.
-With all three off `conv` is plain `lax.conv_general_dilated` on CPU too.
+With the options and the barrier off, `conv` is plain `lax.conv_general_dilated`.
 Re-check after jaxlib upgrades: `experiments/conv_speed.py` (and `--per_op`),
 tests/test_conv.py (the HLO checks).
 """
@@ -104,7 +105,7 @@ def _materialise(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
   return lax.cond(pred, lambda t: t, lambda t: (-t[0], -t[1]), (x, g))
 
 
-def _pads(in_hw: Sequence[int], kernel_hw: Sequence[int], strides, padding) -> list[tuple[int, int]]:
+def _pads(in_hw: Sequence[int], kernel_hw: Sequence[int], strides, padding) -> list:
   if isinstance(padding, str):
     return list(lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), strides, padding))
   return [tuple(p) for p in padding]

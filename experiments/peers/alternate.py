@@ -41,7 +41,8 @@ def _qnet(python: str, bits: int, steps: int, warmup: int, path: str) -> dict:
   cmd = [python, os.path.join(ROOT, "experiments", "benchmark.py"), "--models", "resnet20"]
   cmd += ["--variants", variant, "--rounds", "1", "--steps", str(steps), "--warmup", str(warmup)]
   cmd += ["--skip_pipeline", "--skip_compile_count", "--out", path]
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+  path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+  env = {**os.environ, "PYTHONPATH": path}
   subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
   with open(path) as f:
     r = json.load(f)
@@ -77,7 +78,8 @@ def main() -> None:
   )
   args = p.parse_args()
   pythons = args.qnet_python or [sys.executable]
-  for name, exe in [("--torch_python", args.torch_python)] + [("--qnet_python", q) for q in pythons]:
+  named = [("--torch_python", args.torch_python)] + [("--qnet_python", q) for q in pythons]
+  for name, exe in named:
     if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
       print(f"{name}: {exe} is not an executable file", file=sys.stderr)
       sys.exit(2)
@@ -100,7 +102,9 @@ def main() -> None:
         row["qnet_ms"][label] = q["median_ms"]
       row["ratio"] = {k: v / row["torch_ms"] for k, v in row["qnet_ms"].items()}
       rows.append(row)
-      cells = ", ".join(f"{k} {v:.1f} ms ({row['ratio'][k]:.3f})" for k, v in row["qnet_ms"].items())
+      cells = ", ".join(
+        f"{k} {v:.1f} ms ({row['ratio'][k]:.3f})" for k, v in row["qnet_ms"].items()
+      )
       print(f"alternation {i + 1}: torch {row['torch_ms']:.1f} ms, {cells}", flush=True)
   t_med = float(np.median([r["torch_ms"] for r in rows]))
   q_med = {k: float(np.median([r["qnet_ms"][k] for r in rows])) for k in stacks}
