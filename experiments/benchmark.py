@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import time
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from configs import default
@@ -85,21 +87,23 @@ class Timer:
   """Runs named step closures in alternating rounds; keeps per-step wall times."""
 
   def __init__(self):
-    self.fns, self.times = {}, {}
+    self.fns, self.times, self.cpu, self.steps = {}, {}, {}, 1
 
   def add(self, name, fn):
-    self.fns[name], self.times[name] = fn, []
+    self.fns[name], self.times[name], self.cpu[name] = fn, [], []
 
   def run(self, rounds: int, steps: int, warmup: int):
     for fn in self.fns.values():
       for _ in range(warmup):
         fn()
+    self.steps = steps
     for _ in range(rounds):
       for name, fn in self.fns.items():
         for _ in range(steps):
-          t = time.perf_counter()
+          t, c = time.perf_counter(), time.process_time()
           fn()
           self.times[name].append(1e3 * (time.perf_counter() - t))
+          self.cpu[name].append(1e3 * (time.process_time() - c))
 
   def stats(self, name):
     t = np.array(self.times[name])
@@ -108,6 +112,11 @@ class Timer:
       "min_ms": float(t.min()),
       "max_ms": float(t.max()),
       "n": int(t.size),
+      # One median per alternating round: a difference is real only if it holds in each.
+      "round_medians_ms": [float(np.median(r)) for r in t.reshape(-1, self.steps)],
+      # CPU time of this process (all threads) per step: less swayed by other processes
+      # on a shared machine than wall time, though spinning worker threads count in it.
+      "median_cpu_ms": float(np.median(self.cpu[name])),
     }
 
 
@@ -222,6 +231,8 @@ def main() -> None:
     "dtype": args.dtype,
     "batch": args.batch,
     "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "python": platform.python_version(),
     "models": {},
   }
   for model in args.models.split(","):

@@ -1,23 +1,38 @@
-"""CPU train-step speed of ResNet-20 (CIFAR, batch 128) with three conv set-ups.
+"""CPU train-step speed of ResNet-20 (CIFAR, batch 128) with each of qnet's CPU conv fixes on/off.
 
-  stock+default : lax.conv_general_dilated, plain jax.jit
-  stock+options : lax.conv_general_dilated, jit with qnet.conv.cpu_compiler_options()
-  qnet+options  : qnet.conv.conv (cond barrier in backward), same options
+  stock+default         : lax.conv_general_dilated, plain jax.jit (XLA's defaults)
+  stock+options         : lax.conv_general_dilated, jit with qnet.conv.CPU_CONV_OPTIONS
+  qnet+default          : qnet.conv's custom-VJP conv (cond barrier in backward), XLA's defaults
+  qnet+options          : both fixes
+  qnet+subpixel+default : the barrier and the sub-pixel strided input gradient, XLA's defaults
+  qnet+subpixel+options : the same with the options
 
-Variants are timed in alternating rounds (the machine is noisy), after warm-up.
+Each variant is fixed here, whatever `qnet.conv.conv` picks on the running jaxlib, so the same
+set-ups compare on every stack (`--variants` picks some; the first is the speed-up base).
+Variants are timed in alternating rounds (the machine is noisy), after warm-up; each round's
+median is kept, so a difference can be checked round by round, and the process CPU time per
+step is kept beside the wall time. Prints the load average before and after; writes a JSON.
 Usage (repo root): PYTHONPATH=. python experiments/conv_speed.py [--rounds 3] [--steps 10]
 
 `--per_op` instead times each ResNet-20 convolution shape alone (forward, input gradient,
-kernel gradient) under three CPU library choices, in alternating rounds:
-  eigen : qnet's options (XLA's Eigen convolutions, YNNPACK kept for dots and reductions)
-  ynn   : XLA defaults (YNNPACK convolutions)
-  xnn   : qnet's options plus XNNPACK convolutions
-and prints ms per op and the per-step total (each shape weighted by its count in ResNet-20).
+kernel gradient) under these set-ups, in alternating rounds:
+  eigen          : the CPU conv options (XLA's Eigen convolutions, YNNPACK for dots and reductions)
+  ynn            : XLA defaults (YNNPACK convolutions)
+  xnn            : the CPU conv options plus XNNPACK convolutions
+  subpixel+eigen : qnet.conv's sub-pixel strided input gradient, CPU conv options
+  subpixel+ynn   : the same under XLA defaults
+and prints ms per op, the per-step total (each shape weighted by its count in ResNet-20),
+each gradient's time over the forward's (all three do the same useful multiply-adds) and the
+CPU time per op. `--setups` and `--stride` pick some set-ups and shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
+import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -108,75 +123,140 @@ RESNET20_CONVS = (
 )
 
 
-def per_op(batch: int, rounds: int, steps: int) -> None:
-  """Times forward / input-grad / kernel-grad of each ResNet-20 conv under each library."""
-  eigen = qconv.cpu_compiler_options()
-  libraries = {
-    "eigen": eigen,
-    "ynn": {},
-    "xnn": {
-      **eigen,
-      "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
-    },
+def _subpixel_conv(x, kernel, *, strides=(1, 1), padding="SAME", precision=None):
+  return qconv.custom_conv(
+    x, kernel, strides=strides, padding=padding, precision=precision, barrier=False, subpixel=True
+  )
+
+
+def op_setups() -> dict:
+  """--per_op set-up name -> (conv function, compiler options)."""
+  eigen = dict(qconv.CPU_CONV_OPTIONS)
+  xnn = {
+    **eigen,
+    "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
   }
-  totals = {lib: [0.0, 0.0, 0.0] for lib in libraries}
+  return {
+    "eigen": (stock_conv, eigen),
+    "ynn": (stock_conv, {}),
+    "xnn": (stock_conv, xnn),
+    "subpixel+eigen": (_subpixel_conv, eigen),
+    "subpixel+ynn": (_subpixel_conv, {}),
+  }
+
+
+def per_op(
+  batch: int, rounds: int, steps: int, only: list[str] | None = None, stride: int = 0
+) -> dict:
+  """Times forward / input-grad / kernel-grad of each ResNet-20 conv under each set-up."""
+  setups = op_setups()
+  if only:
+    setups = {name: setups[name] for name in only}
+  totals = {name: [0.0, 0.0, 0.0] for name in setups}
+  shapes = []
   print(
-    "shape                      | " + " | ".join(f"{lib}: fwd / dx / dw ms" for lib in libraries)
+    "shape                | set-up         |  fwd ms |   dx ms |   dw ms | dx/fwd | dw/fwd "
+    "| CPU ms: fwd / dx / dw"
   )
   for h, cin, cout, k, s, count in RESNET20_CONVS:
+    if stride and s != stride:
+      continue
     x = jax.random.normal(jax.random.key(0), (batch, h, h, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
     g = jnp.ones_like(stock_conv(x, w, strides=(s, s)))
-    ops = (
-      lambda x, w, g: stock_conv(x, w, strides=(s, s)),
-      lambda x, w, g: jax.vjp(lambda a: stock_conv(a, w, strides=(s, s)), x)[1](g)[0],
-      lambda x, w, g: jax.vjp(lambda b: stock_conv(x, b, strides=(s, s)), w)[1](g)[0],
-    )
-    fns = {
-      lib: [jax.jit(op, compiler_options=o or None) for op in ops] for lib, o in libraries.items()
-    }
     timer = Timer()  # alternating rounds after warm-up, as the train-step benchmark
-    for lib, fs in fns.items():
-      for i, f in enumerate(fs):
-        timer.add((lib, i), lambda f=f: jax.block_until_ready(f(x, w, g)))
+    for name, (fn, o) in setups.items():
+      ops = (
+        lambda x, w, g, fn=fn: fn(x, w, strides=(s, s)),
+        lambda x, w, g, fn=fn: jax.vjp(lambda a: fn(a, w, strides=(s, s)), x)[1](g)[0],
+        lambda x, w, g, fn=fn: jax.vjp(lambda b: fn(x, b, strides=(s, s)), w)[1](g)[0],
+      )
+      for i, op in enumerate(ops):
+        f = jax.jit(op, compiler_options=o or None)
+        timer.add((name, i), lambda f=f: jax.block_until_ready(f(x, w, g)))
     timer.run(rounds, steps, warmup=1)
-    cells = []
-    for lib in libraries:
-      med = [timer.stats((lib, i))["median_ms"] for i in range(3)]
-      totals[lib] = [a + count * m for a, m in zip(totals[lib], med)]
-      cells.append(" / ".join(f"{m:6.2f}" for m in med))
-    print(f"H{h:<2d} {cin:2d}->{cout:2d} k{k} s{s} x{count}     | " + " | ".join(cells), flush=True)
+    row = {"h": h, "cin": cin, "cout": cout, "k": k, "stride": s, "count": count}
+    for name in setups:
+      row[name] = {op: timer.stats((name, i)) for i, op in enumerate(("fwd", "dx", "dw"))}
+      med = [row[name][op]["median_ms"] for op in ("fwd", "dx", "dw")]
+      totals[name] = [a + count * m for a, m in zip(totals[name], med)]
+      print(
+        f"H{h:<2d} {cin:2d}->{cout:2d} k{k} s{s} x{count} | {name:14s} | "
+        + " | ".join(f"{m:7.2f}" for m in med)
+        + f" | {med[1] / med[0]:6.1f} | {med[2] / med[0]:6.1f} | "
+        + " / ".join(f"{row[name][op]['median_cpu_ms']:6.1f}" for op in ("fwd", "dx", "dw")),
+        flush=True,
+      )
+    for name in setups:
+      if name.startswith("subpixel+") and (base := name[len("subpixel+") :]) in setups:
+        wins = faster_in(row[base]["dx"], row[name]["dx"])
+        print(f"  dx: {name} faster than {base} in {wins} rounds")
+    shapes.append(row)
   print("\nper ResNet-20 step (shapes weighted by count):")
-  for lib, t in totals.items():
-    print(f"  {lib:6s} fwd {t[0]:6.1f}  dx {t[1]:6.1f}  dw {t[2]:6.1f}  total {sum(t):7.1f} ms")
+  for name, t in totals.items():
+    print(f"  {name:14s} fwd {t[0]:6.1f}  dx {t[1]:6.1f}  dw {t[2]:6.1f}  total {sum(t):7.1f} ms")
+  return {
+    "setups": {name: o for name, (_, o) in setups.items()},
+    "shapes": shapes,
+    "per_step_ms": {name: dict(zip(("fwd", "dx", "dw"), t)) for name, t in totals.items()},
+  }
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--steps", type=int, default=10)
-  ap.add_argument("--warmup", type=int, default=2)
-  ap.add_argument("--batch", type=int, default=128)
-  ap.add_argument("--per_op", action="store_true", help="time each conv shape per library")
-  args = ap.parse_args()
-  if args.per_op:
-    per_op(args.batch, args.rounds, args.steps)
-    return
+def faster_in(base: dict, other: dict) -> str:
+  """"k/n": in how many of the n alternating rounds `other`'s median beat `base`'s."""
+  pairs = list(zip(base["round_medians_ms"], other["round_medians_ms"]))
+  return f"{sum(b < a for a, b in pairs)}/{len(pairs)}"
 
+
+def _stack() -> dict:
+  """Versions of the running stack, for result files."""
+  import platform
+
+  import jaxlib
+
+  return {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "backend": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+  }
+
+
+def _loadavg() -> list[float]:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def _write(out: str, result: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {out}")
+
+
+def step_variants() -> dict:
+  """Train-step variant name -> (conv function, compiler options)."""
+  opts = dict(qconv.CPU_CONV_OPTIONS)
+  sub = functools.partial(qconv.custom_conv, subpixel=True)
+  return {
+    "stock+default": (stock_conv, {}),
+    "stock+options": (stock_conv, opts),
+    "qnet+default": (qconv.custom_conv, {}),
+    "qnet+options": (qconv.custom_conv, opts),
+    "qnet+subpixel+default": (sub, {}),
+    "qnet+subpixel+options": (sub, opts),
+  }
+
+
+def train_step(args) -> dict:
+  """Alternating-round timing of the ResNet-20 train step under the four set-ups."""
   kx, ky, kp = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (args.batch, 32, 32, 3))
   y = jax.random.randint(ky, (args.batch,), 0, 10)
-  opts = qconv.cpu_compiler_options()
-  print(
-    f"jax {jax.__version__}, backend {jax.default_backend()}, "
-    f"{jax.devices()[0].device_kind}, cpu options: {opts or 'none'}"
-  )
-  variants = {
-    "stock+default": (stock_conv, {}),
-    "stock+options": (stock_conv, opts),
-    "qnet+options": (qconv.conv, opts),
-  }
-  timer = Timer()
+  variants = step_variants()
+  if args.variants:
+    variants = {name: variants[name] for name in args.variants.split(",")}
+  timer, compile_s = Timer(), {}
   for name, (fn, o) in variants.items():
     model = ResNet20(conv_fn=fn)
     v = model.init(kp, x)
@@ -188,18 +268,72 @@ def main() -> None:
     t0 = time.perf_counter()
     for _ in range(args.warmup):
       run_step()
-    print(f"{name:14s} compile+warm-up {time.perf_counter() - t0:.1f} s")
+    compile_s[name] = time.perf_counter() - t0
+    print(f"{name:14s} compile+warm-up {compile_s[name]:.1f} s", flush=True)
     timer.add(name, run_step)
 
   timer.run(args.rounds, args.steps, warmup=0)  # warmed up above, with compile time printed
-  base = timer.stats("stock+default")["median_ms"]
-  print("\nmedian over all rounds:")
+  first = next(iter(variants))
+  base = timer.stats(first)["median_ms"]
+  print(f"\nmedian over all rounds (round medians in brackets), load average {_loadavg()}:")
+  result = {}
   for name in variants:
     st = timer.stats(name)
+    result[name] = {**st, "compile_and_warmup_s": compile_s[name]}
+    rounds = " ".join(f"{m:.0f}" for m in st["round_medians_ms"])
     print(
-      f"  {name:14s} {st['median_ms']:7.1f} ms/step  min {st['min_ms']:7.1f}  "
-      f"speed-up x{base / st['median_ms']:.2f}"
+      f"  {name:14s} {st['median_ms']:7.1f} ms/step  [{rounds}]  min {st['min_ms']:7.1f}  "
+      f"cpu {st['median_cpu_ms']:7.1f} ms  speed-up x{base / st['median_ms']:.2f}  "
+      f"faster than {first} in {faster_in(timer.stats(first), st)} rounds"
     )
+  return {"variants": result, "options": dict(qconv.CPU_CONV_OPTIONS)}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--per_op", action="store_true", help="time each conv shape per library")
+  ap.add_argument("--setups", default="", help="--per_op: comma list of set-ups (default all)")
+  ap.add_argument(
+    "--variants",
+    default="stock+default,stock+options,qnet+default,qnet+options",
+    help="train step: comma list of variants, the first is the speed-up base",
+  )
+  ap.add_argument("--stride", type=int, default=0, help="--per_op: only shapes of this stride")
+  ap.add_argument("--out", default=None, help="JSON path (default: experiments/results/...)")
+  args = ap.parse_args()
+  only = [x for x in args.setups.split(",") if x]
+  known = tuple(op_setups())
+  if any(x not in known for x in only):
+    print(f"--setups: each of {', '.join(known)}", file=sys.stderr)
+    sys.exit(2)
+  if any(x not in step_variants() for x in args.variants.split(",")):
+    print(f"--variants: each of {', '.join(step_variants())}", file=sys.stderr)
+    sys.exit(2)
+  stack = _stack()
+  load = _loadavg()
+  print(f"{stack}, load average {load}", flush=True)
+  kind = "conv_ops" if args.per_op else "conv_speed"
+  if args.per_op:
+    result = per_op(args.batch, args.rounds, args.steps, only, args.stride)
+  else:
+    result = train_step(args)
+  result = {
+    "stack": stack,
+    "batch": args.batch,
+    "rounds": args.rounds,
+    "steps": args.steps,
+    "loadavg_start": load,
+    "loadavg_end": _loadavg(),
+    **result,
+  }
+  out = args.out or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results", f"{kind}_cpu_jax{jax.__version__}.json"
+  )
+  _write(out, result)
 
 
 if __name__ == "__main__":

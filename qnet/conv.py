@@ -1,29 +1,49 @@
 """2-D convolution (NHWC / HWIO) that trains fast on XLA's CPU backend.
 
-On GPU/TPU `conv` is plain `lax.conv_general_dilated`. On CPU two measured
-problems make the backward pass slow (jaxlib 0.10.2, 2-vCPU AVX2 host,
-ResNet-20 batch 128: ~1.1-1.5 s/step by default vs ~0.45-0.53 s with both fixes):
+On GPU/TPU `conv` is plain `lax.conv_general_dilated`. On CPU three fixes are on
+by default, each measured on a 2-vCPU AVX2 host (ResNet-20, batch 128); the
+measurements and commands are in experiments/README.md ("CPU conv tuning").
 
-1. XLA routes kernel-gradient convolutions (and wide forward/input-gradient
-   ones) to YNNPACK, 5-10x slower than its Eigen path for these shapes.
-   Fix: the per-jit compiler options from `cpu_compiler_options()`, which
-   `qnet.build.compile_steps` passes to its jits (turning YNNPACK off entirely is
-   worse: reductions slow down).
-2. XLA fuses a whole stage's BatchNorm -> ReLU -> residual chain into the
-   layout transposes in front of each kernel-gradient conv and recomputes it
-   there (~100+ ms per op instead of ~1 ms). `lax.optimization_barrier` does
-   not stop this on CPU; an identity `lax.cond` on a runtime predicate does.
+1. Compiler options (`cpu_compiler_options()`, which `qnet.build.compile_steps`
+   passes to its jits): XLA routes kernel-gradient convolutions (and
+   wide forward/input-gradient ones) to YNNPACK; the options send convolutions to
+   XLA's Eigen path and keep YNNPACK for dots and reductions (YNNPACK off entirely
+   is worse: reductions slow down). jaxlib 0.10.2, idle machine: 1,143 -> 648
+   ms/step alone (YNNPACK kernel gradients 5-10x slower than Eigen on 2 threads).
+   jaxlib 0.12.0.1 and 0.10.2 on a machine loaded 6-10x over its 2 cores: no
+   step-level difference with the barrier on, either way; kept on both stacks
+   because nothing measured shows they stopped helping on an idle machine.
+2. Cond barrier: XLA fuses a whole stage's BatchNorm -> ReLU -> residual chain
+   into the layout transposes in front of each kernel-gradient conv and
+   recomputes it there (~100+ ms per op instead of ~1 ms). `lax.optimization_barrier`
+   does not stop this on CPU; an identity `lax.cond` on a runtime predicate does.
    `conv` is therefore a `jax.custom_vjp` whose backward materialises the saved
-   input and the cotangent through such a cond, then runs the stock conv vjp.
+   input and the cotangent through such a cond. Still needed on jaxlib 0.12.0.1:
+   the compiled HLO shows the re-fused transposes without it; with it the step
+   took 7-10% less CPU time (both stacks, with the options) and was faster than
+   the stock conv in 5 of 5 alternating rounds (without the options).
+3. Sub-pixel strided input gradients (`subpixel_input_grad`, with the options
+   only): the stock vjp of a stride-2 conv convolves a zero-dilated cotangent;
+   one stride-1 conv per output phase does the forward's multiply-adds instead.
+   Per op, with the options: ResNet-20's 3x3 stride-2 input gradients took a
+   third and a sixth less CPU time (12.6 -> 8.4 ms, 6.0 -> 5.0 ms, jaxlib 0.12;
+   alike on 0.10.2), faster in 30/30 and 22/30 alternations; at the step level (~0.5%) it is below
+   the noise. Under XLA's defaults (YNNPACK) it was not a win, so it follows the
+   options.
 
-Results are bitwise identical to the stock conv under the same compiler
-options. The options themselves change which library sums, so fp32 results
-move at the ~1e-4 level compared with XLA's default CPU options.
+Forward outputs and kernel gradients are bitwise identical to the stock conv under
+the same compiler options; strided input gradients equal the stock ones up to fp32
+summation order (~1e-6). The options change which library sums, so fp32
+results move at the ~1e-4 level compared with XLA's default CPU options.
 
 Environment overrides (read when a function is traced / a jit is built):
-  QNET_CPU_CONV_OPTIONS=0  `cpu_compiler_options()` returns {} (XLA defaults).
-  QNET_CPU_CONV_BARRIER=0  `conv` is plain `lax.conv_general_dilated` on CPU too.
-Re-check both fixes after jaxlib upgrades (see tests/test_conv.py).
+  QNET_CPU_CONV_OPTIONS=0   `cpu_compiler_options()` returns {} (XLA defaults);
+                            this also turns the sub-pixel input gradient off.
+  QNET_CPU_CONV_BARRIER=0   no cond barrier.
+  QNET_CPU_CONV_SUBPIXEL=0  stock strided input gradients.
+With the options and the barrier off, `conv` is plain `lax.conv_general_dilated`.
+Re-check after jaxlib upgrades: `experiments/conv_speed.py` (and `--per_op`),
+tests/test_conv.py (the HLO checks).
 """
 
 from __future__ import annotations
@@ -34,6 +54,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 Padding = str | Sequence[tuple[int, int]]
@@ -41,7 +62,7 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 # Keep YNNPACK for dots and reductions, drop it for convolutions. Equivalent to
 # XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution; the
 # "-..." form is rejected as a per-jit option, so the kept types are listed.
-_CPU_OPTIONS = {
+CPU_CONV_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
 
@@ -61,7 +82,7 @@ def cpu_compiler_options() -> dict[str, str]:
   """
   if not _on_cpu() or not _env_on("QNET_CPU_CONV_OPTIONS"):
     return {}
-  return dict(_CPU_OPTIONS)
+  return dict(CPU_CONV_OPTIONS)
 
 
 def _stock(x, kernel, strides, padding, precision):
@@ -78,23 +99,103 @@ def _materialise(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
   return lax.cond(pred, lambda t: t, lambda t: (-t[0], -t[1]), (x, g))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _cpu_conv(x, kernel, strides, padding, precision):
+def _pads(in_hw: Sequence[int], kernel_hw: Sequence[int], strides, padding) -> list:
+  if isinstance(padding, str):
+    return list(lax.padtype_to_pads(tuple(in_hw), tuple(kernel_hw), strides, padding))
+  return [tuple(p) for p in padding]
+
+
+def subpixel_applies(kernel_hw: Sequence[int], strides: Sequence[int], padding) -> bool:
+  """Whether `subpixel_input_grad` is used: a strided conv with kernel >= stride, pads >= 0."""
+  if isinstance(padding, str):
+    pads_ok = True
+  else:
+    pads_ok = all(lo >= 0 and hi >= 0 for lo, hi in padding)
+  return pads_ok and any(s > 1 for s in strides) and all(
+    k >= s for k, s in zip(kernel_hw, strides)
+  )
+
+
+def subpixel_input_grad(
+  g: jax.Array,
+  kernel: jax.Array,
+  in_hw: Sequence[int],
+  strides: Sequence[int],
+  padding: Padding,
+  precision: Any = None,
+) -> jax.Array:
+  """Input gradient of a strided conv as stride-1 convs, one per output phase, interleaved.
+
+  The stock vjp convolves the cotangent dilated by the stride (zeros between its
+  pixels). Instead, input pixels are grouped by phase r = (position + pad_lo) mod
+  stride: phase r is a stride-1 correlation of g with the kernel taps r, r + s, ...
+  (flipped), so the s_h * s_w phase convs together do the forward's multiply-adds;
+  they are interleaved back by stack/reshape. Needs `subpixel_applies`. Equal to the
+  stock input gradient up to fp32 summation order.
+  """
+  sh, sw = strides
+  kh, kw, cin, _ = kernel.shape
+  h, w = in_hw
+  (lo_h, _), (lo_w, _) = _pads(in_hw, (kh, kw), strides, padding)
+  ho, wo = g.shape[1:3]
+  # Phase outputs cover input rows -lo_h ... rounded up to whole strides.
+  qh, qw = -(-(lo_h + h) // sh), -(-(lo_w + w) // sw)
+  rows = []
+  for rh in range(sh):
+    cols = []
+    for rw in range(sw):
+      sub = jnp.swapaxes(kernel[rh::sh, rw::sw][::-1, ::-1], 2, 3)  # HW, Cout -> Cin
+      th, tw = sub.shape[:2]
+      pads = ((th - 1, qh - ho), (tw - 1, qw - wo))
+      cols.append(_stock(g, sub, (1, 1), pads, precision))
+    rows.append(jnp.stack(cols, axis=3))  # N, qh, qw, sw, Cin
+  z = jnp.stack(rows, axis=2).reshape(g.shape[0], qh * sh, qw * sw, cin)
+  return z[:, lo_h : lo_h + h, lo_w : lo_w + w]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _cpu_conv(x, kernel, strides, padding, precision, barrier, subpixel):
   return _stock(x, kernel, strides, padding, precision)
 
 
-def _cpu_conv_fwd(x, kernel, strides, padding, precision):
+def _cpu_conv_fwd(x, kernel, strides, padding, precision, barrier, subpixel):
   return _stock(x, kernel, strides, padding, precision), (x, kernel)
 
 
-def _cpu_conv_bwd(strides, padding, precision, res, g):
+def _cpu_conv_bwd(strides, padding, precision, barrier, subpixel, res, g):
   x, kernel = res
-  x, g = _materialise(x, g)
-  _, vjp = jax.vjp(lambda a, b: _stock(a, b, strides, padding, precision), x, kernel)
-  return vjp(g)
+  if barrier:
+    x, g = _materialise(x, g)
+  if not (subpixel and subpixel_applies(kernel.shape[:2], strides, padding)):
+    _, vjp = jax.vjp(lambda a, b: _stock(a, b, strides, padding, precision), x, kernel)
+    return vjp(g)
+  _, vjp_k = jax.vjp(lambda b: _stock(x, b, strides, padding, precision), kernel)
+  dx = subpixel_input_grad(g, kernel, x.shape[1:3], strides, padding, precision)
+  return dx.astype(x.dtype), vjp_k(g)[0]
 
 
 _cpu_conv.defvjp(_cpu_conv_fwd, _cpu_conv_bwd)
+
+
+def custom_conv(
+  x: jax.Array,
+  kernel: jax.Array,
+  *,
+  strides: Sequence[int] = (1, 1),
+  padding: Padding = "SAME",
+  precision: Any = None,
+  barrier: bool = True,
+  subpixel: bool = False,
+) -> jax.Array:
+  """The custom-VJP conv on any backend, each backward fix chosen explicitly.
+
+  barrier: materialise the saved input and cotangent behind an identity cond.
+  subpixel: strided input gradients by `subpixel_input_grad`.
+  """
+  strides = tuple(int(s) for s in strides)
+  if not isinstance(padding, str):  # nondiff args must be hashable
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _cpu_conv(x, kernel, strides, padding, precision, bool(barrier), bool(subpixel))
 
 
 def conv(
@@ -107,12 +208,20 @@ def conv(
 ) -> jax.Array:
   """NHWC x HWIO -> NHWC convolution, equal to `lax.conv_general_dilated`.
 
-  On CPU (unless QNET_CPU_CONV_BARRIER=0) it is a custom_vjp with the cond
-  barrier described in the module docstring; reverse mode only (no jvp).
+  On CPU it is `custom_conv` with the fixes of the module docstring that the
+  environment leaves on; reverse mode only (no jvp).
   """
-  strides = tuple(int(s) for s in strides)
-  if not isinstance(padding, str):  # nondiff args must be hashable
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if _on_cpu() and _env_on("QNET_CPU_CONV_BARRIER"):
-    return _cpu_conv(x, kernel, strides, padding, precision)
-  return _stock(x, kernel, strides, padding, precision)
+  if _on_cpu():
+    barrier = _env_on("QNET_CPU_CONV_BARRIER")
+    subpixel = bool(cpu_compiler_options()) and _env_on("QNET_CPU_CONV_SUBPIXEL")
+    if barrier or subpixel:
+      return custom_conv(
+        x,
+        kernel,
+        strides=strides,
+        padding=padding,
+        precision=precision,
+        barrier=barrier,
+        subpixel=subpixel,
+      )
+  return _stock(x, kernel, tuple(strides), padding, precision)

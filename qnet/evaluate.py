@@ -60,6 +60,8 @@ def raw_test_batches(
 
 def fake_quant_fn(manifest: dict) -> Callable[[np.ndarray], np.ndarray]:
   """Logits of the source checkpoint's fake-quant network at the exported precision."""
+  import jax
+
   from qnet import build, conv, export, run_config
 
   source = manifest["source"]
@@ -72,7 +74,10 @@ def fake_quant_fn(manifest: dict) -> Callable[[np.ndarray], np.ndarray]:
   params, batch_stats = export.read_checkpoint(source["workdir"], source["step"])
   prec = spec.schedule.deterministic(spec.layout, source["step"])
   variables = {"params": params, "batch_stats": batch_stats, "precision": prec}
-  apply = conv.jit(lambda v, x: spec.model.apply(v, x, train=False))
+  apply = jax.jit(
+    lambda v, x: spec.model.apply(v, x, train=False),
+    compiler_options=conv.cpu_compiler_options() or None,
+  )
   return lambda x: np.asarray(apply(variables, x))
 
 

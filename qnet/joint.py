@@ -30,6 +30,8 @@ PyTree = Any
 TRACE_COUNTS: collections.Counter = collections.Counter()
 # XLA's RngBitGenerator instead of threefry for every key qnet makes: initialising a model
 # with threefry keys took 9 s to compile on the 2-core CPU (tiny_cnn; jax 0.10.2), rbg 1 s.
+# Re-measured on jax 0.12 (experiments/prng_compile.py, experiments/README.md): init still
+# compiles faster with rbg (resnet20 > 3x); the key layout is part of every checkpoint.
 PRNG_IMPL = "rbg"
 
 

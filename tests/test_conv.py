@@ -61,7 +61,50 @@ def test_gradients_equal(ksize, s, pad):
   want = grads(stock)
   dx, dk = (float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
   print(f"grad k={ksize} s={s} {pad}: max|dx diff|={dx} max|dk diff|={dk}")
-  assert dx == 0.0 and dk == 0.0
+  assert dk == 0.0
+  if CPU and qconv.subpixel_applies(k.shape[:2], (s, s), pad):
+    # Sub-pixel input gradient: same sums in another order.
+    assert dx < 1e-5 * float(jnp.max(jnp.abs(want[0])))
+  else:
+    assert dx == 0.0
+
+
+SUBPIXEL_CASES = [
+  ((9, 10), 3, 2, "SAME"),  # odd/even sizes: asymmetric SAME pads, rows and columns differ
+  ((9, 9), 3, 2, "VALID"),
+  ((8, 8), 3, 2, ((1, 0), (0, 2))),
+  ((10, 11), 5, 3, "SAME"),  # stride 3: nine phases
+  ((7, 7), 2, 2, "VALID"),  # kernel == stride: every phase one tap
+  ((8, 8), 1, 2, "SAME"),  # kernel < stride: not rewritten, stock path
+]
+
+
+@pytest.mark.parametrize("hw,ksize,s,pad", SUBPIXEL_CASES)
+def test_subpixel_input_grad_equals_stock(hw, ksize, s, pad):
+  kx, kk, kg = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (3, *hw, 5))
+  k = jax.random.normal(kk, (ksize, ksize, 5, 7))
+  y, vjp = jax.vjp(lambda a: stock(a, k, (s, s), pad), x)
+  g = jax.random.normal(kg, y.shape)
+  want = vjp(g)[0]
+  if qconv.subpixel_applies(k.shape[:2], (s, s), pad):
+    got = qconv.subpixel_input_grad(g, k, hw, (s, s), pad)
+    diff = float(jnp.max(jnp.abs(got - want)))
+    print(f"sub-pixel dx {hw} k={ksize} s={s} {pad}: max|diff|={diff}")
+    assert got.shape == want.shape and diff < 1e-5 * float(jnp.max(jnp.abs(want)))
+  else:
+    assert ksize < s
+  # Through the custom VJP, with and without the barrier: dx as above, dk bitwise stock.
+  for barrier in (False, True):
+    f = lambda a, b: qconv.custom_conv(
+      a, b, strides=(s, s), padding=pad, barrier=barrier, subpixel=True
+    )
+    out, vjp_c = jax.vjp(f, x, k)
+    dx, dk = vjp_c(g)
+    assert float(jnp.max(jnp.abs(out - y))) == 0.0
+    assert float(jnp.max(jnp.abs(dx - want))) < 1e-5 * float(jnp.max(jnp.abs(want)))
+    dk_want = jax.vjp(lambda b: stock(x, b, (s, s), pad), k)[1](g)[0]
+    assert float(jnp.max(jnp.abs(dk - dk_want))) == 0.0
 
 
 @needs_cpu
@@ -167,6 +210,28 @@ def test_hlo_has_barrier_and_no_ynn_conv(monkeypatch):
   assert refused_conv_operands(options_hlo) > 0
   assert "conditional(" in hlo and "convolution(" in hlo
   assert refused_conv_operands(hlo) == 0
+
+
+def _conv_count(fn, s=2):
+  """conv_general_dilated ops in the jaxpr of a stride-s 3x3 conv's gradient."""
+  x, k, _ = data(3)
+  loss = lambda x, k: jnp.sum(fn(x, k, strides=(s, s)))
+  return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, k)).count("conv_general_dilated[")
+
+
+@needs_cpu
+def test_subpixel_follows_options_and_env(monkeypatch):
+  for name in ("QNET_CPU_CONV_OPTIONS", "QNET_CPU_CONV_BARRIER", "QNET_CPU_CONV_SUBPIXEL"):
+    monkeypatch.delenv(name, raising=False)
+  on = {s: _conv_count(qconv.conv, s) for s in (1, 2)}
+  monkeypatch.setenv("QNET_CPU_CONV_SUBPIXEL", "0")
+  off = {s: _conv_count(qconv.conv, s) for s in (1, 2)}
+  # Stride 2: the input gradient's one dilated conv becomes four stride-1 phase convs.
+  assert on[2] == off[2] + 3
+  assert on[1] == off[1]  # stride 1: stock gradients either way
+  monkeypatch.setenv("QNET_CPU_CONV_SUBPIXEL", "1")
+  monkeypatch.setenv("QNET_CPU_CONV_OPTIONS", "0")  # sub-pixel only with the options
+  assert _conv_count(qconv.conv) == off[2]
 
 
 @needs_cpu

@@ -1,11 +1,16 @@
 """qnet against the PyTorch peer, ResNet-20 W4A4 train step on CPU, back to back.
 
-  python experiments/peers/alternate.py --torch_python /tmp/torchvenv/bin/python
+  python experiments/peers/alternate.py --torch_python /work/venv-torch/bin/python \
+    --qnet_python /work/venv311/bin/python --qnet_python /work/venv313/bin/python
 
-Runs `torch_resnet20.py` and then qnet's `benchmark.py` (ResNet-20, W4A4 only) as separate
-processes, `--alternations` times in turn, so both see the same machine state. Each process
-reports the median ms of its timed steps (after warm-up; qnet's compile is not timed).
-Prints the pairs and the ratio of medians, and writes experiments/results/peer_resnet20_cpu.json.
+Each alternation runs `torch_resnet20.py` and then qnet's `benchmark.py` (ResNet-20, W4A4 only,
+or plain FP with `--bits 32`) once under every `--qnet_python` (default: this Python), each as
+its own process, so PyTorch and every qnet stack (e.g. jax 0.10.2 on Python 3.11 and jax 0.12
+on Python 3.13) see the same machine state; `--alternations` times in turn. Each process
+reports the median ms of its timed steps (after warm-up; qnet's compile is not timed). qnet
+runs from this checkout (PYTHONPATH) whatever the Python. Prints each alternation and the
+ratio of medians, and writes experiments/results/peer_resnet20_cpu.json with the versions of
+every stack (python, jax, jaxlib; torch) and the load average before and after.
 """
 
 from __future__ import annotations
@@ -23,27 +28,47 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
-def _torch(python: str, bits: int, steps: int, warmup: int, path: str) -> float:
+def _torch(python: str, bits: int, steps: int, warmup: int, path: str) -> dict:
   cmd = [python, os.path.join(HERE, "torch_resnet20.py"), "--bits", str(bits)]
   cmd += ["--steps", str(steps), "--warmup", str(warmup), "--json", path]
-  subprocess.run(cmd, check=True, cwd=ROOT)
-  with open(path) as f:
-    return json.load(f)["median_ms"]
-
-
-def _qnet(bits: int, steps: int, warmup: int, path: str) -> float:
-  variant = "w4a4" if bits == 4 else "fp_plain"
-  cmd = [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--models", "resnet20"]
-  cmd += ["--variants", variant, "--rounds", "1", "--steps", str(steps), "--warmup", str(warmup)]
-  cmd += ["--skip_pipeline", "--skip_compile_count", "--out", path]
   subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
   with open(path) as f:
-    return json.load(f)["models"]["resnet20"][variant]["median_ms"]
+    return json.load(f)
+
+
+def _qnet(python: str, bits: int, steps: int, warmup: int, path: str) -> dict:
+  variant = "w4a4" if bits == 4 else "fp_plain"
+  cmd = [python, os.path.join(ROOT, "experiments", "benchmark.py"), "--models", "resnet20"]
+  cmd += ["--variants", variant, "--rounds", "1", "--steps", str(steps), "--warmup", str(warmup)]
+  cmd += ["--skip_pipeline", "--skip_compile_count", "--out", path]
+  path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+  env = {**os.environ, "PYTHONPATH": path}
+  subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
+  with open(path) as f:
+    r = json.load(f)
+  return {
+    "median_ms": r["models"]["resnet20"][variant]["median_ms"],
+    "stack": {"python": r.get("python"), "jax": r["jax"], "jaxlib": r.get("jaxlib")},
+  }
+
+
+def _label(stack: dict, exe: str, taken: dict[str, str]) -> str:
+  """"qnet pyX jaxY", with the executable added if another Python has the same stack."""
+  label = f"qnet py{stack['python']} jax{stack['jax']}"
+  return f"{label} ({exe})" if label in taken.values() else label
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--torch_python", default="/tmp/torchvenv/bin/python")
+  p.add_argument(
+    "--qnet_python",
+    action="append",
+    default=None,
+    help="a Python with qnet's dependencies; repeat to alternate stacks (default: this one)",
+  )
   p.add_argument("--alternations", type=int, default=3)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=3)
@@ -52,22 +77,42 @@ def main() -> None:
     "--out", default=os.path.join(ROOT, "experiments", "results", "peer_resnet20_cpu.json")
   )
   args = p.parse_args()
-  pairs = []
+  pythons = args.qnet_python or [sys.executable]
+  named = [("--torch_python", args.torch_python)] + [("--qnet_python", q) for q in pythons]
+  for name, exe in named:
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+      print(f"{name}: {exe} is not an executable file", file=sys.stderr)
+      sys.exit(2)
+  if args.alternations < 1 or args.steps < 1:
+    print("--alternations and --steps must be >= 1", file=sys.stderr)
+    sys.exit(2)
+
+  load_start = [round(x, 2) for x in os.getloadavg()]
+  print(f"load average {load_start}", flush=True)
+  rows, stacks, torch_info, labels = [], {}, {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     for i in range(args.alternations):
       t = _torch(args.torch_python, args.bits, args.steps, args.warmup, os.path.join(tmp, "t.json"))
-      q = _qnet(args.bits, args.steps, args.warmup, os.path.join(tmp, "q.json"))
-      pairs.append({"torch_ms": t, "qnet_ms": q, "ratio": q / t})
-      print(
-        f"alternation {i + 1}: torch {t:.1f} ms, qnet {q:.1f} ms, qnet/torch {q / t:.3f}",
-        flush=True,
+      torch_info = {"torch": t["torch"], "threads": t["threads"], "executable": args.torch_python}
+      row = {"torch_ms": t["median_ms"], "qnet_ms": {}}
+      for exe in pythons:
+        q = _qnet(exe, args.bits, args.steps, args.warmup, os.path.join(tmp, "q.json"))
+        label = labels.setdefault(exe, _label(q["stack"], exe, labels))
+        stacks[label] = {**q["stack"], "executable": exe}
+        row["qnet_ms"][label] = q["median_ms"]
+      row["ratio"] = {k: v / row["torch_ms"] for k, v in row["qnet_ms"].items()}
+      rows.append(row)
+      cells = ", ".join(
+        f"{k} {v:.1f} ms ({row['ratio'][k]:.3f})" for k, v in row["qnet_ms"].items()
       )
-  t_med = float(np.median([x["torch_ms"] for x in pairs]))
-  q_med = float(np.median([x["qnet_ms"] for x in pairs]))
-  print(
-    f"median over alternations: torch {t_med:.1f} ms, qnet {q_med:.1f} ms, qnet/torch {q_med / t_med:.3f}"
-  )
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+      print(f"alternation {i + 1}: torch {row['torch_ms']:.1f} ms, {cells}", flush=True)
+  t_med = float(np.median([r["torch_ms"] for r in rows]))
+  q_med = {k: float(np.median([r["qnet_ms"][k] for r in rows])) for k in stacks}
+  load_end = [round(x, 2) for x in os.getloadavg()]
+  print(f"median over alternations (load average now {load_end}): torch {t_med:.1f} ms")
+  for k, v in q_med.items():
+    print(f"  {k}: {v:.1f} ms, qnet/torch {v / t_med:.3f}")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(
       {
@@ -75,10 +120,14 @@ def main() -> None:
         "batch": 128,
         "steps": args.steps,
         "warmup": args.warmup,
-        "pairs": pairs,
+        "torch": torch_info,
+        "stacks": stacks,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "alternations": rows,
         "torch_median_ms": t_med,
         "qnet_median_ms": q_med,
-        "ratio_qnet_over_torch": q_med / t_med,
+        "ratio_qnet_over_torch": {k: v / t_med for k, v in q_med.items()},
       },
       f,
       indent=1,
