@@ -287,8 +287,8 @@ def table(rows: list[dict]) -> str:
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
     groups.setdefault((r["weight_bits"], r["method"]), []).append(r)
-  fp_means = {m: np.mean([r["test_accuracy"] for r in groups[(32, m)]]) for _, m in groups if _ == 32}
-  best_fp = max(fp_means.values(), default=None)
+  fp_means = [np.mean([r["test_accuracy"] for r in g]) for (b, _), g in groups.items() if b == 32]
+  best_fp = max(fp_means, default=None)
   order = list(METHODS)
   lines = [
     "| bits | method | seeds | test accuracy (mean ± std) | gap to best FP (points) | "
