@@ -19,15 +19,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sweep import METHODS, RESULTS, curve_path, run_key  # noqa: E402
+from sweep import FP_METHODS, METHODS, RESULTS, curve_path, run_key  # noqa: E402
+
+# One colour per method in both plots (more methods than the default cycle has colours).
+COLORS = dict(zip(METHODS, plt.get_cmap("tab20").colors))
 
 
 def accuracy_vs_bits(rows: list[dict], path: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 4))
-  fp = [r["test_accuracy"] for r in rows if r["method"] == "fp"]
-  if fp:
-    ax.axhline(100 * np.mean(fp), color="k", ls="--", lw=1, label=f"fp (n={len(fp)})")
-  methods = [m for m in METHODS if m != "fp"]
+  for method, ls in zip(FP_METHODS, ("--", ":")):
+    fp = [r["test_accuracy"] for r in rows if r["method"] == method]
+    if fp:
+      ax.axhline(100 * np.mean(fp), color="k", ls=ls, lw=1, label=f"{method} (n={len(fp)})")
+  methods = [m for m in METHODS if m not in FP_METHODS]
   for i, method in enumerate(methods):
     bits = sorted({r["weight_bits"] for r in rows if r["method"] == method})
     if not bits:
@@ -44,11 +48,12 @@ def accuracy_vs_bits(rows: list[dict], path: str) -> None:
       yerr=[np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in acc],  # as the table's std
       marker="o",
       capsize=3,
+      color=COLORS[method],
       label=f"{method} (n={n[0]}{f'-{n[-1]}' if len(n) > 1 else ''})",
     )
   ax.set_xlabel("bits (weights = activations)")
   ax.set_ylabel("test accuracy (%)")
-  ax.set_xticks(sorted({r["weight_bits"] for r in rows if r["method"] != "fp"}))
+  ax.set_xticks(sorted({r["weight_bits"] for r in rows if r["method"] not in FP_METHODS}))
   ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # off the lines
   ax.grid(alpha=0.3)
   fig.tight_layout()
@@ -57,7 +62,6 @@ def accuracy_vs_bits(rows: list[dict], path: str) -> None:
 
 def curves(rows: list[dict], name: str, bits: int, path: str) -> None:
   fig, (ax_err, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-  colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
   for r in rows:
     if r["weight_bits"] != bits:
       continue
@@ -77,8 +81,8 @@ def curves(rows: list[dict], name: str, bits: int, path: str) -> None:
     if len(tr) > 2 and tr[-1][0] - tr[-2][0] < tr[-2][0] - tr[-3][0]:
       tr = tr[:-1]  # The last, partial log interval (4 steps at 1,404) is too few to average.
     ev = [(p["step"], 100 * p["eval_accuracy"]) for p in points if "eval_accuracy" in p]
-    ax_err.plot(*zip(*tr), color=colors[r["method"]], alpha=0.7, label=label)
-    ax_acc.plot(*zip(*ev), color=colors[r["method"]], marker="o", alpha=0.7, label=label)
+    ax_err.plot(*zip(*tr), color=COLORS[r["method"]], alpha=0.7, label=label)
+    ax_acc.plot(*zip(*ev), color=COLORS[r["method"]], marker="o", alpha=0.7, label=label)
   ax_err.set(xlabel="step", ylabel="train error (%, mean over log interval)")
   ax_acc.set(xlabel="step", ylabel="test accuracy (%)")
   for ax in (ax_err, ax_acc):

@@ -3,13 +3,26 @@
   python experiments/sweep.py --methods direct,two_stage,progressive,stochastic --bits 2 \
       --seeds 0,1,2 --name fashion_mnist
 
-Every run uses `--config` (default configs/fashion_mnist_w4a4.py: its model and total steps)
-plus command-line overrides, so it is exactly the code path a user runs. A finished run is
-recorded in `experiments/results/NAME.json` and skipped next time; an interrupted run
-resumes from its own checkpoints (workdir under --runs_dir). Writes NAME.json (one object
-per run), NAME.md (mean/std per method and bit-width, gap to FP) and keeps each run's
-curve in experiments/results/curves/NAME/. Workdirs default to experiments/runs/NAME/, so two
-sweeps (say, from scratch and fine-tuned) never share a run's workdir or curve.
+Each method is a shipped config: `configs/FAMILY_SUFFIX.py` with SUFFIX from `METHODS`
+(e.g. `--family fashion_mnist_hard --methods distill` runs
+`configs/fashion_mnist_hard_w2a2_distill.py`), so a sweep row is exactly what a user gets
+from `python -m qnet.main --config=...`. The sweep only sets the bit-width (`--bits`; FP
+methods are 32 bits), the seed, and any extra `--config.X=Y` overrides after a `--`.
+`progressive_rounds` and `two_stage_rounds` run their config's precision phases as separate
+training runs ("rounds", the paper's multi-round protocol): an FP round, then one round per
+phase, each a full run (its own lr schedule, fresh optimizer) initialised from the previous
+round's checkpoint (`init_from`); the rounds share the config's total steps equally, so
+every row of a sweep has the same total steps.
+
+A finished run is recorded in `experiments/results/NAME.json` and skipped next time; an
+interrupted run resumes from its own checkpoints (workdir under --runs_dir), an interrupted
+chain of rounds from its last finished round. Every row carries the wall time and the CPU
+time (user + system) of its training processes, both measured here: CPU time well under
+about 1.3-2x the wall time on these 2 cores means the run shared the machine or was paused.
+Writes NAME.json (one object per run), NAME.md (mean/std per method and bit-width, gap to
+the better FP network, each method's gain over direct with its 95% interval and Welch's
+t-test p-value) and keeps each run's curve in experiments/results/curves/NAME/. Workdirs
+default to experiments/runs/NAME/, so two sweeps never share a run's workdir or curve.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -29,21 +43,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
-# Method -> config overrides (on top of the base config's model and budget).
-METHODS: dict[str, dict[str, str]] = {
-  "fp": {"schedule.kind": "direct"},
-  "direct": {"schedule.kind": "direct"},
-  "two_stage": {"schedule.kind": "two_stage"},
-  "progressive": {"schedule.kind": "progressive"},
-  "stochastic": {"schedule.kind": "stochastic"},
-  "distill": {"schedule.kind": "direct", "distill.enabled": "True"},
-  "progressive+distill": {"schedule.kind": "progressive", "distill.enabled": "True"},
-  "stochastic+distill": {"schedule.kind": "stochastic", "distill.enabled": "True"},
+# Method -> suffix of its config file, configs/FAMILY_SUFFIX.py. The configs are the one
+# source of what a method is; the sweep only names them.
+METHODS: dict[str, str] = {
+  "fp": "fp",
+  "fp_relu": "fp_relu",
+  "direct": "w2a2_direct",
+  "two_stage": "w2a2_two_stage",
+  "progressive": "w2a2_progressive",
+  "stochastic": "w2a2_stochastic",
+  "distill": "w2a2_distill",
+  "progressive+distill": "w2a2_progressive_distill",
+  "stochastic+distill": "w2a2_stochastic_distill",
+  # The same configs' phases, each phase its own training run (see the module docstring).
+  "progressive_rounds": "w2a2_progressive",
+  "two_stage_rounds": "w2a2_two_stage",
 }
+FP_METHODS = ("fp", "fp_relu")  # 32-bit networks: one set of seeds serves every bit-width
+ROUND_METHODS = ("progressive_rounds", "two_stage_rounds")
+TIMING_FILE = "sweep_timing.json"  # a finished round's measured times, kept in its workdir
 
 
 def run_key(method: str, bits: int, seed: int) -> str:
   return f"{method}_w{bits}a{bits}_s{seed}"
+
+
+def method_bits(method: str, bits: int) -> int:
+  """The bit-width a method runs at in the `bits` column of a sweep."""
+  return 32 if method in FP_METHODS else bits
+
+
+def config_file(family: str, method: str) -> str:
+  """The config of `method` in `family`, relative to the repository root."""
+  return os.path.join("configs", f"{family}_{METHODS[method]}.py")
 
 
 def curve_path(results: str, name: str, key: str) -> str:
@@ -63,62 +95,168 @@ CURVE_KEYS = (
 )
 
 
-def curve(metrics: list[dict]) -> list[dict]:
+def curve(metrics: list[dict], step_offset: int = 0) -> list[dict]:
   """The train and eval points of a run's metrics.jsonl that the plots use."""
   return [
-    {k: r[k] for k in CURVE_KEYS if k in r}
+    {k: r[k] + step_offset if k == "step" else r[k] for k in CURVE_KEYS if k in r}
     for r in metrics
     if "train_loss" in r or "eval_accuracy" in r
   ]
 
 
-def run_one(
-  config: str, method: str, bits: int, seed: int, runs_dir: str, extra: list[str], name: str
-) -> dict:
-  """Runs (or resumes) one training run and returns its result row."""
-  b = 32 if method == "fp" else bits
-  key = run_key(method, b, seed)
-  workdir = os.path.join(runs_dir, key)
-  overrides = {
-    **METHODS[method],
-    "quant.weight_bits": str(b),
-    "quant.act_bits": str(b),
-    "seed": str(seed),
-  }
-  cmd = [sys.executable, "-m", "qnet.main", f"--config={config}", f"--workdir={workdir}"]
-  cmd += [f"--config.{k}={v}" for k, v in overrides.items()] + extra
-  resumed_from = _latest_checkpoint(workdir)
-  start = time.time()
-  log_path = workdir + ".log"
-  os.makedirs(runs_dir, exist_ok=True)
+def load_config(family: str, method: str, extra: list[str]):
+  """The config a run of `method` gets: its file plus the `--config.X=Y` overrides in `extra`,
+  parsed by the same absl/ml_collections flag code as `python -m qnet.main`."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  if ROOT not in sys.path:  # the config files import their siblings as `configs.X`
+    sys.path.insert(0, ROOT)
+  fv = flags.FlagValues()
+  path = os.path.join(ROOT, config_file(family, method))
+  argv = ["sweep", f"--config={path}", *[a for a in extra if a.startswith("--config.")]]
+  # The override flags are found in `sys_argv` (sys.argv unless given).
+  config_flags.DEFINE_config_file(
+    "config", None, flag_values=fv, lock_config=True, sys_argv=argv
+  )
+  fv(argv)
+  return fv.config
+
+
+def rounds_of(config, bits: int) -> list[tuple[int, int]]:
+  """(weight_bits, act_bits) of each round: FP first (the paper starts every chain from a
+  trained FP net), then one round per phase of the config's in-run schedule at `bits`."""
+  from qnet import schedule as schedule_lib
+
+  s = config.schedule
+  phases = list(s.phases) or schedule_lib.default_phases(
+    s.kind, bits, bits, s.ladder, s.two_stage_at
+  )
+  chain = [(int(p[1]), int(p[2])) for p in phases]
+  return chain if chain[0] == (32, 32) else [(32, 32), *chain]
+
+
+def split_steps(total: int, parts: int) -> list[int]:
+  """`total` steps in `parts` near-equal integer shares that add up to `total`."""
+  return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
+
+
+def timed_run(cmd: list[str], log_path: str) -> tuple[int, float, float]:
+  """Runs `cmd` from the repository root, appending its output to `log_path`; returns
+  (exit status, wall seconds, CPU seconds of the child: user + system)."""
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  start = time.perf_counter()
   with open(log_path, "a") as log:
-    proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  wall = time.time() - start
-  if proc.returncode != 0:
-    raise RuntimeError(f"run {workdir} failed (exit {proc.returncode}); see {log_path}")
+    code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+  wall = time.perf_counter() - start
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  return code, wall, cpu
+
+
+def _train(config: str, workdir: str, overrides: list[str]) -> dict:
+  """One `python -m qnet.main` run (resuming its own checkpoints): its metrics and times."""
+  cmd = [sys.executable, "-m", "qnet.main", f"--config={config}", f"--workdir={workdir}"]
+  resumed_from = _latest_checkpoint(workdir)
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  code, wall, cpu = timed_run(cmd + overrides, workdir + ".log")
+  if code != 0:
+    raise RuntimeError(f"run {workdir} failed (exit {code}); see {workdir}.log")
   rows = metrics_io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {
+    "metrics": rows,
+    "wall_s": round(wall, 1),
+    "cpu_s": round(cpu, 1),
+    "resumed_from_step": resumed_from,
+  }
+
+
+def _summary(rows: list[dict]) -> dict:
   evals = [r for r in rows if "eval_accuracy" in r]
-  train_rows = [r for r in rows if "train_loss" in r]
   compiles = [r for r in rows if "train_step_compiles" in r]
+  return {
+    "test_accuracy": evals[-1]["eval_accuracy"],
+    "teacher_test_accuracy": evals[-1].get("teacher_eval_accuracy"),
+    "train_steps": [r for r in rows if "train_loss" in r][-1]["step"],
+    "train_step_compiles": compiles[-1]["train_step_compiles"] if compiles else None,
+  }
+
+
+def run_one(
+  family: str, method: str, bits: int, seed: int, runs_dir: str, extra: list[str], name: str
+) -> dict:
+  """Runs (or resumes) one training run, or one chain of rounds, and returns its result row."""
+  b = method_bits(method, bits)
+  key = run_key(method, b, seed)
+  config = config_file(family, method)
+  own = [f"--config.seed={seed}"]
+  if method not in FP_METHODS:
+    own += [f"--config.quant.weight_bits={b}", f"--config.quant.act_bits={b}"]
+  if method in ROUND_METHODS:
+    result, points, rounds = _run_rounds(family, method, b, runs_dir, key, extra + own)
+  else:
+    result = _train(config, os.path.join(runs_dir, key), own + extra)
+    result |= _summary(result["metrics"])
+    points, rounds = curve(result["metrics"]), None
   path = curve_path(RESULTS, name, key)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    json.dump(curve(rows), f)
-  return (
-    {
-      "method": method,
-      "weight_bits": b,
-      "act_bits": b,
-      "seed": seed,
-      "test_accuracy": evals[-1]["eval_accuracy"],
-      "teacher_test_accuracy": evals[-1].get("teacher_eval_accuracy"),
-      "train_steps": train_rows[-1]["step"],
-      "wall_s": round(wall, 1),
-      "train_step_compiles": compiles[-1]["train_step_compiles"] if compiles else None,
-    }
-    | ({"resumed_from_step": resumed_from} if resumed_from is not None else {})
-    | ({"extra_overrides": extra} if extra else {})
-  )
+    json.dump(points, f)
+  row = {"method": method, "weight_bits": b, "act_bits": b, "seed": seed, "config": config}
+  row |= {k: v for k, v in result.items() if k not in ("metrics", "resumed_from_step")}
+  if result["resumed_from_step"] is not None:
+    row["resumed_from_step"] = result["resumed_from_step"]
+  if rounds:
+    row["rounds"] = rounds
+  if extra:
+    row["extra_overrides"] = extra
+  return row
+
+
+def _run_rounds(
+  family: str, method: str, bits: int, runs_dir: str, key: str, overrides: list[str]
+) -> tuple[dict, list[dict], list[dict]]:
+  """The chain of rounds of a round method: (summary with summed times, joined curve, rounds)."""
+  from qnet import loop
+
+  cfg = load_config(family, method, overrides)
+  chain = rounds_of(cfg, bits)
+  steps = split_steps(loop.total_train_steps(cfg)[0], len(chain))
+  points, rounds, prev, resumed = [], [], "", None
+  for i, ((w, a), n) in enumerate(zip(chain, steps)):
+    workdir = os.path.join(runs_dir, key, f"round{i}_w{w}a{a}")
+    timing_file = os.path.join(workdir, TIMING_FILE)
+    round_overrides = overrides + [
+      "--config.schedule.kind=direct",
+      f"--config.quant.weight_bits={w}",
+      f"--config.quant.act_bits={a}",
+      f"--config.num_train_steps={n}",
+      f"--config.init_from={prev}",
+    ]
+    if os.path.exists(timing_file):  # finished in an earlier invocation
+      with open(timing_file) as f:
+        timing = json.load(f)
+      metrics = metrics_io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    else:
+      r = _train(config_file(family, method), workdir, round_overrides)
+      metrics, timing = r["metrics"], {"wall_s": r["wall_s"], "cpu_s": r["cpu_s"]}
+      if r["resumed_from_step"] is not None:
+        timing["resumed_from_step"] = r["resumed_from_step"]
+      with open(timing_file, "w") as f:
+        json.dump(timing, f)
+    if "resumed_from_step" in timing:  # this round timed only its remainder
+      resumed = sum(steps[:i]) + timing["resumed_from_step"]
+    points += curve(metrics, step_offset=sum(steps[:i]))
+    rounds.append({"weight_bits": w, "act_bits": a, "steps": n} | _summary(metrics) | timing)
+    prev = workdir
+  summary = _summary(metrics) | {
+    "train_steps": sum(steps),
+    "train_step_compiles": max(r["train_step_compiles"] or 0 for r in rounds) or None,
+    "wall_s": round(sum(r["wall_s"] for r in rounds), 1),
+    "cpu_s": round(sum(r["cpu_s"] for r in rounds), 1),
+    "resumed_from_step": resumed,
+  }
+  return summary, points, rounds
 
 
 def _latest_checkpoint(workdir: str) -> int | None:
@@ -128,48 +266,79 @@ def _latest_checkpoint(workdir: str) -> int | None:
   return max(steps, default=None)
 
 
-def table(rows: list[dict]) -> str:
-  """Markdown: mean +- std of test accuracy per (method, bits), gap to FP, wall time.
+def welch(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
+  """Mean of `a` minus mean of `b`, its 95% interval (Welch-Satterthwaite degrees of
+  freedom) and the two-sided p-value of Welch's t-test; each sample needs >= 2 values."""
+  from scipy import stats
 
-  A row's optional `paused_s` (time its process was stopped, e.g. by SIGSTOP while a
-  benchmark needed the machine) is left out of the wall time. A run resumed from a
-  checkpoint (`resumed_from_step`) timed only its remainder, so it is left out of the mean.
+  res = stats.ttest_ind(a, b, equal_var=False)
+  ci = res.confidence_interval(0.95)
+  return float(np.mean(a) - np.mean(b)), float(ci.low), float(ci.high), float(res.pvalue)
+
+
+def table(rows: list[dict]) -> str:
+  """Markdown: mean +- std of test accuracy per (method, bits); gap to the better of the FP
+  networks (clip-ReLU `fp`, plain-ReLU `fp_relu`); gain over direct at the same bits with
+  its 95% interval and Welch p-value; mean wall and CPU time of a run.
+
+  A run resumed from a checkpoint (`resumed_from_step`) timed only its remainder, so it is
+  left out of the time means.
   """
-  fp = [r["test_accuracy"] for r in rows if r["method"] == "fp"]
-  fp_mean = float(np.mean(fp)) if fp else None
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
     groups.setdefault((r["weight_bits"], r["method"]), []).append(r)
+  fp_means = [np.mean([r["test_accuracy"] for r in g]) for (b, _), g in groups.items() if b == 32]
+  best_fp = max(fp_means, default=None)
   order = list(METHODS)
   lines = [
-    "| bits | method | seeds | test accuracy (mean ± std) | gap to FP (points) | "
-    "wall s / run | train-step compiles |",
-    "|---|---|---|---|---|---|---|",
+    "| bits | method | seeds | test accuracy (mean ± std) | gap to best FP (points) | "
+    "gain over direct [95% CI] (points) | p (Welch) | wall s / run | CPU s / run | "
+    "train steps | train-step compiles |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for bits, method in sorted(groups, key=lambda k: (-k[0], order.index(k[1]))):
     g = groups[(bits, method)]
-    acc = np.array([r["test_accuracy"] for r in g])
-    gap = f"{100 * (acc.mean() - fp_mean):+.2f}" if fp_mean is not None else "n/a"
+    acc = 100 * np.array([r["test_accuracy"] for r in g])
+    gap = f"{acc.mean() - 100 * best_fp:+.2f}" if best_fp is not None else "n/a"
+    direct = 100 * np.array([r["test_accuracy"] for r in groups.get((bits, "direct"), [])])
+    gain, p = "", ""
+    if method not in FP_METHODS + ("direct",) and len(acc) > 1 and len(direct) > 1:
+      d, lo, hi, pv = welch(acc, direct)
+      gain, p = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{pv:.3f}"
     compiles = sorted({int(r["train_step_compiles"]) for r in g if r.get("train_step_compiles")})
+    steps = sorted({int(r["train_steps"]) for r in g})
     lines.append(
-      f"| W{bits}A{bits} | {method} | {len(g)} | {100 * acc.mean():.2f} ± "
-      f"{100 * acc.std(ddof=1) if len(g) > 1 else 0:.2f} | {gap} | "
-      f"{_mean_wall(g)} | "
-      f"{','.join(map(str, compiles))} |"
+      f"| W{bits}A{bits} | {method} | {len(g)} | {acc.mean():.2f} ± "
+      f"{acc.std(ddof=1) if len(g) > 1 else 0:.2f} | {gap} | {gain} | {p} | "
+      f"{_mean_time(g, 'wall_s')} | {_mean_time(g, 'cpu_s')} | "
+      f"{','.join(map(str, steps))} | {','.join(map(str, compiles))} |"
     )
   return "\n".join(lines) + "\n"
 
 
-def _mean_wall(rows: list[dict]) -> str:
-  walls = [r["wall_s"] - r.get("paused_s", 0) for r in rows if "resumed_from_step" not in r]
-  return f"{np.mean(walls):.0f}" if walls else "n/a (resumed)"
+def _mean_time(rows: list[dict], field: str) -> str:
+  times = [r[field] for r in rows if field in r and "resumed_from_step" not in r]
+  if times:
+    return f"{np.mean(times):.0f}"
+  return "n/a (resumed)" if any(field in r for r in rows) else "n/a"
+
+
+def write_report(rows: list[dict], name: str) -> str:
+  """Writes NAME.json and NAME.md from `rows`; returns the table."""
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    json.dump(rows, f, indent=1)
+  md = table(rows)
+  with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    f.write(md)
+  return md
 
 
 def main() -> None:
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  p.add_argument("--config", default="configs/fashion_mnist_w4a4.py")
+  p.add_argument("--family", default="fashion_mnist", help="configs/FAMILY_<method suffix>.py")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--bits", default="4,3,2")
   p.add_argument("--seeds", default="0,1,2")
@@ -183,12 +352,13 @@ def main() -> None:
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     sys.exit(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
+  missing = sorted({config_file(args.family, m) for m in methods} - _existing_configs())
+  if missing:
+    sys.exit(f"--family={args.family}: no config {', '.join(missing)}")
   out_json = os.path.join(RESULTS, f"{args.name}.json")
   rows = json.load(open(out_json)) if os.path.exists(out_json) else []
   if args.report_only:
-    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
-      f.write(table(rows))
-    print(table(rows))
+    print(write_report(rows, args.name))
     return
   done = {run_key(r["method"], r["weight_bits"], r["seed"]) for r in rows}
   plan = []
@@ -196,26 +366,25 @@ def main() -> None:
   for seed in map(int, args.seeds.split(",")):
     for bits in map(int, args.bits.split(",")):
       for method in methods:
-        key = run_key(method, 32 if method == "fp" else bits, seed)
+        key = run_key(method, method_bits(method, bits), seed)
         if key not in done and key not in [k for k, *_ in plan]:
           plan.append((key, method, bits, seed))
   print(f"{len(done)} runs done, {len(plan)} to go", flush=True)
   for i, (key, method, bits, seed) in enumerate(plan):
-    t0 = time.time()
     print(f"[{i + 1}/{len(plan)}] {key} ...", flush=True)
-    row = run_one(args.config, method, bits, seed, runs_dir, args.extra, args.name)
+    row = run_one(args.family, method, bits, seed, runs_dir, args.extra, args.name)
     rows.append(row)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(out_json, "w") as f:
-      json.dump(rows, f, indent=1)
-    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
-      f.write(table(rows))
+    write_report(rows, args.name)
     print(
       f"[{i + 1}/{len(plan)}] {key}: test accuracy {row['test_accuracy']:.4f} "
-      f"in {time.time() - t0:.0f} s",
+      f"in {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} s CPU",
       flush=True,
     )
   print(table(rows))
+
+
+def _existing_configs() -> set[str]:
+  return {os.path.join("configs", f) for f in os.listdir(os.path.join(ROOT, "configs"))}
 
 
 if __name__ == "__main__":

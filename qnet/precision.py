@@ -62,6 +62,22 @@ class Layout:
       node["act_bits"] = act_bits[i]
     return tree
 
+  def vectors(self, tree: PyTree) -> tuple[jax.Array, jax.Array]:
+    """Inverse of `tree`: per-layer `(weight_bits, act_bits)` vectors (the export reads the
+    bits of each layer this way)."""
+
+    def get(path):
+      node = tree
+      for key in path:
+        node = node[key]
+      return node
+
+    nodes = [get(p) for p in self.paths]
+    return (
+      jnp.stack([jnp.asarray(n["weight_bits"]) for n in nodes]),
+      jnp.stack([jnp.asarray(n["act_bits"]) for n in nodes]),
+    )
+
 
 def layout_from_collection(collection: PyTree) -> Layout:
   """Layout of an initialised `precision` collection (a nested dict)."""

@@ -82,6 +82,16 @@ def test_precision_tree_at_boundaries_keeps_edges_fp():
   assert float(no_keep.deterministic(layout, jnp.int32(0))["head"]["weight_bits"]) == 2
 
 
+def test_layout_vectors_invert_tree():
+  """`Layout.vectors` reads back, layer by layer in `paths` order, what `Layout.tree` built."""
+  layout = _layout()
+  n = len(layout.paths)
+  w, a = jnp.arange(n, dtype=jnp.float32) + 2, jnp.arange(n, dtype=jnp.float32)[::-1] + 1
+  got_w, got_a = layout.vectors(layout.tree(w, a))
+  np.testing.assert_array_equal(got_w, w)
+  np.testing.assert_array_equal(got_a, a)
+
+
 def test_sp_ratio_step_list_and_linear_ramp():
   s = schedule.from_config(_cfg("stochastic"), 2, 2, 400, True)
   assert [float(s.sp_ratio(jnp.int32(t))) for t in (0, 99, 100, 200, 300, 399)] == [
