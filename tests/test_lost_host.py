@@ -10,8 +10,8 @@ import time
 import pytest
 
 from qnet import metrics_io
-from test_multiprocess import _free_port
-from test_reliability import ROOT, _assert_trees_equal, _cli, _env, _final_params
+from test_multiprocess import _free_port, process_env
+from test_reliability import ROOT, _assert_trees_equal, _cli, _final_params
 
 STEPS, HEARTBEAT_S = 12, 30
 
@@ -20,14 +20,7 @@ def _launch(work, data_dir):
   port = _free_port()
   procs = []
   for i in range(2):
-    env = _env() | {
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-      "QNET_DISTRIBUTED": "1",
-      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-      "QNET_NUM_PROCESSES": "2",
-      "QNET_PROCESS_ID": str(i),
-      "QNET_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S),
-    }
+    env = process_env(port, i, QNET_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
     cmd = _cli(
       work,
       data_dir,

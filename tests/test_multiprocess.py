@@ -20,19 +20,24 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def process_env(port: int, index: int, **extra: str) -> dict:
+  """Environment of process `index` of a 2-process CPU job (2 devices each) on `port`."""
+  return _env() | {
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "QNET_DISTRIBUTED": "1",
+    "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+    "QNET_NUM_PROCESSES": "2",
+    "QNET_PROCESS_ID": str(index),
+  } | extra
+
+
 @pytest.mark.slow
 def test_two_processes_train_evaluate_and_checkpoint(tmp_path, fake_data_dir):
   work = str(tmp_path / "two")
   port = _free_port()
   procs = []
   for i in range(2):
-    env = _env() | {
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-      "QNET_DISTRIBUTED": "1",
-      "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-      "QNET_NUM_PROCESSES": "2",
-      "QNET_PROCESS_ID": str(i),
-    }
+    env = process_env(port, i)
     cmd = _cli(work, fake_data_dir, "--config.schedule.kind=direct")
     procs.append(
       subprocess.Popen(
