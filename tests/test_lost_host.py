@@ -76,8 +76,13 @@ def test_killed_peer_stops_the_survivor_in_bounded_time_and_relaunch_resumes_exa
       p.kill()
   assert procs[0].returncode not in (0, None), err[-3000:]
   lines = [l for l in err.splitlines() if l.startswith("qnet: ")]
-  assert len(lines) == 1 and lines[0].startswith("qnet: lost a peer process: "), err[-3000:]
-  assert "Traceback" not in err
+  if procs[0].returncode == -signal.SIGABRT:
+    # JAX's coordination service declared the peer dead before this process's collective
+    # failed, and aborted it (a race; seen on jax 0.10.2): the line is JAX's, not ours.
+    assert not lines and ("detected fatal errors" in err or "Aborted" in err), err[-3000:]
+  else:
+    assert len(lines) == 1 and lines[0].startswith("qnet: lost a peer process: "), err[-3000:]
+    assert "Traceback" not in err
 
   _finish(_launch(work, fake_data_dir))
   (s1, a), (s2, b) = _final_params(ref), _final_params(work)
