@@ -16,11 +16,13 @@ from typing import Any, Callable
 
 import flax
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
 
 from qnet import precision as precision_lib
+from qnet.models.layers import CALIBRATION
 from qnet import schedule as schedule_lib
 
 PyTree = Any
@@ -76,17 +78,29 @@ class DistillSpec:
 
 
 def create_optimizer(
-  momentum: float, weight_decay: float, nesterov: bool = False
+  momentum: float,
+  weight_decay: float,
+  nesterov: bool = False,
+  clip_decays: dict[str, float] | None = None,
 ) -> optax.GradientTransformation:
   """SGD direction (PyTorch semantics: decay added to the gradient, then momentum).
 
   The learning rate is applied by the step (`params - lr * update`), not inside optax, so a
   phase can restart the lr schedule and the momentum buffer can be reset independently.
-  Weight decay applies to kernels only (ndim > 1), not to BN parameters or biases.
+  Weight decay applies to kernels only (ndim > 1), not to BN parameters, biases or learned
+  clip levels; `clip_decays` maps a clip level's parameter name to its own decay (PACT's L2
+  penalty on alpha is this decay). Zero decays add no transform (the state keeps its shape).
   """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  named = lambda name: lambda params: jax.tree_util.tree_map_with_path(
+    lambda path, _: getattr(path[-1], "key", None) == name, params
+  )
+  clip = [
+    optax.add_decayed_weights(d, mask=named(n)) for n, d in sorted((clip_decays or {}).items()) if d
+  ]
   return optax.chain(
     optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    *clip,
     optax.trace(decay=momentum, nesterov=nesterov),
   )
 
@@ -148,6 +162,32 @@ def init_state(
     students=tuple(init_net(s, k, sample) for s, k in zip(students, keys)),
     teacher=None if teacher is None else init_net(teacher, keys[-1], sample),
   )
+
+
+def calibrate(
+  state: TrainState, batch: dict[str, jax.Array], *, students: tuple[NetSpec, ...]
+) -> TrainState:
+  """Data-dependent init of the students' learned clip levels from one (the first) batch.
+
+  Runs each student in training mode (batch statistics) at the bits its schedule ends at,
+  every layer at once, and sets each learned clip level to LSQ's initial step
+  `2 mean|v| / sqrt(Q_p)` times `Q_p` (PACT's alpha the same way), computed on the inputs
+  the layer sees with the layers before it already calibrated. Layers at 32 bits there keep
+  their level. BN statistics and everything else are unchanged. The teacher is FP: no-op.
+  """
+  images = batch["image"]
+  nets = []
+  for spec, net in zip(students, state.students):
+    prec = spec.schedule.deterministic(spec.layout, spec.schedule.total_steps - 1)
+    variables = {"params": net.params, "batch_stats": net.batch_stats, "precision": prec}
+    _, updates = spec.model.apply(
+      variables, images, train=True, mutable=["batch_stats", CALIBRATION]
+    )
+    params = flax.traverse_util.flatten_dict(net.params)
+    for path, value in flax.traverse_util.flatten_dict(updates.get(CALIBRATION, {})).items():
+      params[path] = value.astype(params[path].dtype)
+    nets.append(net.replace(params=flax.traverse_util.unflatten_dict(params)))
+  return state.replace(students=tuple(nets))
 
 
 # ----------------------------------------------------------------------------- losses

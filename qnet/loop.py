@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import math
 import os
 import signal
@@ -242,6 +243,11 @@ def train_and_evaluate(
     ),
     data_sharding,
   )
+  if start_step == 0 and build.learned_clips(config):
+    # A fresh run's learned clip levels start from its first batch, which it then trains on.
+    first = next(train_iter)
+    state = build.compile_calibrate(mesh, students)(state, first)
+    train_iter = itertools.chain([first], train_iter)
   progress = metrics_io.Progress(start_step, total_steps)
   pending: list[tuple[int, dict]] = []
   eval_metrics: dict[str, float] = {}
