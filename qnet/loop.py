@@ -18,6 +18,7 @@ import threading
 from typing import Any, Iterator
 
 from absl import logging
+import flax.traverse_util
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ import numpy as np
 
 from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
 from qnet import schedule as schedule_lib
+from qnet.models import layers
 
 PyTree = Any
 
@@ -87,11 +89,22 @@ def load_teacher_from(workdir: str, state: joint.TrainState) -> joint.TrainState
 
 def _net_from(workdir: str, net: joint.NetState, what: str) -> joint.NetState:
   params, batch_stats = _read_net(workdir, "students", "0")
+  params = _keep_missing_clips(net.params, params)
   _check_shapes(net.params, params, f"{what}: params")
   _check_shapes(net.batch_stats, batch_stats, f"{what}: batch_stats")
   return net.replace(
     params=_like(net.params, params), batch_stats=_like(net.batch_stats, batch_stats)
   )
+
+
+def _keep_missing_clips(target: PyTree, source: PyTree) -> PyTree:
+  """`source` plus `target`'s learned clip levels where `source` has none (a DoReFa or FP
+  run loaded into an LSQ/PACT model: a fresh run calibrates them on its first batch)."""
+  flat = flax.traverse_util.flatten_dict(source)
+  for path, value in flax.traverse_util.flatten_dict(target).items():
+    if path[-1] in (layers.WEIGHT_CLIP, layers.ACT_CLIP) and path not in flat:
+      flat[path] = np.asarray(value)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def _read_net(workdir: str, *path: str) -> tuple[PyTree, PyTree]:

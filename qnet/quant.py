@@ -3,9 +3,10 @@ quantizers (LSQ, PACT)"), all with straight-through rounding.
 
 All functions are pure and take `bits` as data: a Python number or a (traced) scalar array.
 Changing its value never recompiles a jitted caller. `bits >= 32` means full precision:
-weights pass through untouched, activations are only clipped to [0, 1].
+weights pass through untouched; DoReFa's activations are only clipped to [0, 1], LSQ's and
+PACT's are a plain ReLU.
 
-Edge cases (documented behaviour, tested):
+Edge cases of the DoReFa quantizers (documented behaviour, tested):
   * an all-zero kernel quantizes without NaN (the max in the normalisation is floored at
     `_TINY`); DoReFa weight levels have no zero, so zeros map to the level nearest 0, +1/n;
   * +-Inf weights saturate (tanh(+-inf) = +-1); +-Inf activations clip to 1 or 0;

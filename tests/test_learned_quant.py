@@ -353,3 +353,43 @@ def test_short_training_with_each_quantizer_reduces_the_loss(weight_quantizer, a
     state, m = step(state, batch)
     losses.append(float(m["train_loss"]))
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.slow
+def test_loop_calibrates_fresh_runs_only_and_resumes_exactly(tmp_path):
+  from test_loop import mock_config, run, saved_state
+
+  c = mock_config(
+    **{"quant.weight_quantizer": "lsq", "quant.act_quantizer": "pact", "schedule.kind": "progressive"}
+  )
+  run(c, tmp_path / "full")
+  run(c, tmp_path / "split", stop_at_step=5)
+  run(c, tmp_path / "split")  # resumed: no second calibration
+  (_, a), (_, b) = saved_state(c, tmp_path / "full"), saved_state(c, tmp_path / "split")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  # The loop calibrated: PACT's alpha left DoReFa's placeholder 1.
+  assert float(a.students[0].params["conv2_1"]["act_clip"]) != 1.0
+
+
+def test_init_from_a_dorefa_checkpoint_keeps_fresh_clip_levels(tmp_path):
+  from qnet import checkpointing, loop
+
+  def state_of(c):
+    students, teacher = build.build_specs(c, 10)
+    init = jax.jit(functools.partial(joint.init_state, students, teacher, c.seed))
+    return init(jnp.zeros((1, 28, 28, 1)))
+
+  dorefa = state_of(_config("dorefa", "dorefa", seed=3))
+  assert "act_clip" not in dorefa.students[0].params["conv2_1"]
+  manager = checkpointing.create_manager(str(tmp_path))
+  checkpointing.save(manager, 1, dorefa, {})
+  manager.wait_until_finished()
+  fresh = state_of(_config("lsq", "pact"))
+  loaded = loop.load_students_from(str(tmp_path), fresh, teacher_too=False).students[0].params
+  np.testing.assert_array_equal(loaded["conv2_1"]["kernel"], dorefa.students[0].params["conv2_1"]["kernel"])
+  for name in ("weight_clip", "act_clip"):
+    np.testing.assert_array_equal(loaded["conv2_1"][name], fresh.students[0].params["conv2_1"][name])

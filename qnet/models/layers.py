@@ -6,8 +6,9 @@ other collection. Bit-widths are therefore data, keyed like the parameter tree, 
 Python constants inside the model: changing them never recompiles.
 
 Convention used by every model in qnet: a layer quantizes its *input* activation with
-`act_bits` (the DoReFa activation quantizer, which also plays the role of the ReLU) and
-its kernel with `weight_bits`. The first layer (named `stem`) sees the image, so it never
+`act_bits` (the activation quantizer, DoReFa, PACT or LSQ, also plays the role of the
+ReLU) and its kernel with `weight_bits` (DoReFa or LSQ). LSQ and PACT keep their learned
+clip levels as parameters of the layer (README, "Learned quantizers (LSQ, PACT)"). The first layer (named `stem`) sees the image, so it never
 quantizes its input; the classifier is named `head`. `precision.keep_first_last_fp`
 relies on these two names.
 """
