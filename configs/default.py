@@ -44,7 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.weight_bits = 4
   c.quant.act_bits = 4
   c.quant.keep_first_last_fp = True
-  c.quant.per_channel = False  # weights: per-output-channel max (DoReFa normalisation) or step (LSQ).
+  # Weights: per-output-channel max (DoReFa's normalisation) or step (LSQ); per tensor if False.
+  c.quant.per_channel = False
   # Quantizers (README, "Learned quantizers (LSQ, PACT)"): weights dorefa | lsq; activations
   # dorefa | pact | lsq. LSQ and PACT learn a clip level per layer (LSQ weights: per channel
   # with per_channel), initialised from the first batch.

@@ -172,7 +172,9 @@ def _validate_quantizers(config) -> None:
     return
   # LSQ's signed grid [-2^(b-1), 2^(b-1) - 1] has no positive level at 1 bit.
   bits = [("quant.weight_bits", q.weight_bits)]
-  bits += [(f"schedule.phases[{i}].weight_bits", p[1]) for i, p in enumerate(config.schedule.phases)]
+  bits += [
+    (f"schedule.phases[{i}].weight_bits", p[1]) for i, p in enumerate(config.schedule.phases)
+  ]
   bits += [("schedule.ladder", b) for b in config.schedule.ladder if b >= q.weight_bits]
   bits += [
     (f"distill.extra_students[{i}].weight_bits", p[0])

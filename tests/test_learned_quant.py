@@ -1,12 +1,19 @@
 """LSQ and PACT: values and gradients against NumPy transcriptions of the papers' formulas,
 the phase-boundary and full-precision rules, first-batch calibration, clip-level decay."""
 
+import functools
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_joint import _batch
 
-from qnet import quant
+from configs import default
+from qnet import build, config_validation, joint, precision, quant
+from qnet.models import layers
 
 BITS = range(2, 9)
 
@@ -96,8 +103,10 @@ def test_pact_matches_the_paper(bits):
 def test_full_precision_is_raw_weights_and_relu_and_leaves_the_clip_level_alone():
   x = jnp.array([-2.0, -0.1, 0.3, 5.0])
   for fn, signed in ((quant.lsq_quantize, True), (quant.lsq_quantize, False), (None, False)):
-    f = (lambda x, c: quant.pact_quantize(x, c, 32)) if fn is None else (
-      lambda x, c, s=signed: quant.lsq_quantize(x, c, 32, signed=s)
+    f = (
+      (lambda x, c: quant.pact_quantize(x, c, 32))
+      if fn is None
+      else (lambda x, c, s=signed: quant.lsq_quantize(x, c, 32, signed=s))
     )
     out, pull = jax.vjp(f, x, jnp.float32(1.0))
     dx, dclip = pull(jnp.ones(4))
@@ -150,7 +159,8 @@ def test_lsq_init_clip_is_lsq_initial_step_times_q_p():
   for bits in (2, 4, 8):
     qp = 2.0 ** (bits - 1) - 1
     np.testing.assert_allclose(
-      quant.lsq_init_clip(jnp.asarray(w), bits, True), qp * 2 * np.abs(w).mean() / np.sqrt(qp),
+      quant.lsq_init_clip(jnp.asarray(w), bits, True),
+      qp * 2 * np.abs(w).mean() / np.sqrt(qp),
       rtol=1e-5,
     )
     per = quant.lsq_init_clip(jnp.asarray(w), bits, True, axes=(0, 1, 2))
@@ -165,14 +175,6 @@ def test_lsq_init_clip_is_lsq_initial_step_times_q_p():
 
 # ----------------------------------------------------------------------------- in a network
 
-import functools  # noqa: E402
-
-import flax.linen as nn  # noqa: E402
-
-from configs import default  # noqa: E402
-from qnet import build, config_validation, joint, precision  # noqa: E402
-from qnet.models import layers  # noqa: E402
-
 
 def _config(weight_quantizer="lsq", act_quantizer="lsq", model="tiny_cnn", **over):
   c = default.get_config()
@@ -183,26 +185,15 @@ def _config(weight_quantizer="lsq", act_quantizer="lsq", model="tiny_cnn", **ove
   return c
 
 
-def _batch(n=16, seed=0):
-  rng = np.random.default_rng(seed)
-  return {
-    "image": jnp.asarray(rng.normal(size=(n, 28, 28, 1)), jnp.float32),
-    "label": jnp.asarray(rng.integers(0, 10, n), jnp.int32),
-  }
-
-
 def _layer_inputs(model, variables, images):
   """Each quantized layer's input and kernel in a training-mode forward (interceptor)."""
-
 
   def run(variables, images):
     seen = {}
 
     def grab(next_fun, args, kwargs, context):
       m = context.module
-      if context.method_name == "__call__" and isinstance(
-        m, (layers.QuantConv, layers.QuantDense)
-      ):
+      if context.method_name == "__call__" and isinstance(m, (layers.QuantConv, layers.QuantDense)):
         seen["/".join(m.scope.path)] = (args[0], m.variables["params"]["kernel"])
       return next_fun(*args, **kwargs)
 
@@ -216,11 +207,12 @@ def _layer_inputs(model, variables, images):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_first_batch_calibration_sets_lsq_initial_steps_in_order(per_channel):
   c = _config(
-    model="tiny_resnet", **{"quant.per_channel": per_channel, "quant.weight_bits": 3, "quant.act_bits": 4}
+    model="tiny_resnet",
+    **{"quant.per_channel": per_channel, "quant.weight_bits": 3, "quant.act_bits": 4},
   )
   (spec,), _ = build.build_specs(c, 10)
   state = joint.init_state((spec,), None, 0, jnp.zeros((1, 28, 28, 1)))
-  batch = _batch()
+  batch = _batch(16)
   cal = jax.jit(functools.partial(joint.calibrate, students=(spec,)))(state, batch)
   params = cal.students[0].params
   prec = precision.uniform(spec.layout, 3, 4)
@@ -242,7 +234,9 @@ def test_first_batch_calibration_sets_lsq_initial_steps_in_order(per_channel):
     np.testing.assert_array_equal(
       params[name]["weight_clip"], state.students[0].params[name]["weight_clip"]
     )
-  for a, b in zip(jax.tree.leaves(cal.students[0].batch_stats), jax.tree.leaves(state.students[0].batch_stats)):
+  for a, b in zip(
+    jax.tree.leaves(cal.students[0].batch_stats), jax.tree.leaves(state.students[0].batch_stats)
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -271,10 +265,15 @@ def test_weight_decay_reaches_clip_levels_only_as_configured(
   [
     (
       {"quant.weight_quantizer": "pact"},
-      "config.quant.weight_quantizer='pact' is invalid; allowed: dorefa, lsq "
-      "(PACT clips activations only)",
+      (
+        "config.quant.weight_quantizer='pact' is invalid; allowed: dorefa, lsq "
+        "(PACT clips activations only)"
+      ),
     ),
-    ({"quant.act_quantizer": "lsqq"}, "config.quant.act_quantizer='lsqq' is invalid; allowed: dorefa, pact, lsq"),
+    (
+      {"quant.act_quantizer": "lsqq"},
+      "config.quant.act_quantizer='lsqq' is invalid; allowed: dorefa, pact, lsq",
+    ),
     (
       {"quant.weight_quantizer": "lsq", "quant.weight_bits": 1},
       "config.quant.weight_bits=1 is invalid; allowed: 2..16 or 32 with quant.weight_quantizer='lsq'",
@@ -289,7 +288,10 @@ def test_weight_decay_reaches_clip_levels_only_as_configured(
 def test_config_validation_of_quantizer_fields(over, message):
   c = default.get_config()
   c.update_from_flattened_dict(over)
-  with pytest.raises(config_validation.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=re.escape(message),
+  ):
     config_validation.validate(c, 1, reference=default.get_config())
 
 
@@ -332,7 +334,10 @@ def test_one_compile_over_progressive_stochastic_distillation(act_quantizer):
   learned = ("weight_clip", "act_clip") if act_quantizer == "lsq" else ("weight_clip",)
   for s in (0, 1):
     for name in learned:
-      now, then = state.students[s].params["conv2_1"][name], start.students[s].params["conv2_1"][name]
+      now, then = (
+        state.students[s].params["conv2_1"][name],
+        start.students[s].params["conv2_1"][name],
+      )
       assert not np.allclose(now, then), (s, name)
   for name in ("weight_clip", "act_clip"):
     np.testing.assert_array_equal(
@@ -363,7 +368,11 @@ def test_loop_calibrates_fresh_runs_only_and_resumes_exactly(tmp_path):
   from test_loop import mock_config, run, saved_state
 
   c = mock_config(
-    **{"quant.weight_quantizer": "lsq", "quant.act_quantizer": "pact", "schedule.kind": "progressive"}
+    **{
+      "quant.weight_quantizer": "lsq",
+      "quant.act_quantizer": "pact",
+      "schedule.kind": "progressive",
+    }
   )
   run(c, tmp_path / "full")
   run(c, tmp_path / "split", stop_at_step=5)
@@ -390,6 +399,10 @@ def test_init_from_a_dorefa_checkpoint_keeps_fresh_clip_levels(tmp_path):
   manager.wait_until_finished()
   fresh = state_of(_config("lsq", "pact"))
   loaded = loop.load_students_from(str(tmp_path), fresh, teacher_too=False).students[0].params
-  np.testing.assert_array_equal(loaded["conv2_1"]["kernel"], dorefa.students[0].params["conv2_1"]["kernel"])
+  np.testing.assert_array_equal(
+    loaded["conv2_1"]["kernel"], dorefa.students[0].params["conv2_1"]["kernel"]
+  )
   for name in ("weight_clip", "act_clip"):
-    np.testing.assert_array_equal(loaded["conv2_1"][name], fresh.students[0].params["conv2_1"][name])
+    np.testing.assert_array_equal(
+      loaded["conv2_1"][name], fresh.students[0].params["conv2_1"][name]
+    )

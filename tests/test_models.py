@@ -144,7 +144,9 @@ def test_relu_model_compiles_no_quantizer_op(name):
     v = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False), x)
     low = precision.uniform(precision.layout_of(model, jnp.zeros(shape)), 2, 2)
     text = (
-      jax.jit(lambda v, x: model.apply(v | {"precision": low}, x, train=False)).lower(v, x).as_text()
+      jax.jit(lambda v, x: model.apply(v | {"precision": low}, x, train=False))
+      .lower(v, x)
+      .as_text()
     )
     assert ("tanh" in text) == has_ops and ("round_nearest" in text) == has_ops, (name, act)
 
@@ -174,7 +176,11 @@ def test_config_per_channel_reaches_the_layers(weight_quantizer):
   outs = []
   for per_channel in (False, True):
     c = default.get_config()
-    c.model, c.quant.per_channel, c.quant.weight_quantizer = "tiny_cnn", per_channel, weight_quantizer
+    c.model, c.quant.per_channel, c.quant.weight_quantizer = (
+      "tiny_cnn",
+      per_channel,
+      weight_quantizer,
+    )
     (spec,), _ = build.build_specs(c, 10)
     x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 28, 28, 1))
     v = jax.jit(lambda x: spec.model.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
