@@ -154,23 +154,6 @@ def compile_steps(
   return p_train, p_eval
 
 
-def learned_clips(config: ml_collections.ConfigDict) -> bool:
-  """Does the student have learned clip levels (LSQ or PACT), to calibrate on the first batch?"""
-  q = config.quant
-  return config.model_act != "relu" and (q.weight_quantizer, q.act_quantizer) != ("dorefa",) * 2
-
-
-def compile_calibrate(mesh: jax.sharding.Mesh, students: tuple[joint.NetSpec, ...]):
-  """The jitted `joint.calibrate` (state replicated, batch on `data`)."""
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(
-    functools.partial(joint.calibrate, students=students),
-    in_shardings=(replicated, data),
-    out_shardings=replicated,
-    compiler_options=conv.cpu_compiler_options() or None,
-  )
-
-
 def distill_spec(config: ml_collections.ConfigDict) -> joint.DistillSpec | None:
   """The loss weights of `config.distill`, or None without distillation."""
   if not config.distill.enabled:

@@ -16,13 +16,11 @@ from typing import Any, Callable
 
 import flax
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
 
 from qnet import precision as precision_lib
-from qnet.models.layers import CALIBRATION
 from qnet import schedule as schedule_lib
 
 PyTree = Any
@@ -164,32 +162,6 @@ def init_state(
     students=tuple(init_net(s, k, sample) for s, k in zip(students, keys)),
     teacher=None if teacher is None else init_net(teacher, keys[-1], sample),
   )
-
-
-def calibrate(
-  state: TrainState, batch: dict[str, jax.Array], *, students: tuple[NetSpec, ...]
-) -> TrainState:
-  """Data-dependent init of the students' learned clip levels from one (the first) batch.
-
-  Runs each student in training mode (batch statistics) at the bits its schedule ends at,
-  every layer at once, and sets each learned clip level to LSQ's initial step
-  `2 mean|v| / sqrt(Q_p)` times `Q_p` (PACT's alpha the same way), computed on the inputs
-  the layer sees with the layers before it already calibrated. Layers at 32 bits there keep
-  their level. BN statistics and everything else are unchanged. The teacher is FP: no-op.
-  """
-  images = batch["image"]
-  nets = []
-  for spec, net in zip(students, state.students):
-    prec = spec.schedule.deterministic(spec.layout, spec.schedule.total_steps - 1)
-    variables = {"params": net.params, "batch_stats": net.batch_stats, "precision": prec}
-    _, updates = spec.model.apply(
-      variables, images, train=True, mutable=["batch_stats", CALIBRATION]
-    )
-    params = flax.traverse_util.flatten_dict(net.params)
-    for path, value in flax.traverse_util.flatten_dict(updates.get(CALIBRATION, {})).items():
-      params[path] = value.astype(params[path].dtype)
-    nets.append(net.replace(params=flax.traverse_util.unflatten_dict(params)))
-  return state.replace(students=tuple(nets))
 
 
 # ----------------------------------------------------------------------------- losses

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
+from qnet import build, calibration, checkpointing, config_validation, input_pipeline, joint
+from qnet import metrics_io
 from qnet import schedule as schedule_lib
 from qnet.models import layers
 
@@ -256,10 +257,10 @@ def train_and_evaluate(
     ),
     data_sharding,
   )
-  if start_step == 0 and build.learned_clips(config):
+  if start_step == 0 and calibration.learned_clips(config):
     # A fresh run's learned clip levels start from its first batch, which it then trains on.
     first = next(train_iter)
-    state = build.compile_calibrate(mesh, students)(state, first)
+    state = calibration.compile_calibrate(mesh, students)(state, first)
     train_iter = itertools.chain([first], train_iter)
   progress = metrics_io.Progress(start_step, total_steps)
   pending: list[tuple[int, dict]] = []

@@ -12,7 +12,7 @@ import pytest
 from test_joint import _batch
 
 from configs import default
-from qnet import build, config_validation, joint, precision, quant
+from qnet import build, calibration, config_validation, joint, precision, quant
 from qnet.models import layers
 
 BITS = range(2, 9)
@@ -213,7 +213,7 @@ def test_first_batch_calibration_sets_lsq_initial_steps_in_order(per_channel):
   (spec,), _ = build.build_specs(c, 10)
   state = joint.init_state((spec,), None, 0, jnp.zeros((1, 28, 28, 1)))
   batch = _batch(16)
-  cal = jax.jit(functools.partial(joint.calibrate, students=(spec,)))(state, batch)
+  cal = jax.jit(functools.partial(calibration.calibrate, students=(spec,)))(state, batch)
   params = cal.students[0].params
   prec = precision.uniform(spec.layout, 3, 4)
   variables = {"params": params, "batch_stats": cal.students[0].batch_stats, "precision": prec}
@@ -303,7 +303,7 @@ def _trainer(c, total):
       joint.train_step, students=students, teacher=teacher, distill=build.distill_spec(c)
     )
   )
-  calibrate = jax.jit(functools.partial(joint.calibrate, students=students))
+  calibrate = jax.jit(functools.partial(calibration.calibrate, students=students))
   return students, teacher, state, step, calibrate
 
 

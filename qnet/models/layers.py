@@ -43,7 +43,7 @@ WEIGHT_QUANTIZERS = ("dorefa", "lsq")
 ACT_QUANTIZERS = ("dorefa", "pact", "lsq")
 # Learned clip levels (LSQ's `Q_p * step`, PACT's alpha): parameters next to the kernel.
 WEIGHT_CLIP, ACT_CLIP = "weight_clip", "act_clip"
-# Variable collection written by the first-batch calibration pass (`qnet.joint.calibrate`):
+# Collection written by the first-batch calibration pass (`qnet.calibration.calibrate`):
 # with it mutable, a layer computes its clip levels from the data it sees, uses them at once
 # (so later layers calibrate on calibrated inputs) and records them there.
 CALIBRATION = "calibration"
