@@ -44,7 +44,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.weight_bits = 4
   c.quant.act_bits = 4
   c.quant.keep_first_last_fp = True
-  c.quant.per_channel = False  # per-output-channel max in the weight normalisation (ours).
+  # Weights: per-output-channel max (DoReFa's normalisation) or step (LSQ); per tensor if False.
+  c.quant.per_channel = False
+  # Quantizers (README, "Learned quantizers (LSQ, PACT)"): weights dorefa | lsq; activations
+  # dorefa | pact | lsq. LSQ and PACT learn a clip level per layer (LSQ weights: per channel
+  # with per_channel), initialised from the first batch.
+  c.quant.weight_quantizer = "dorefa"
+  c.quant.act_quantizer = "dorefa"
+  c.quant.clip_decay = -1.0  # weight decay on learned clip levels; -1: weight_decay on PACT's alpha (its L2 penalty), 0 on LSQ's.
   # Precision schedule (qnet/METHOD.md remedies 1 and 2). kind: direct | two_stage | progressive |
   # stochastic, or several joined with '+', e.g. 'progressive+two_stage' or 'two_stage+stochastic'.
   c.schedule = ml_collections.ConfigDict()

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from qnet import conv, joint, models
+from qnet.models import layers
 from qnet import precision as precision_lib
 from qnet import schedule as schedule_lib
 from qnet.datasets import DATASETS
@@ -36,7 +37,9 @@ def build_specs(
   ds = DATASETS[config.dataset]
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   sample = jnp.zeros((1, *input_shape(config)), jnp.float32)
-  tx = joint.create_optimizer(config.momentum, config.weight_decay, config.nesterov)
+  tx = joint.create_optimizer(
+    config.momentum, config.weight_decay, config.nesterov, clip_decays(config)
+  )
 
   def lr_fn(base_lr, restart_at=None):
     return joint.create_learning_rate_fn(
@@ -50,7 +53,15 @@ def build_specs(
     )
 
   def make_model(name):
-    return models.create_model(name, ds.num_classes, act=config.model_act, dtype=dtype)
+    return models.create_model(
+      name,
+      ds.num_classes,
+      act=config.model_act,
+      dtype=dtype,
+      per_channel=config.quant.per_channel,
+      weight_quantizer=config.quant.weight_quantizer,
+      act_quantizer=config.quant.act_quantizer,
+    )
 
   student_model = make_model(config.model)
   layout = precision_lib.layout_of(student_model, sample)
@@ -85,6 +96,17 @@ def build_specs(
       frozen=bool(config.distill.teacher_from),
     )
   return tuple(students), teacher
+
+
+def clip_decays(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Weight decay of each learned clip level (`quant.clip_decay`; -1: PACT's alpha gets
+  `weight_decay`, its L2 penalty, and LSQ's steps none, as in the two papers)."""
+  d, q = config.quant.clip_decay, config.quant
+  act_default = config.weight_decay if q.act_quantizer == "pact" else 0.0
+  return {
+    layers.WEIGHT_CLIP: 0.0 if d == -1 else d,
+    layers.ACT_CLIP: act_default if d == -1 else d,
+  }
 
 
 def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:

@@ -16,9 +16,12 @@ import os
 from typing import Any
 
 from absl import logging
+import flax.traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from qnet.models import layers
 
 PyTree = Any
 
@@ -134,11 +137,22 @@ def load_first_student(workdir: str, net: PyTree, what: str) -> PyTree:
   student, in `net`'s dtypes and shardings; its optimiser state is kept. `what` names the
   config field in the error raised when shapes differ."""
   params, batch_stats = read_first_student(workdir)
+  params = _keep_missing_clips(net.params, params)
   _check_shapes(net.params, params, f"{what}: params")
   _check_shapes(net.batch_stats, batch_stats, f"{what}: batch_stats")
   return net.replace(
     params=_like(net.params, params), batch_stats=_like(net.batch_stats, batch_stats)
   )
+
+
+def _keep_missing_clips(target: PyTree, source: PyTree) -> PyTree:
+  """`source` plus `target`'s learned clip levels where `source` has none (a DoReFa or FP
+  run loaded into an LSQ/PACT model: a fresh run calibrates them on its first batch)."""
+  flat = flax.traverse_util.flatten_dict(source)
+  for path, value in flax.traverse_util.flatten_dict(target).items():
+    if path[-1] in (layers.WEIGHT_CLIP, layers.ACT_CLIP) and path not in flat:
+      flat[path] = np.asarray(value)
+  return flax.traverse_util.unflatten_dict(flat)
 
 
 def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:

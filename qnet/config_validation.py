@@ -13,6 +13,7 @@ import ml_collections
 
 from qnet import models, precision, quant, schedule
 from qnet.datasets import DATASETS
+from qnet.models import layers
 
 
 class ConfigError(ValueError):
@@ -160,7 +161,34 @@ def validate(
   _validate_schedule(config)
   _workdir_with_checkpoints(config, "init_from")
   _validate_distill(config)
+  _validate_quantizers(config)
   _validate_fp_baseline(config)
+
+
+def _validate_quantizers(config) -> None:
+  q = config.quant
+  if q.weight_quantizer == "pact":
+    _fail("quant.weight_quantizer", q.weight_quantizer, "dorefa, lsq (PACT clips activations only)")
+  _choice(config, "quant.weight_quantizer", layers.WEIGHT_QUANTIZERS)
+  _choice(config, "quant.act_quantizer", layers.ACT_QUANTIZERS)
+  d = q.clip_decay
+  if not (isinstance(d, (int, float)) and not isinstance(d, bool) and (d == -1 or d >= 0)):
+    _fail("quant.clip_decay", d, "-1 (PACT's alpha: weight_decay; LSQ: 0) or a number >= 0")
+  if q.weight_quantizer != "lsq":
+    return
+  # LSQ's signed grid [-2^(b-1), 2^(b-1) - 1] has no positive level at 1 bit.
+  bits = [("quant.weight_bits", q.weight_bits)]
+  bits += [
+    (f"schedule.phases[{i}].weight_bits", p[1]) for i, p in enumerate(config.schedule.phases)
+  ]
+  bits += [("schedule.ladder", b) for b in config.schedule.ladder if b >= q.weight_bits]
+  bits += [
+    (f"distill.extra_students[{i}].weight_bits", p[0])
+    for i, p in enumerate(config.distill.extra_students)
+  ]
+  for field, b in bits:
+    if b == 1:
+      _fail(field, b, "2..16 or 32 with quant.weight_quantizer='lsq'")
 
 
 def _validate_fp_baseline(config) -> None:

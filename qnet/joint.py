@@ -83,17 +83,31 @@ class DistillSpec:
 
 
 def create_optimizer(
-  momentum: float, weight_decay: float, nesterov: bool = False
+  momentum: float,
+  weight_decay: float,
+  nesterov: bool = False,
+  clip_decays: dict[str, float] | None = None,
 ) -> optax.GradientTransformation:
   """SGD direction (PyTorch semantics: decay added to the gradient, then momentum).
 
   The learning rate is applied by the step (`params - lr * update`), not inside optax, so a
   phase can restart the lr schedule and the momentum buffer can be reset independently.
-  Weight decay applies to kernels only (ndim > 1), not to BN parameters or biases.
+  Weight decay applies to kernels only (ndim > 1), not to BN parameters, biases or learned
+  clip levels; `clip_decays` maps a clip level's parameter name to its own decay (PACT's L2
+  penalty on alpha is this decay). Zero decays add no transform (the state keeps its shape).
   """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  named = lambda name: (
+    lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == name, params
+    )
+  )
+  clip = [
+    optax.add_decayed_weights(d, mask=named(n)) for n, d in sorted((clip_decays or {}).items()) if d
+  ]
   return optax.chain(
     optax.add_decayed_weights(weight_decay, mask=decay_mask),
+    *clip,
     optax.trace(decay=momentum, nesterov=nesterov),
   )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import signal
@@ -24,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qnet import build, checkpointing, config_validation, input_pipeline, joint, metrics_io
-from qnet import faults, run_config
+from qnet import build, calibration, checkpointing, config_validation, input_pipeline, joint
+from qnet import faults, metrics_io, run_config
 from qnet import schedule as schedule_lib
 
 
@@ -206,6 +207,18 @@ def train_batches(
   return device_batches(batches, sharding)
 
 
+
+def calibrate_if_fresh(
+  config: ml_collections.ConfigDict, state: joint.TrainState, batches: Iterator, mesh, students
+) -> tuple[joint.TrainState, Iterator]:
+  """A fresh run's learned clip levels (LSQ, PACT) start from its first batch, which it then
+  trains on (`qnet.calibration`); a resumed run, or one without learned levels, is unchanged."""
+  if int(state.step) != 0 or not calibration.learned_clips(config):
+    return state, batches
+  first = next(batches)
+  state = calibration.compile_calibrate(mesh, students)(state, first)
+  return state, itertools.chain([first], batches)
+
 class TrainLog:
   """Buffers the train step's metrics on device; `flush` fetches them (the only host sync in
   the loop), stops on a non-finite value, writes their mean and the console line."""
@@ -269,6 +282,7 @@ def train_and_evaluate(
   if step == 0:
     writer.write_hparams({k: str(v) for k, v in config_validation.flatten(config).items()})
   batches = train_batches(config, step, data_sharding)
+  state, batches = calibrate_if_fresh(config, state, batches, mesh, students)
   log = TrainLog(writer, step, total_steps)
   eval_metrics: dict[str, float] = {}
   if step >= total_steps and resumed:

@@ -1,10 +1,13 @@
-"""DoReFa-style quantizers with straight-through gradients (qnet/METHOD.md, "Quantizers").
+"""Quantizers: DoReFa's fixed ranges, and LSQ and PACT's learned ones (README, "Learned
+quantizers (LSQ, PACT)"), all with straight-through rounding. DoReFa's formulas: qnet/METHOD.md,
+"Quantizers".
 
 All functions are pure and take `bits` as data: a Python number or a (traced) scalar array.
 Changing its value never recompiles a jitted caller. `bits >= 32` means full precision:
-weights pass through untouched, activations are only clipped to [0, 1].
+weights pass through untouched; DoReFa's activations are only clipped to [0, 1], LSQ's and
+PACT's are a plain ReLU.
 
-Edge cases (documented behaviour, tested):
+Edge cases of the DoReFa quantizers (documented behaviour, tested):
   * an all-zero kernel quantizes without NaN (the max in the normalisation is floored at
     `_TINY`); DoReFa weight levels have no zero, so zeros map to the level nearest 0, +1/n;
   * +-Inf weights saturate (tanh(+-inf) = +-1); +-Inf activations clip to 1 or 0;
@@ -12,6 +15,8 @@ Edge cases (documented behaviour, tested):
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +114,121 @@ def _quantize_activations_bwd(res, g):
 
 
 _quantize_activations_ste.defvjp(_quantize_activations_fwd, _quantize_activations_bwd)
+
+
+# ----------------------------------------------------------------------------- learned ranges
+#
+# LSQ (Esser et al., ICLR 2020) learns a step `s` per layer (or per output channel):
+# `v_q = s * round(clip(v / s, -Q_n, Q_p))`. qnet stores the bits-independent *clip level*
+# `r = s * Q_p(bits)` instead (the largest positive level; PACT's alpha for activations), so
+# that when a layer's bits change (a progressive phase boundary) the step follows the level
+# count, `s = r / Q_p(bits)`, and the clipping range stays where training put it. The gradient
+# reaching `r` is scaled so that an SGD step on `r` moves `s` exactly as LSQ's step on `s`
+# would: `dL/dr := Q_p * g * dL/ds` with LSQ's `g = 1 / sqrt(N * Q_p)`.
+#
+# Full precision (`bits >= 32`) means no quantizer: raw weights and a plain ReLU, and the
+# clip level gets no gradient (it is not used).
+
+
+def lsq_levels(bits, signed: bool) -> tuple[jax.Array, jax.Array]:
+  """`(Q_n, Q_p)`: LSQ's integer range, `[-2^(b-1), 2^(b-1) - 1]` signed, `[0, 2^b - 1]` not."""
+  b = _as_bits(bits)
+  if signed:
+    return jnp.exp2(b - 1.0), jnp.exp2(b - 1.0) - 1.0
+  return jnp.float32(0.0), jnp.exp2(b) - 1.0
+
+
+def lsq_init_clip(v: jax.Array, bits, signed: bool, axes=None) -> jax.Array:
+  """LSQ's initial step `2 mean|v| / sqrt(Q_p)`, as a clip level `r = Q_p s`.
+
+  For activations `v` is the quantizer's input after the ReLU that LSQ's networks put before
+  it (qnet's quantizer is the ReLU), so `mean(max(v, 0))`.
+  """
+  _, qp = lsq_levels(bits, signed)
+  a = jnp.abs(v) if signed else jnp.maximum(v, 0.0)
+  m = jnp.mean(a.astype(jnp.float32), axis=axes)
+  return 2.0 * m * jnp.sqrt(qp)
+
+
+def lsq_quantize(v: jax.Array, clip: jax.Array, bits, signed: bool) -> jax.Array:
+  """LSQ fake-quantization of `v` with clip level `clip` (a scalar, or one per last axis).
+
+  Forward: `s * round(clip(v / s, -Q_n, Q_p))` with `s = clip / Q_p`. Backward (LSQ eqs. 3-5):
+  `v` gets the gradient where `-Q_n < v/s < Q_p`; `clip` gets `Q_p g sum(dL/dv_q * ds)` with
+  `ds = round(v/s) - v/s` inside, `-Q_n` / `Q_p` below / above, `g = 1/sqrt(N Q_p)`, `N` the
+  number of elements sharing the step (per example for activations). `bits >= 32`: `v`
+  (weights) or `relu(v)` (activations), no gradient to `clip`.
+  """
+  return _lsq(v, clip, _as_bits(bits), signed)
+
+
+def _lsq_parts(v, clip, bits, signed):
+  qn, qp = lsq_levels(bits, signed)
+  s = (clip / qp).astype(v.dtype)
+  u = v / s
+  inside = (u > -qn) & (u < qp)
+  q = jnp.round(jnp.clip(u, -qn, qp))
+  fp = is_full_precision(bits)
+  out = jnp.where(fp, v if signed else jnp.maximum(v, 0.0), q * s)
+  return out, (u, q, inside, qn, qp, fp)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lsq(v, clip, bits, signed):
+  return _lsq_parts(v, clip, bits, signed)[0]
+
+
+def _lsq_fwd(v, clip, bits, signed):
+  out, res = _lsq_parts(v, clip, bits, signed)
+  return out, (v, clip, bits, res)
+
+
+def _lsq_bwd(signed, saved, g):
+  v, clip, bits, (u, q, inside, qn, qp, fp) = saved
+  fp_grad = g if signed else jnp.where(v > 0, g, jnp.zeros_like(g))
+  dv = jnp.where(fp, fp_grad, jnp.where(inside, g, jnp.zeros_like(g)))
+  ds = jnp.where(inside, q - u, jnp.where(u <= -qn, -qn, qp)).astype(jnp.float32)
+  per_step = g.astype(jnp.float32) * ds
+  # N: the weights sharing a step; for activations, the features of one example (LSQ's N_F).
+  n = v.size / clip.size if signed else v.size / v.shape[0]
+  dclip = jnp.sum(per_step.reshape(-1, clip.size), axis=0).reshape(clip.shape)
+  dclip = jnp.where(fp, 0.0, dclip * qp / jnp.sqrt(n * qp)).astype(clip.dtype)
+  return dv, dclip, jnp.zeros_like(bits)
+
+
+_lsq.defvjp(_lsq_fwd, _lsq_bwd)
+
+
+def pact_quantize(x: jax.Array, alpha: jax.Array, bits) -> jax.Array:
+  """PACT (Choi et al. 2018): `round(clip(x, 0, alpha) n / alpha) alpha / n`, `n = 2^b - 1`.
+
+  Straight-through round; `x` gets the gradient on `[0, alpha)`, `alpha` the summed gradient
+  where `x >= alpha` (PACT eq. 2). PACT's L2 penalty on alpha is weight decay on it (see
+  `qnet.joint.create_optimizer`). `bits >= 32`: `relu(x)`, no gradient to `alpha`.
+  """
+  return _pact(x, alpha, _as_bits(bits))
+
+
+def _pact_fwd(x, alpha, bits):
+  n = num_levels(bits).astype(x.dtype)
+  a = alpha.astype(x.dtype)
+  q = jnp.round(jnp.clip(x, 0.0, a) * n / a) * a / n
+  return jnp.where(is_full_precision(bits), jnp.maximum(x, 0.0), q), (x, alpha, bits)
+
+
+@jax.custom_vjp
+def _pact(x, alpha, bits):
+  return _pact_fwd(x, alpha, bits)[0]
+
+
+def _pact_bwd(saved, g):
+  x, alpha, bits = saved
+  fp = is_full_precision(bits)
+  a = alpha.astype(x.dtype)
+  zero = jnp.zeros_like(g)
+  dx = jnp.where(fp, jnp.where(x > 0, g, zero), jnp.where((x >= 0) & (x < a), g, zero))
+  dalpha = jnp.sum(jnp.where(x >= a, g, zero).astype(jnp.float32))
+  return dx, jnp.where(fp, 0.0, dalpha).astype(alpha.dtype), jnp.zeros_like(bits)
+
+
+_pact.defvjp(_pact_fwd, _pact_bwd)

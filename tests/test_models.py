@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qnet import models, precision
+from configs import default
+from qnet import build, models, precision
+from qnet.models import layers
 
 
 def _count(model, shape):
@@ -109,26 +111,8 @@ def test_precision_changes_the_output_and_apply_requires_it():
     model.apply(base, x, train=False)
 
 
-def test_relu_model_is_the_plain_fp_network():
-  """`act='relu'` compiles no quantizer op (the fake-quant overhead reference) and equals the
-  same weights run with raw kernels and ReLU; the quantized model does contain them."""
-  x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 28, 28, 1))
-  relu, quant = (models.create_model("tiny_cnn", 10, act=a) for a in ("relu", "quant"))
-  v = jax.jit(lambda x: relu.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
-  layout = precision.layout_of(relu, x)
-
-  def jaxpr(model, bits):
-    return str(jax.make_jaxpr(lambda v: model.apply(v | {"precision": bits}, x, train=False))(v))
-
-  low = precision.uniform(layout, 2, 2)
-  assert "tanh" not in jaxpr(relu, low) and "round" not in jaxpr(relu, low)
-  assert "tanh" in jaxpr(quant, low) and "round" in jaxpr(quant, low)
-  # Bit-widths cannot change the plain network (validation keeps them at 32 anyway).
-  outs = [
-    relu.apply(v | {"precision": p}, x, train=False)
-    for p in (low, precision.full_precision(layout))
-  ]
-  np.testing.assert_array_equal(outs[0], outs[1])
+# Input per registered model: small, but past every stride and pool.
+_SHAPES = {"alexnet_bn": (1, 67, 67, 3), "fmnist_cnn": (1, 28, 28, 1), "tiny_cnn": (1, 28, 28, 1)}
 
 
 def test_relu_tiny_cnn_equals_raw_kernels_and_relu_by_hand():
@@ -154,3 +138,77 @@ def test_relu_tiny_cnn_equals_raw_kernels_and_relu_by_hand():
   layout = precision.layout_of(model, x)
   got = model.apply(v | {"precision": precision.full_precision(layout)}, x, train=False)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _plain_layer(next_fun, args, kwargs, context):
+  """Interceptor: every QuantConv / QuantDense as the plain layer (ReLU input, raw kernel)."""
+  m = context.module
+  if context.method_name != "__call__" or not isinstance(m, (layers.QuantConv, layers.QuantDense)):
+    return next_fun(*args, **kwargs)
+  x, params = args[0], m.variables["params"]
+  if m.quantize_input:
+    x = jax.nn.relu(x)
+  if isinstance(m, layers.QuantConv):
+    return jax.lax.conv_general_dilated(
+      x, params["kernel"], m.strides, m.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  if x.ndim > 2:
+    x = jnp.mean(x, axis=(1, 2)) if m.reduce == "mean" else x.reshape(x.shape[0], -1)
+  return x @ params["kernel"] + params["bias"]
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_relu_model_compiles_no_quantizer_op(name):
+  """`act='relu'` is the plain FP network on every model: no tanh/round lowered (stems
+  included), whatever the bits; the quantized model has them (checked on the tiny ones)."""
+  shape = _SHAPES.get(name, (1, 32, 32, 3))
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  acts = (("relu", False), ("quant", True)) if name.startswith("tiny") else (("relu", False),)
+  for act, has_ops in acts:
+    model = models.create_model(name, 10, act=act)
+    v = jax.eval_shape(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False), x)
+    low = precision.uniform(precision.layout_of(model, jnp.zeros(shape)), 2, 2)
+    text = (
+      jax.jit(lambda v, x: model.apply(v | {"precision": low}, x, train=False))
+      .lower(v, x)
+      .as_text()
+    )
+    assert ("tanh" in text) == has_ops and ("round_nearest" in text) == has_ops, (name, act)
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "resnet20", "resnet18", "alexnet_bn"])
+def test_relu_model_equals_raw_kernels_and_relu(name):
+  """Each model family (CIFAR and ImageNet stems, AlexNet) run with `act='relu'` equals the
+  same variables with every layer replaced by ReLU and its raw kernel."""
+  shape = _SHAPES.get(name, (1, 32, 32, 3))
+  x = jax.random.normal(jax.random.key(1, impl="rbg"), shape)
+  model = models.create_model(name, 10, act="relu")
+  v = jax.jit(lambda x: model.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
+  layout = precision.layout_of(model, x)
+  v = v | {"precision": precision.uniform(layout, 2, 2)}
+
+  def plain(v, x):
+    with nn.intercept_methods(_plain_layer):
+      return model.apply(v, x, train=False)
+
+  got = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
+  np.testing.assert_allclose(got, jax.jit(plain)(v, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_quantizer", ["dorefa", "lsq"])
+def test_config_per_channel_reaches_the_layers(weight_quantizer):
+  """`quant.per_channel` goes config -> build_specs -> every layer, and changes the output."""
+  outs = []
+  for per_channel in (False, True):
+    c = default.get_config()
+    c.model, c.quant.per_channel, c.quant.weight_quantizer = (
+      "tiny_cnn",
+      per_channel,
+      weight_quantizer,
+    )
+    (spec,), _ = build.build_specs(c, 10)
+    x = jax.random.normal(jax.random.key(1, impl="rbg"), (2, 28, 28, 1))
+    v = jax.jit(lambda x: spec.model.init(jax.random.key(0, impl="rbg"), x, train=False))(x)
+    prec = precision.uniform(spec.layout, 2, 2)
+    outs.append(jax.jit(lambda v: spec.model.apply(v | {"precision": prec}, x, train=False))(v))
+  assert not np.allclose(outs[0], outs[1])

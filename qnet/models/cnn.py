@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qnet.models.layers import HEAD, STEM, QuantConv, QuantDense, batch_norm
+from qnet.models.layers import HEAD, STEM, batch_norm, layer_defs
 
 
 class SimpleCNN(nn.Module):
@@ -24,21 +24,25 @@ class SimpleCNN(nn.Module):
   hidden: int = 0
   act: str = "quant"
   dtype: Any = jnp.float32
+  per_channel: bool = False
+  weight_quantizer: str = "dorefa"
+  act_quantizer: str = "dorefa"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    conv, dense = layer_defs(self)
     x = x.astype(self.dtype)
     first = True
     for s, widths in enumerate(self.stages):
       for c, width in enumerate(widths):
         name = STEM if first else f"conv{s + 1}_{c + 1}"
-        x = QuantConv(width, quantize_input=not first, act=self.act, dtype=self.dtype, name=name)(x)
+        x = conv(width, quantize_input=not first, name=name)(x)
         x = batch_norm(train, self.dtype, name=f"{name}_bn")(x)
         first = False
       x = nn.max_pool(x, (2, 2), (2, 2))
     self.sow("intermediates", "features", x)
     if self.hidden:
-      x = QuantDense(self.hidden, reduce="flatten", act=self.act, dtype=self.dtype, name="fc")(x)
+      x = dense(self.hidden, reduce="flatten", name="fc")(x)
       x = batch_norm(train, self.dtype, name="fc_bn")(x)
-    x = QuantDense(self.num_classes, reduce="flatten", act=self.act, dtype=self.dtype, name=HEAD)(x)
+    x = dense(self.num_classes, reduce="flatten", name=HEAD)(x)
     return x.astype(jnp.float32)

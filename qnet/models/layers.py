@@ -6,15 +6,17 @@ other collection. Bit-widths are therefore data, keyed like the parameter tree, 
 Python constants inside the model: changing them never recompiles.
 
 Convention used by every model in qnet: a layer quantizes its *input* activation with
-`act_bits` (the DoReFa activation quantizer, which also plays the role of the ReLU) and
-its kernel with `weight_bits`. The first layer (named `stem`) sees the image, so it never
+`act_bits` (the activation quantizer, DoReFa, PACT or LSQ, also plays the role of the
+ReLU) and its kernel with `weight_bits` (DoReFa or LSQ). LSQ and PACT keep their learned
+clip levels as parameters of the layer (README, "Learned quantizers (LSQ, PACT)"). The first layer (named `stem`) sees the image, so it never
 quantizes its input; the classifier is named `head`. `precision.keep_first_last_fp`
 relies on these two names.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,11 +39,41 @@ def _bits(module: nn.Module) -> tuple[jax.Array, jax.Array]:
   return w.value, a.value
 
 
-def activation(x: jax.Array, act_bits: jax.Array, kind: str) -> jax.Array:
-  """The layer-input nonlinearity: `quant` (DoReFa clip-and-quantize) or `relu` (plain FP net)."""
-  if kind == "relu":
+WEIGHT_QUANTIZERS = ("dorefa", "lsq")
+ACT_QUANTIZERS = ("dorefa", "pact", "lsq")
+# Learned clip levels (LSQ's `Q_p * step`, PACT's alpha): parameters next to the kernel.
+WEIGHT_CLIP, ACT_CLIP = "weight_clip", "act_clip"
+# Collection written by the first-batch calibration pass (`qnet.calibration.calibrate`):
+# with it mutable, a layer computes its clip levels from the data it sees, uses them at once
+# (so later layers calibrate on calibrated inputs) and records them there.
+CALIBRATION = "calibration"
+
+
+def activation(module: nn.Module, x: jax.Array, act_bits: jax.Array) -> jax.Array:
+  """`module`'s input nonlinearity: `relu` for the plain FP network (`module.act`), else its
+  `act_quantizer` (`dorefa` clip-and-quantize; `pact` / `lsq` with a learned clip level)."""
+  if module.act == "relu":
     return nn.relu(x)
-  return quant.quantize_activations(x, act_bits)
+  quantizer = module.act_quantizer
+  if quantizer == "dorefa":
+    return quant.quantize_activations(x, act_bits)
+  clip = _clip_level(module, ACT_CLIP, x, act_bits, signed=False, default=jnp.ones(()))
+  if quantizer == "pact":
+    return quant.pact_quantize(x, clip, act_bits)
+  return quant.lsq_quantize(x, clip, act_bits, signed=False)
+
+
+def _clip_level(module, name, v, bits, signed, default) -> jax.Array:
+  # `default` holds until the calibration pass replaces it (a fresh run calibrates before
+  # its first step): DoReFa's range 1 for activations, max|w| for weights.
+  param = module.param(name, lambda _: default)
+  if not module.is_mutable_collection(CALIBRATION):
+    return param
+  axes = tuple(range(v.ndim - 1)) if param.ndim else None
+  init = quant.lsq_init_clip(v, bits, signed, axes)
+  value = jnp.where(quant.is_full_precision(bits), param, init)
+  module.put_variable(CALIBRATION, name, value)
+  return value
 
 
 def _weights(kernel: jax.Array, weight_bits: jax.Array, module: nn.Module) -> jax.Array:
@@ -49,7 +81,13 @@ def _weights(kernel: jax.Array, weight_bits: jax.Array, module: nn.Module) -> ja
   # reference for the fake-quant overhead (validation keeps its bit-widths at 32).
   if module.act == "relu":
     return kernel
-  return quant.quantize_weights(kernel, weight_bits, module.per_channel)
+  if module.weight_quantizer == "dorefa":
+    return quant.quantize_weights(kernel, weight_bits, module.per_channel)
+  axes = tuple(range(kernel.ndim - 1)) if module.per_channel else None
+  clip = _clip_level(
+    module, WEIGHT_CLIP, kernel, weight_bits, True, jnp.max(jnp.abs(kernel), axis=axes)
+  )
+  return quant.lsq_quantize(kernel, clip, weight_bits, signed=True)
 
 
 class QuantConv(nn.Module):
@@ -63,6 +101,8 @@ class QuantConv(nn.Module):
   quantize_input: bool = True
   per_channel: bool = False
   act: str = "quant"
+  weight_quantizer: str = "dorefa"
+  act_quantizer: str = "dorefa"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -72,7 +112,7 @@ class QuantConv(nn.Module):
       "kernel", conv_init, (*self.kernel_size, x.shape[-1], self.features), jnp.float32
     )
     if self.quantize_input:
-      x = activation(x, act_bits, self.act)
+      x = activation(self, x, act_bits)
     w = _weights(kernel, weight_bits, self)
     y = conv_lib.conv(
       x.astype(self.dtype), w.astype(self.dtype), strides=tuple(self.strides), padding=self.padding
@@ -96,13 +136,15 @@ class QuantDense(nn.Module):
   per_channel: bool = False
   reduce: str = "mean"
   act: str = "quant"
+  weight_quantizer: str = "dorefa"
+  act_quantizer: str = "dorefa"
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     weight_bits, act_bits = _bits(self)
     if self.quantize_input:
-      x = activation(x, act_bits, self.act)
+      x = activation(self, x, act_bits)
     if x.ndim > 2:
       x = jnp.mean(x, axis=(1, 2)) if self.reduce == "mean" else x.reshape(x.shape[0], -1)
     kernel = self.param(
@@ -112,6 +154,20 @@ class QuantDense(nn.Module):
     w = _weights(kernel, weight_bits, self)
     y = jnp.dot(x.astype(self.dtype), w.astype(self.dtype))
     return y + bias.astype(self.dtype)
+
+
+def layer_defs(model: nn.Module) -> tuple[Callable[..., QuantConv], Callable[..., QuantDense]]:
+  """`QuantConv` and `QuantDense` constructors carrying `model`'s `act`, `dtype`,
+  `per_channel` and quantizer kinds: a model builds every layer with these (and hands them
+  to its blocks), so no layer can miss a setting."""
+  kw = dict(
+    act=model.act,
+    dtype=model.dtype,
+    per_channel=model.per_channel,
+    weight_quantizer=model.weight_quantizer,
+    act_quantizer=model.act_quantizer,
+  )
+  return functools.partial(QuantConv, **kw), functools.partial(QuantDense, **kw)
 
 
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:

@@ -9,26 +9,26 @@ precision; each conv quantizes its own input (the pre-activation) and its kernel
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qnet.models.layers import HEAD, STEM, QuantConv, QuantDense, batch_norm
+from qnet.models.layers import HEAD, STEM, batch_norm, layer_defs
 
 
 class BasicBlock(nn.Module):
+  """Two 3x3 convs; `conv` is the model's layer constructor (carries its quantizer settings)."""
+
   features: int
-  strides: int = 1
-  act: str = "quant"
+  strides: int
+  conv: Callable[..., nn.Module]
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = lambda f, k, s, name: QuantConv(
-      f, (k, k), (s, s), act=self.act, dtype=self.dtype, name=name
-    )
+    conv = lambda f, k, s, name: self.conv(f, (k, k), (s, s), name=name)
     pre = batch_norm(train, self.dtype, "bn1")(x)
     y = conv(self.features, 3, self.strides, "conv1")(pre)
     y = batch_norm(train, self.dtype, "bn2")(y)
@@ -39,17 +39,17 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+  """1x1-3x3-1x1 convs, `expansion` times wider out; `conv` as in `BasicBlock`."""
+
   features: int
-  strides: int = 1
-  act: str = "quant"
+  strides: int
+  conv: Callable[..., nn.Module]
   dtype: Any = jnp.float32
   expansion: int = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = lambda f, k, s, name: QuantConv(
-      f, (k, k), (s, s), act=self.act, dtype=self.dtype, name=name
-    )
+    conv = lambda f, k, s, name: self.conv(f, (k, k), (s, s), name=name)
     out = self.features * self.expansion
     pre = batch_norm(train, self.dtype, "bn1")(x)
     y = conv(self.features, 1, 1, "conv1")(pre)
@@ -70,33 +70,31 @@ class PreActResNet(nn.Module):
   imagenet_stem: bool = False
   act: str = "quant"
   dtype: Any = jnp.float32
+  per_channel: bool = False
+  weight_quantizer: str = "dorefa"
+  act_quantizer: str = "dorefa"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    conv, dense = layer_defs(self)
     x = x.astype(self.dtype)
     if self.imagenet_stem:
-      x = QuantConv(
-        self.widths[0],
-        (7, 7),
-        (2, 2),
-        padding=[(3, 3), (3, 3)],
-        quantize_input=False,
-        dtype=self.dtype,
-        name=STEM,
+      x = conv(
+        self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)], quantize_input=False, name=STEM
       )(x)
       x = batch_norm(train, self.dtype, "stem_bn")(x)
       x = nn.relu(x)
       x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = QuantConv(self.widths[0], quantize_input=False, dtype=self.dtype, name=STEM)(x)
+      x = conv(self.widths[0], quantize_input=False, name=STEM)(x)
     block_cls = BasicBlock if self.block == "basic" else Bottleneck
     for i, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(n):
         strides = 2 if i > 0 and j == 0 else 1
         x = block_cls(
-          width, strides, act=self.act, dtype=self.dtype, name=f"stage{i + 1}_block{j + 1}"
+          width, strides, conv=conv, dtype=self.dtype, name=f"stage{i + 1}_block{j + 1}"
         )(x, train)
     x = batch_norm(train, self.dtype, "final_bn")(x)
     self.sow("intermediates", "features", x)
-    x = QuantDense(self.num_classes, reduce="mean", act=self.act, dtype=self.dtype, name=HEAD)(x)
+    x = dense(self.num_classes, reduce="mean", name=HEAD)(x)
     return x.astype(jnp.float32)
