@@ -127,7 +127,14 @@ def eval_precision(config, total_steps: int, step: int) -> tuple[dict[str, tuple
 
 
 def check_bits(bits: dict[str, tuple[int, int]], config) -> None:
-  """ExportError for a full-precision network or bits the integer form cannot hold."""
+  """ExportError for a network the integer form does not cover: a learned quantizer (LSQ,
+  PACT: not built yet), a full-precision network, or bits it cannot hold."""
+  for field in ("weight_quantizer", "act_quantizer"):
+    if config.quant[field] != "dorefa":
+      raise ExportError(
+        f"config.quant.{field}={config.quant[field]!r}: the integer export covers DoReFa "
+        f"quantizers only (allowed: dorefa)"
+      )
   if config.model_act == "relu":
     raise ExportError("config.model_act='relu' is the plain FP network: nothing to quantize")
   if all(w == integer.FP and a == integer.FP for w, a in bits.values()):

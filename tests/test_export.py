@@ -383,6 +383,11 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_no_out(tiny_run, exported, tmp
   _one_line_exit_2(r, "nothing to quantize")
   assert not out.exists()
 
+  lsq = _edited_run(tiny_run, tmp_path / "lsq", lambda s: s["config"]["quant"].update(act_quantizer="pact"))
+  r = cli("export", f"--workdir={lsq}", f"--out={out}")
+  _one_line_exit_2(r, "config.quant.act_quantizer='pact'")
+  assert not out.exists()
+
   w16 = _edited_run(tiny_run, tmp_path / "w16", lambda s: s["config"]["quant"].update(weight_bits=16))
   r = cli("export", f"--workdir={w16}", f"--out={out}")
   _one_line_exit_2(r, "weight_bits=16")

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -176,11 +177,17 @@ def test_second_cli_run_on_a_busy_workdir_exits_2_and_the_first_is_undisturbed(
     while workdir_lock.read_holder(work) is None:
       assert first.poll() is None and time.time() < deadline
       time.sleep(0.05)
+    # Held still (lock and all) while the second run starts: a tiny run can otherwise end
+    # before the second one has imported its libraries, and the test would race.
+    first.send_signal(signal.SIGSTOP)
     t0 = time.time()
-    second = subprocess.run(
-      _cli(work, fake_data_dir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
-    )
-    took = time.time() - t0
+    try:
+      second = subprocess.run(
+        _cli(work, fake_data_dir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120
+      )
+    finally:
+      took = time.time() - t0
+      first.send_signal(signal.SIGCONT)
     assert first.poll() is None, "the first run should still be running"
     _, err = first.communicate(timeout=300)
   finally:
