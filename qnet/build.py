@@ -34,35 +34,12 @@ def build_specs(
   config: ml_collections.ConfigDict, total_steps: int
 ) -> tuple[tuple[joint.NetSpec, ...], joint.NetSpec | None]:
   """Static descriptions of the students and (with distillation) the teacher."""
-  ds = DATASETS[config.dataset]
-  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   sample = jnp.zeros((1, *input_shape(config)), jnp.float32)
   tx = joint.create_optimizer(
     config.momentum, config.weight_decay, config.nesterov, clip_decays(config)
   )
-
-  def lr_fn(base_lr, restart_at=None):
-    return joint.create_learning_rate_fn(
-      base_lr,
-      config.lr_schedule,
-      config.warmup_steps,
-      tuple(config.lr_step_at),
-      config.lr_step_factor,
-      total_steps,
-      restart_at,
-    )
-
-  def make_model(name):
-    return models.create_model(
-      name,
-      ds.num_classes,
-      act=config.model_act,
-      dtype=dtype,
-      per_channel=config.quant.per_channel,
-      weight_quantizer=config.quant.weight_quantizer,
-      act_quantizer=config.quant.act_quantizer,
-    )
-
+  lr_fn = functools.partial(_lr_fn, config, total_steps)
+  make_model = functools.partial(_make_model, config)
   student_model = make_model(config.model)
   layout = precision_lib.layout_of(student_model, sample)
   targets = [(config.quant.weight_bits, config.quant.act_bits)]
@@ -96,6 +73,38 @@ def build_specs(
       frozen=bool(config.distill.teacher_from),
     )
   return tuple(students), teacher
+
+
+def _lr_fn(
+  config: ml_collections.ConfigDict,
+  total_steps: int,
+  base_lr: float,
+  restart_at: schedule_lib.Schedule | None = None,
+):
+  """The config's learning-rate schedule from `base_lr` (restarting with `restart_at`'s phases)."""
+  return joint.create_learning_rate_fn(
+    base_lr,
+    config.lr_schedule,
+    config.warmup_steps,
+    tuple(config.lr_step_at),
+    config.lr_step_factor,
+    total_steps,
+    restart_at,
+  )
+
+
+def _make_model(config: ml_collections.ConfigDict, name: str):
+  """Model `name` built with the config's dataset, activation, dtype and quantizer settings."""
+  dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  return models.create_model(
+    name,
+    DATASETS[config.dataset].num_classes,
+    act=config.model_act,
+    dtype=dtype,
+    per_channel=config.quant.per_channel,
+    weight_quantizer=config.quant.weight_quantizer,
+    act_quantizer=config.quant.act_quantizer,
+  )
 
 
 def clip_decays(config: ml_collections.ConfigDict) -> dict[str, float]:

@@ -270,11 +270,6 @@ def stablehlo_bytes(program: integer.Program) -> bytes:
 
 def write_export(out: str, program: integer.Program, info: dict, overwrite: bool = False) -> dict:
   """Writes the four files into a temporary sibling of `out`, then renames it to `out`."""
-  import jax
-  from safetensors.numpy import save_file
-
-  import qnet
-
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise ExportError(f"--out={out} exists; choose a new directory or pass --overwrite")
@@ -285,57 +280,80 @@ def write_export(out: str, program: integer.Program, info: dict, overwrite: bool
   os.umask(umask)
   try:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT is an ordinary directory
-    tensors, desc = stored_tensors(program)
-    save_file(tensors, os.path.join(tmp, WEIGHTS))
-    with open(os.path.join(tmp, STABLEHLO), "wb") as f:
-      f.write(stablehlo_bytes(program))
-    from qnet import onnx_graph
-
-    with open(os.path.join(tmp, ONNX), "wb") as f:
-      f.write(onnx_graph.to_onnx(program).SerializeToString())
-    files = {
-      name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
-      for name in (WEIGHTS, STABLEHLO, ONNX)
-    }
-    h, w, c = program.input_shape
-    manifest = {
-      "format": FORMAT,
-      "model": info["model"],
-      "dataset": info["dataset"],
-      "input": {"name": "image", "shape": ["batch", h, w, c], "dtype": "uint8", "layout": "NHWC"},
-      "output": {"name": "logits", "shape": ["batch", program.num_classes], "dtype": "float32"},
-      "preprocessing": {
-        "formula": "x = (image / 255 - mean) / std (float32, per channel); inside every model file",
-        "mean": program.ops[0]["mean"],
-        "std": program.ops[0]["std"],
-      },
-      "precision": info["precision"],
-      "layers": program.layers,
-      "ops": program.ops,
-      "tensors": desc,
-      "sizes": size_report(program, tensors, info["fp32_checkpoint_bytes"]) | {
-        "export_files_bytes": {k: v["bytes"] for k, v in files.items()}
-      },
-      "files": files,
-      "source": info["source"],
-      "qnet_version": qnet.__version__,
-      "jax_version": jax.__version__,
-    }
+    tensors, desc, files = _write_model_files(tmp, program)
+    manifest = _manifest(program, info, tensors, desc, files)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
     for name in (WEIGHTS, MANIFEST, STABLEHLO, ONNX):
       os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    if os.path.exists(out):  # --overwrite: swap in, then drop the old one
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-      os.rename(out, os.path.join(old, "x"))
-      os.rename(tmp, out)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out)
+    _swap_in(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return manifest
+
+
+def _write_model_files(tmp: str, program: integer.Program) -> tuple[dict, dict, dict]:
+  """Writes weights, StableHLO and ONNX into `tmp`; (tensors, their descriptions, files' sizes
+  and sha256)."""
+  from safetensors.numpy import save_file
+
+  from qnet import onnx_graph
+
+  tensors, desc = stored_tensors(program)
+  save_file(tensors, os.path.join(tmp, WEIGHTS))
+  with open(os.path.join(tmp, STABLEHLO), "wb") as f:
+    f.write(stablehlo_bytes(program))
+  with open(os.path.join(tmp, ONNX), "wb") as f:
+    f.write(onnx_graph.to_onnx(program).SerializeToString())
+  files = {
+    name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
+    for name in (WEIGHTS, STABLEHLO, ONNX)
+  }
+  return tensors, desc, files
+
+
+def _manifest(program: integer.Program, info: dict, tensors: dict, desc: dict, files: dict) -> dict:
+  """The manifest.json contents of an export."""
+  import jax
+
+  import qnet
+
+  h, w, c = program.input_shape
+  return {
+    "format": FORMAT,
+    "model": info["model"],
+    "dataset": info["dataset"],
+    "input": {"name": "image", "shape": ["batch", h, w, c], "dtype": "uint8", "layout": "NHWC"},
+    "output": {"name": "logits", "shape": ["batch", program.num_classes], "dtype": "float32"},
+    "preprocessing": {
+      "formula": "x = (image / 255 - mean) / std (float32, per channel); inside every model file",
+      "mean": program.ops[0]["mean"],
+      "std": program.ops[0]["std"],
+    },
+    "precision": info["precision"],
+    "layers": program.layers,
+    "ops": program.ops,
+    "tensors": desc,
+    "sizes": size_report(program, tensors, info["fp32_checkpoint_bytes"]) | {
+      "export_files_bytes": {k: v["bytes"] for k, v in files.items()}
+    },
+    "files": files,
+    "source": info["source"],
+    "qnet_version": qnet.__version__,
+    "jax_version": jax.__version__,
+  }
+
+
+def _swap_in(tmp: str, out: str) -> None:
+  """Renames `tmp` to `out`; an existing `out` (--overwrite) is moved aside first, then dropped."""
+  if os.path.exists(out):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+    os.rename(out, os.path.join(old, "x"))
+    os.rename(tmp, out)
+    shutil.rmtree(old)
+  else:
+    os.rename(tmp, out)
 
 
 def load_export(out: str) -> tuple[integer.Program, dict]:

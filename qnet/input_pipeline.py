@@ -367,34 +367,21 @@ def create_train_iterator(
   share = tfds.even_splits(spec.train_split, n=process_count)[process_index]
   share_size = _split_size(builder, share)
   examples_per_epoch = steps * local_batch  # Same for every process.
-  no_autocache = tfds.ReadConfig(try_autocache=False)
-
-  cached = None
-  if spec.cache:  # Decoded once, kept in memory, reused by every epoch.
-    cached = builder.as_dataset(
-      split=share, shuffle_files=False, read_config=no_autocache, decoders=_decoders(builder)
-    )
-    cached = cached.map(_image_label, num_parallel_calls=AUTOTUNE).cache()
+  cached = _cached_share(builder, share) if spec.cache else None
 
   def epoch_dataset(epoch: int, skip_batches: int) -> tf.data.Dataset:
     shuffle_seed, aug_key = _epoch_seeds(seed, epoch)
+    # Augmentation is keyed by position in the epoch; skipping happens before it.
     if cached is not None:
       ds = cached.shuffle(share_size, seed=shuffle_seed, reshuffle_each_iteration=False)
+      preprocess = _train_preprocess_batch(spec, size, augment, aug_key)
+      ds = ds.take(examples_per_epoch)
+      ds = _batched_then_augmented(ds, skip_batches, local_batch, preprocess)
     else:
-      ds = _streamed_share(builder, share, share_size, shuffle_seed)
-    # Augmentation is keyed by position in the epoch; skipping happens before it.
-    ds = ds.take(examples_per_epoch)
-    if cached is not None:
-      ds = ds.skip(skip_batches * local_batch).batch(local_batch, drop_remainder=True)
-      ds = ds.enumerate(start=skip_batches).map(
-        _train_preprocess_batch(spec, size, augment, aug_key), num_parallel_calls=AUTOTUNE
-      )
-    else:
-      ds = (
-        ds.enumerate()
-        .skip(skip_batches * local_batch)
-        .map(_train_preprocess_jpeg(spec, size, augment, aug_key), num_parallel_calls=AUTOTUNE)
-      )
+      ds = _streamed_share(builder, share, share_size, shuffle_seed).take(examples_per_epoch)
+      preprocess = _train_preprocess_jpeg(spec, size, augment, aug_key)
+      ds = ds.enumerate().skip(skip_batches * local_batch)
+      ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE)
       ds = ds.batch(local_batch, drop_remainder=True)
     return _with_options(ds.prefetch(AUTOTUNE))
 
@@ -404,6 +391,25 @@ def create_train_iterator(
       yield from tfds.as_numpy(epoch_dataset(epoch, skip if epoch == first_epoch else 0))
 
   return _translate_data_loss(generate(), str(builder.data_dir))
+
+
+def _cached_share(builder, share: str) -> tf.data.Dataset:
+  """This process's share decoded once and kept in memory, reused by every epoch."""
+  ds = builder.as_dataset(
+    split=share,
+    shuffle_files=False,
+    read_config=tfds.ReadConfig(try_autocache=False),
+    decoders=_decoders(builder),
+  )
+  return ds.map(_image_label, num_parallel_calls=AUTOTUNE).cache()
+
+
+def _batched_then_augmented(
+  ds: tf.data.Dataset, skip_batches: int, local_batch: int, preprocess_batch
+) -> tf.data.Dataset:
+  """Batches from `skip_batches` on, each augmented as a batch keyed by its index in the epoch."""
+  ds = ds.skip(skip_batches * local_batch).batch(local_batch, drop_remainder=True)
+  return ds.enumerate(start=skip_batches).map(preprocess_batch, num_parallel_calls=AUTOTUNE)
 
 
 def _eval_shares(builder, spec: DatasetSpec, process_count: int) -> list[int]:

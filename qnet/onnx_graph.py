@@ -55,71 +55,83 @@ def to_onnx(program: integer.Program, opset: int = OPSET):
   """The `onnx.ModelProto` of `program` (checked with `onnx.checker`)."""
   onnx = _onnx()
   g = _Graph()
-  tp = g.TensorProto
-  arrays = program.arrays
   env: dict[str, tuple[str, int]] = {}  # value name -> (onnx name, rank)
-
-  def chw(vec: np.ndarray, rank: int) -> np.ndarray:
-    return vec.reshape((-1, 1, 1) if rank == 4 else (-1,))
-
   for op in program.ops:
-    kind = op["op"]
     x, rank = env.get(op["in"][0], ("image", 4))
-    if kind == "preprocess":
-      y = g.node("Cast", [x], to=tp.FLOAT)
-      y = g.node("Div", [y, g.const(np.float32(255.0))])
-      y = g.node("Sub", [y, g.const(np.asarray(op["mean"], np.float32))])
-      y = g.node("Div", [y, g.const(np.asarray(op["std"], np.float32))])
-      out = g.node("Transpose", [y], perm=[0, 3, 1, 2])
-    elif kind == "quantize":
-      n = np.float32(integer.levels(op["bits"]))
-      y = g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
-      y = g.node("Round", [g.node("Mul", [y, g.const(n)])])
-      out = g.node("Cast", [y], to=tp.UINT8)
-    elif kind == "clip":
-      out = g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
-    elif kind == "dequant_codes":
-      y = g.node("Cast", [x], to=tp.FLOAT)
-      out = g.node("Div", [y, g.const(np.float32(integer.levels(op["bits"])))])
-    elif kind in ("conv", "dense"):
-      out, rank = _layer(g, op, x, rank, arrays)
-    elif kind == "dequant":
-      y = g.node("Mul", [g.node("Cast", [x], to=tp.FLOAT), g.const(np.float32(op["factor"]))])
-      out = g.node("Add", [y, g.const(chw(arrays[op["bias"]], rank))]) if op["bias"] else y
-    elif kind == "requant":
-      sign, u = integer.thresholds(arrays[op["scale"]], arrays[op["shift"]], op["bits"])
-      y = g.node("Mul", [x, g.const(chw(sign, rank))])
-      y = g.node("Unsqueeze", [y, g.const(np.array([-1], np.int64))])
-      u = u.reshape(u.shape[0], 1, 1, u.shape[1]) if rank == 4 else u
-      y = g.node("Cast", [g.node("GreaterOrEqual", [y, g.const(u)])], to=tp.INT32)
-      y = g.node("ReduceSum", [y, g.const(np.array([-1], np.int64))], keepdims=0)
-      out = g.node("Cast", [y], to=tp.UINT8)
-    elif kind == "batchnorm":
-      var, scale = arrays[op["var"]], arrays[op["scale"]]
-      mul = (np.float32(1.0) / np.sqrt(var + np.float32(op["eps"]))) * scale
-      y = g.node("Sub", [x, g.const(chw(arrays[op["mean"]], rank))])
-      y = g.node("Mul", [y, g.const(chw(mul.astype(np.float32), rank))])
-      out = g.node("Add", [y, g.const(chw(arrays[op["bias"]], rank))])
-    elif kind == "maxpool":
-      out = g.node(
-        "MaxPool",
-        [x],
-        kernel_shape=op["window"],
-        strides=op["strides"],
-        pads=_pads(op["padding"]),
-      )
-    elif kind == "relu":
-      out = g.node("Relu", [x])
-    elif kind == "add":
-      out = g.node("Add", [x, env[op["in"][1]][0]])
-    elif kind == "output":
-      out = g.node("Identity", [x])
-      g.nodes[-1].output[0] = "logits"
-      out = "logits"
-    else:
-      raise ValueError(f"unknown op {kind!r}")
-    env[op["out"]] = (out, rank)
+    env[op["out"]] = _op(g, op, x, rank, program.arrays, env)
+  model = _model(g, program, opset)
+  onnx.checker.check_model(model)
+  return model
 
+
+def _chw(vec: np.ndarray, rank: int) -> np.ndarray:
+  """A per-channel vector shaped to broadcast over NCHW (rank 4) or NC (rank 2)."""
+  return vec.reshape((-1, 1, 1) if rank == 4 else (-1,))
+
+
+def _op(g: _Graph, op: dict, x: str, rank: int, arrays, env) -> tuple[str, int]:
+  """Emits one program op reading `x` (of `rank`); its output name and rank."""
+  kind = op["op"]
+  if kind in ("conv", "dense"):
+    return _layer(g, op, x, rank, arrays)
+  if kind in ("preprocess", "quantize", "clip", "dequant_codes", "dequant", "requant"):
+    return _codes_op(g, op, x, rank, arrays), rank
+  if kind == "batchnorm":
+    var, scale = arrays[op["var"]], arrays[op["scale"]]
+    mul = (np.float32(1.0) / np.sqrt(var + np.float32(op["eps"]))) * scale
+    y = g.node("Sub", [x, g.const(_chw(arrays[op["mean"]], rank))])
+    y = g.node("Mul", [y, g.const(_chw(mul.astype(np.float32), rank))])
+    return g.node("Add", [y, g.const(_chw(arrays[op["bias"]], rank))]), rank
+  if kind == "maxpool":
+    attrs = dict(kernel_shape=op["window"], strides=op["strides"], pads=_pads(op["padding"]))
+    return g.node("MaxPool", [x], **attrs), rank
+  if kind == "relu":
+    return g.node("Relu", [x]), rank
+  if kind == "add":
+    return g.node("Add", [x, env[op["in"][1]][0]]), rank
+  if kind == "output":
+    g.node("Identity", [x])
+    g.nodes[-1].output[0] = "logits"
+    return "logits", rank
+  raise ValueError(f"unknown op {kind!r}")
+
+
+def _codes_op(g: _Graph, op: dict, x: str, rank: int, arrays) -> str:
+  """Emits an op that moves between float values and integer activation codes."""
+  tp = g.TensorProto
+  kind = op["op"]
+  if kind == "preprocess":
+    y = g.node("Cast", [x], to=tp.FLOAT)
+    y = g.node("Div", [y, g.const(np.float32(255.0))])
+    y = g.node("Sub", [y, g.const(np.asarray(op["mean"], np.float32))])
+    y = g.node("Div", [y, g.const(np.asarray(op["std"], np.float32))])
+    return g.node("Transpose", [y], perm=[0, 3, 1, 2])
+  if kind == "quantize":
+    n = np.float32(integer.levels(op["bits"]))
+    y = g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
+    y = g.node("Round", [g.node("Mul", [y, g.const(n)])])
+    return g.node("Cast", [y], to=tp.UINT8)
+  if kind == "clip":
+    return g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
+  if kind == "dequant_codes":
+    y = g.node("Cast", [x], to=tp.FLOAT)
+    return g.node("Div", [y, g.const(np.float32(integer.levels(op["bits"])))])
+  if kind == "dequant":
+    y = g.node("Mul", [g.node("Cast", [x], to=tp.FLOAT), g.const(np.float32(op["factor"]))])
+    return g.node("Add", [y, g.const(_chw(arrays[op["bias"]], rank))]) if op["bias"] else y
+  # requant
+  sign, u = integer.thresholds(arrays[op["scale"]], arrays[op["shift"]], op["bits"])
+  y = g.node("Mul", [x, g.const(_chw(sign, rank))])
+  y = g.node("Unsqueeze", [y, g.const(np.array([-1], np.int64))])
+  u = u.reshape(u.shape[0], 1, 1, u.shape[1]) if rank == 4 else u
+  y = g.node("Cast", [g.node("GreaterOrEqual", [y, g.const(u)])], to=tp.INT32)
+  y = g.node("ReduceSum", [y, g.const(np.array([-1], np.int64))], keepdims=0)
+  return g.node("Cast", [y], to=tp.UINT8)
+
+
+def _model(g: _Graph, program: integer.Program, opset: int):
+  """The model around the emitted nodes: uint8 NHWC images in, float logits out."""
+  tp = g.TensorProto
   h, w, c = program.input_shape
   graph = g.helper.make_graph(
     g.nodes,
@@ -128,11 +140,9 @@ def to_onnx(program: integer.Program, opset: int = OPSET):
     [g.helper.make_tensor_value_info("logits", tp.FLOAT, ["batch", program.num_classes])],
     g.inits,
   )
-  model = g.helper.make_model(
+  return g.helper.make_model(
     graph, opset_imports=[g.helper.make_opsetid("", opset)], producer_name="qnet"
   )
-  onnx.checker.check_model(model)
-  return model
 
 
 def _layer(g: _Graph, op: dict, x: str, rank: int, arrays) -> tuple[str, int]:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qnet.models.layers import HEAD, STEM, batch_norm, layer_defs
+from qnet.models.layers import HEAD, STEM, QuantSettings, batch_norm, layer_defs
 
 
-class AlexNetBN(nn.Module):
+class AlexNetBN(QuantSettings):
   num_classes: int
-  act: str = "quant"
-  dtype: Any = jnp.float32
-  per_channel: bool = False
-  weight_quantizer: str = "dorefa"
-  act_quantizer: str = "dorefa"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:

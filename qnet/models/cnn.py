@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qnet.models.layers import HEAD, STEM, batch_norm, layer_defs
+from qnet.models.layers import HEAD, STEM, QuantSettings, batch_norm, layer_defs
 
 
-class SimpleCNN(nn.Module):
+class SimpleCNN(QuantSettings):
   """VGG-style CNN: `stages` of conv-BN pairs, each stage ending in a 2x2 max-pool.
 
   Every conv after `stem` quantizes its input (the activation quantizer is the ReLU);
@@ -22,11 +22,6 @@ class SimpleCNN(nn.Module):
   num_classes: int
   stages: Sequence[Sequence[int]] = ((32, 32), (64, 64))
   hidden: int = 0
-  act: str = "quant"
-  dtype: Any = jnp.float32
-  per_channel: bool = False
-  weight_quantizer: str = "dorefa"
-  act_quantizer: str = "dorefa"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:

@@ -15,6 +15,7 @@ relies on these two names.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -90,7 +91,20 @@ def _weights(kernel: jax.Array, weight_bits: jax.Array, module: nn.Module) -> ja
   return quant.lsq_quantize(kernel, clip, weight_bits, signed=True)
 
 
-class QuantConv(nn.Module):
+class QuantSettings(nn.Module):
+  """The settings every quantizable layer is built with, carried by qnet's models and layers
+  alike (keyword-only fields): `act` (`quant`, or `relu` for the plain FP network), the
+  compute `dtype`, per-channel weight scales, and the weight / activation quantizer kinds."""
+
+  _: dataclasses.KW_ONLY
+  act: str = "quant"
+  dtype: Any = jnp.float32
+  per_channel: bool = False
+  weight_quantizer: str = "dorefa"
+  act_quantizer: str = "dorefa"
+
+
+class QuantConv(QuantSettings):
   """Conv (NHWC, HWIO) with a k-bit kernel and a k-bit input activation."""
 
   features: int
@@ -99,11 +113,6 @@ class QuantConv(nn.Module):
   padding: Any = "SAME"
   use_bias: bool = False
   quantize_input: bool = True
-  per_channel: bool = False
-  act: str = "quant"
-  weight_quantizer: str = "dorefa"
-  act_quantizer: str = "dorefa"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -124,7 +133,7 @@ class QuantConv(nn.Module):
     return y
 
 
-class QuantDense(nn.Module):
+class QuantDense(QuantSettings):
   """Dense layer with a k-bit kernel and a k-bit input activation.
 
   `reduce` says how a 4-D input becomes a vector after the input quantizer: `mean`
@@ -133,12 +142,7 @@ class QuantDense(nn.Module):
 
   features: int
   quantize_input: bool = True
-  per_channel: bool = False
   reduce: str = "mean"
-  act: str = "quant"
-  weight_quantizer: str = "dorefa"
-  act_quantizer: str = "dorefa"
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -156,17 +160,15 @@ class QuantDense(nn.Module):
     return y + bias.astype(self.dtype)
 
 
-def layer_defs(model: nn.Module) -> tuple[Callable[..., QuantConv], Callable[..., QuantDense]]:
+def layer_defs(model: QuantSettings) -> tuple[Callable[..., QuantConv], Callable[..., QuantDense]]:
   """`QuantConv` and `QuantDense` constructors carrying `model`'s `act`, `dtype`,
   `per_channel` and quantizer kinds: a model builds every layer with these (and hands them
   to its blocks), so no layer can miss a setting."""
-  kw = dict(
-    act=model.act,
-    dtype=model.dtype,
-    per_channel=model.per_channel,
-    weight_quantizer=model.weight_quantizer,
-    act_quantizer=model.act_quantizer,
-  )
+  kw = {
+    f.name: getattr(model, f.name)
+    for f in dataclasses.fields(QuantSettings)
+    if f.name not in ("parent", "name")  # nn.Module's own fields
+  }
   return functools.partial(QuantConv, **kw), functools.partial(QuantDense, **kw)
 
 

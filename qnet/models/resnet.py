@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qnet.models.layers import HEAD, STEM, batch_norm, layer_defs
+from qnet.models.layers import HEAD, STEM, QuantSettings, batch_norm, layer_defs
 
 
 class BasicBlock(nn.Module):
@@ -62,17 +62,12 @@ class Bottleneck(nn.Module):
     return x + y
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(QuantSettings):
   num_classes: int
   stage_sizes: Sequence[int]
   widths: Sequence[int]
   block: str = "basic"
   imagenet_stem: bool = False
-  act: str = "quant"
-  dtype: Any = jnp.float32
-  per_channel: bool = False
-  weight_quantizer: str = "dorefa"
-  act_quantizer: str = "dorefa"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
