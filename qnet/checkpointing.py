@@ -120,16 +120,29 @@ def abstract_like(state: PyTree) -> PyTree:
 _FIRST_STUDENT = ("students", "0")
 
 
-def read_first_student(workdir: str) -> tuple[PyTree, PyTree]:
-  """(params, batch_stats) of the first student in `WORKDIR/checkpoints`' latest checkpoint."""
-  manager = create_manager(workdir)
-  step = manager.latest_step()
+def read_first_student(workdir: str, step: int | None = None) -> tuple[PyTree, PyTree]:
+  """(params, batch_stats) of the first student at `step` (default: the latest checkpoint in
+  `WORKDIR/checkpoints`), as numpy arrays.
+
+  The restore target is built from the checkpoint's own metadata on one local device, so a
+  checkpoint saved on another topology (e.g. 4 devices) loads here.
+  """
   if step is None:
-    raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
-  node = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    step = create_manager(workdir).latest_step()
+    if step is None:
+      raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  meta = checkpointer.metadata(path)
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+  node = checkpointer.restore(path, target)
+  checkpointer.close()
   for key in _FIRST_STUDENT:
     node = node[key] if isinstance(node, dict) else node[int(key)]
-  return node["params"], node["batch_stats"]
+  return jax.tree.map(np.asarray, node["params"]), jax.tree.map(np.asarray, node["batch_stats"])
 
 
 def load_first_student(workdir: str, net: PyTree, what: str) -> PyTree:

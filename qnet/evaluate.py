@@ -62,7 +62,7 @@ def fake_quant_fn(manifest: dict) -> Callable[[np.ndarray], np.ndarray]:
   """Logits of the source checkpoint's fake-quant network at the exported precision."""
   import jax
 
-  from qnet import build, conv, export, run_config
+  from qnet import build, checkpointing, conv, export, run_config
 
   source = manifest["source"]
   try:
@@ -71,7 +71,7 @@ def fake_quant_fn(manifest: dict) -> Callable[[np.ndarray], np.ndarray]:
     raise export.ExportError(f"the source run of the export is not available: {e}") from e
   students, _ = build.build_specs(config, total_steps)
   spec = students[0]
-  params, batch_stats = export.read_checkpoint(source["workdir"], source["step"])
+  params, batch_stats = checkpointing.read_first_student(source["workdir"], source["step"])
   prec = spec.schedule.deterministic(spec.layout, source["step"])
   variables = {"params": params, "batch_stats": batch_stats, "precision": prec}
   apply = jax.jit(

@@ -36,7 +36,6 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -44,7 +43,6 @@ import numpy as np
 
 from qnet import integer, packing
 
-PyTree = Any
 FORMAT = "qnet-integer-export/1"
 WEIGHTS, MANIFEST, STABLEHLO, ONNX = "weights.safetensors", "manifest.json", "model.stablehlo", "model.onnx"
 
@@ -63,37 +61,14 @@ def _checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
 
 
-def read_checkpoint(workdir: str, step: int) -> tuple[PyTree, PyTree]:
-  """(params, batch_stats) of the first student at `step`, as numpy arrays.
-
-  The restore target is built from the checkpoint's own metadata on one local device, so a
-  checkpoint saved on another topology (e.g. 4 devices) loads here.
-  """
-  import jax
-  import orbax.checkpoint as ocp
-
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
-  checkpointer = ocp.StandardCheckpointer()
-  meta = checkpointer.metadata(path)
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  raw = checkpointer.restore(path, target)
-  checkpointer.close()
-  students = raw["students"]
-  net = students["0"] if isinstance(students, dict) else students[0]
-  return jax.tree.map(np.asarray, net["params"]), jax.tree.map(np.asarray, net["batch_stats"])
-
-
 def recorded_accuracy(workdir: str, step: int) -> float | None:
   """`eval_accuracy` that the run logged at `step` (metrics.jsonl), if any."""
+  from qnet import metrics_io
+
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  rows = [r for r in rows if r["step"] == step and "eval_accuracy" in r]
+  rows = [r for r in metrics_io.read_jsonl(path) if r["step"] == step and "eval_accuracy" in r]
   return rows[-1]["eval_accuracy"] if rows else None
 
 
@@ -149,7 +124,7 @@ def check_bits(bits: dict[str, tuple[int, int]], config) -> None:
 
 def program_from_run(workdir: str, step: int | None = None):
   """(program, info) of a run's checkpoint; `info` feeds the manifest."""
-  from qnet import build, run_config
+  from qnet import build, checkpointing, run_config
   from qnet.datasets import DATASETS
 
   steps = _checkpoint_steps(workdir)
@@ -171,7 +146,7 @@ def program_from_run(workdir: str, step: int | None = None):
     )
   bits, precision = eval_precision(config, total_steps, step)
   check_bits(bits, config)
-  params, batch_stats = read_checkpoint(workdir, step)
+  params, batch_stats = checkpointing.read_first_student(workdir, step)
   try:
     program = integer.build_program(
       params,
