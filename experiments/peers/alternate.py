@@ -41,8 +41,8 @@ def _qnet(python: str, bits: int, steps: int, warmup: int, path: str) -> dict:
   cmd = [python, os.path.join(ROOT, "experiments", "benchmark.py"), "--models", "resnet20"]
   cmd += ["--variants", variant, "--rounds", "1", "--steps", str(steps), "--warmup", str(warmup)]
   cmd += ["--skip_pipeline", "--skip_compile_count", "--out", path]
-  path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-  env = {**os.environ, "PYTHONPATH": path}
+  pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+  env = {**os.environ, "PYTHONPATH": pythonpath}
   subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
   with open(path) as f:
     r = json.load(f)
