@@ -30,10 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
 import time
+from importlib import metadata
 
 import numpy as np
 
@@ -55,6 +57,11 @@ METHODS: dict[str, str] = {
   "distill": "w2a2_distill",
   "progressive+distill": "w2a2_progressive_distill",
   "stochastic+distill": "w2a2_stochastic_distill",
+  # Learned quantizers (LSQ weights and activations; PACT activations on DoReFa weights),
+  # direct and with the paper's best remedy here (progressive).
+  "lsq": "w2a2_lsq",
+  "pact": "w2a2_pact",
+  "progressive+lsq": "w2a2_progressive_lsq",
   # The same configs' phases, each phase its own training run (see the module docstring).
   "progressive_rounds": "w2a2_progressive",
   "two_stage_rounds": "w2a2_two_stage",
@@ -182,6 +189,13 @@ def _summary(rows: list[dict]) -> dict:
   }
 
 
+def stack() -> dict:
+  """The software a run trained on (the runs use this Python) and the CPU conv overrides set."""
+  env = {k: v for k, v in os.environ.items() if k.startswith("QNET_CPU_CONV_")}
+  versions = {p: metadata.version(p) for p in ("jax", "jaxlib", "flax")}
+  return {"python": platform.python_version(), **versions, "env": env}
+
+
 def run_one(
   family: str, method: str, bits: int, seed: int, runs_dir: str, extra: list[str], name: str
 ) -> dict:
@@ -203,6 +217,7 @@ def run_one(
   with open(path, "w") as f:
     json.dump(points, f)
   row = {"method": method, "weight_bits": b, "act_bits": b, "seed": seed, "config": config}
+  row["stack"] = stack()
   row |= {k: v for k, v in result.items() if k not in ("metrics", "resumed_from_step")}
   if result["resumed_from_step"] is not None:
     row["resumed_from_step"] = result["resumed_from_step"]

@@ -177,6 +177,8 @@ def test_each_method_is_its_config_with_the_familys_model_and_budget(family):
 
   direct = config_validation.flatten(sweep.load_config(family, "direct", []))
   own = {"schedule.kind", "distill.enabled", "quant.weight_bits", "quant.act_bits", "model_act"}
+  own |= {"quant.weight_quantizer", "quant.act_quantizer"}
+  lsq = {"quant.weight_quantizer": "lsq", "quant.act_quantizer": "lsq"}
   expect = {
     "fp": {"quant.weight_bits": 32, "quant.act_bits": 32},
     "fp_relu": {"quant.weight_bits": 32, "quant.act_bits": 32, "model_act": "relu"},
@@ -187,6 +189,13 @@ def test_each_method_is_its_config_with_the_familys_model_and_budget(family):
     "distill": {"schedule.kind": "direct", "distill.enabled": True},
     "progressive+distill": {"schedule.kind": "progressive", "distill.enabled": True},
     "stochastic+distill": {"schedule.kind": "stochastic", "distill.enabled": True},
+    "lsq": {"schedule.kind": "direct", **lsq},
+    "pact": {
+      "schedule.kind": "direct",
+      "quant.weight_quantizer": "dorefa",
+      "quant.act_quantizer": "pact",
+    },
+    "progressive+lsq": {"schedule.kind": "progressive", **lsq},
     "progressive_rounds": {"schedule.kind": "progressive"},
     "two_stage_rounds": {"schedule.kind": "two_stage"},
   }
