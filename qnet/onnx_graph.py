@@ -108,7 +108,14 @@ def _codes_op(g: _Graph, op: dict, x: str, rank: int, arrays) -> str:
     y = g.node("Sub", [y, g.const(np.asarray(op["mean"], np.float32))])
     y = g.node("Div", [y, g.const(np.asarray(op["std"], np.float32))])
     return g.node("Transpose", [y], perm=[0, 3, 1, 2])
-  n = np.float32(integer.levels(op.get("bits", 1)))
+  if kind == "clip":
+    return g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
+  if kind == "dequant":
+    factor = op["factor"]  # a number, or a per-channel tensor's name
+    f = _chw(arrays[factor], rank) if isinstance(factor, str) else np.float32(factor)
+    y = g.node("Mul", [g.node("Cast", [x], to=tp.FLOAT), g.const(np.asarray(f, np.float32))])
+    return g.node("Add", [y, g.const(_chw(arrays[op["bias"]], rank))]) if op["bias"] else y
+  n = np.float32(integer.levels(op["bits"]))
   quantizer = op.get("quantizer", "dorefa")
   if kind == "quantize":  # the float32 operations of integer.quantize_codes
     if quantizer == "lsq":
@@ -119,8 +126,6 @@ def _codes_op(g: _Graph, op: dict, x: str, rank: int, arrays) -> str:
       y = g.node("Mul", [g.node("Clip", [x, g.const(np.float32(0)), g.const(a)]), g.const(n)])
       y = g.node("Round", [g.node("Div", [y, g.const(a)]) if quantizer == "pact" else y])
     return g.node("Cast", [y], to=tp.UINT8)
-  if kind == "clip":
-    return g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
   if kind == "dequant_codes":  # integer.dequantize_codes
     y = g.node("Cast", [x], to=tp.FLOAT)
     if quantizer == "lsq":
@@ -128,11 +133,6 @@ def _codes_op(g: _Graph, op: dict, x: str, rank: int, arrays) -> str:
     if quantizer == "pact":
       y = g.node("Mul", [y, g.const(np.float32(op["clip"]))])
     return g.node("Div", [y, g.const(n)])
-  if kind == "dequant":
-    factor = op["factor"]  # a number, or a per-channel tensor's name
-    f = _chw(arrays[factor], rank) if isinstance(factor, str) else np.float32(factor)
-    y = g.node("Mul", [g.node("Cast", [x], to=tp.FLOAT), g.const(np.asarray(f, np.float32))])
-    return g.node("Add", [y, g.const(_chw(arrays[op["bias"]], rank))]) if op["bias"] else y
   # requant
   sign, u = integer.thresholds(arrays[op["scale"]], arrays[op["shift"]], op["bits"])
   y = g.node("Mul", [x, g.const(_chw(sign, rank))])
