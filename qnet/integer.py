@@ -37,10 +37,10 @@ parameter tree's names: `stem`, `conv{s}_{c}`, `fc`, `head` (SimpleCNN); `stem`,
 first block of every stage after the first has stride 2, as in `qnet.models.resnet`).
 LSQ and PACT (`weight_quantizer` / `act_quantizer`) have the same integer form with a learned
 step. An LSQ weight is `q s` with the signed code `q = round(clip(w / s, -Q_n, Q_p))`, `Q_n =
-2**(k-1)`, `Q_p = Q_n - 1` (int8 for k <= 8, so never split), `s = weight_clip / Q_p` float32,
+2**(k-1)`, `Q_p = Q_n - 1` (int8 for k <= 8, so never split), `s = weight_clip / sqrt(Q_p)` float32,
 per tensor or per output channel (`lsq_weight_codes`); it is stored as the level `i = q + Q_n`
 in `[0, 2**k - 1]` beside the step. An activation code `j` in `[0, n]` is worth `j / n`
-(DoReFa), `j alpha / n` (PACT, `alpha = act_clip`) or `j s` (LSQ, `s = act_clip / n`), so an
+(DoReFa), `j alpha / n` (PACT, `alpha = act_clip`) or `j s` (LSQ, `s = act_clip / sqrt(n)`), so an
 integer layer's accumulator is worth `acc w_step a_step` (a per-channel factor with
 per-channel LSQ steps), and the fold into the next codes divides by the next activation
 step instead of multiplying by `n` (`ActQuant`). At 32 bits a learned-quantizer network has
@@ -135,17 +135,24 @@ def signed_codes(levels_i: np.ndarray, bits: int, quantizer: str = "dorefa") -> 
   return (2 * i - levels(bits)).astype(np.int16)
 
 
+def lsq_step(clip, bits: int, signed: bool) -> np.ndarray:
+  """LSQ's float32 step as the jitted fake quantizer computes it (`quant.lsq_step` with traced
+  bits: XLA turns `t / sqrt(Q_p)` into `t * rsqrt(Q_p)` there, which eager ops do not)."""
+  fn = jax.jit(quant.lsq_step, static_argnums=2)
+  return np.asarray(fn(jnp.asarray(clip, jnp.float32), jnp.float32(bits), signed), np.float32)
+
+
 def lsq_weight_codes(kernel: np.ndarray, clip: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
   """Levels `i = q + 2**(bits-1)` (uint8, `[0, 2**bits - 1]`) and float32 step `s` of LSQ's
   k-bit kernel with clip level `clip` (a scalar, or one per output channel).
 
-  The step is the quantizer's own `clip / Q_p` in float32 and the codes come from
+  The step is the quantizer's own `quant.lsq_step` in float32 and the codes come from
   `quant.lsq_quantize` itself (jitted, as in evaluation), so `dequantize_weights(i, bits,
   'lsq', s)` equals the fake-quantized kernel bit for bit (checked).
   """
   clip = np.asarray(clip, np.float32)
   qn = 1 << (int(bits) - 1)
-  step = np.asarray(clip / np.float32(qn - 1), np.float32)
+  step = lsq_step(clip, bits, signed=True)
   wq = np.asarray(
     jax.jit(quant.lsq_quantize, static_argnums=3)(jnp.asarray(kernel), jnp.asarray(clip), bits, True)
   )
@@ -194,7 +201,8 @@ class UnsupportedModel(ValueError):
 class ActQuant:
   """A layer input's quantizer at `bits` (< 32): codes `j` in `[0, n]` and what one is worth.
 
-  `clip` is the float32 clip level: DoReFa 1, PACT alpha, LSQ `r` (its step `s = r / n`).
+  `clip` is the float32 range parameter: DoReFa 1, PACT alpha, LSQ `t` (its step
+  `s = t / sqrt(n)`, `quant.lsq_step`).
   """
 
   quantizer: str
@@ -203,10 +211,10 @@ class ActQuant:
 
   def step_ratio(self) -> tuple[float, int]:
     """`(num, den)` with the step `num / den` exactly: DoReFa `(1, n)`, PACT `(alpha, n)`,
-    LSQ `(s, 1)` with LSQ's float32 `s = fl(r / n)`."""
+    LSQ `(s, 1)` with LSQ's float32 step `s = fl(t / sqrt(n))`."""
     n = levels(self.bits)
     if self.quantizer == "lsq":
-      return float(np.float32(self.clip) / np.float32(n)), 1
+      return float(lsq_step(self.clip, self.bits, signed=False)), 1
     return float(self.clip), n
 
   def attrs(self) -> dict:

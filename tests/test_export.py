@@ -65,22 +65,24 @@ def test_lsq_levels_and_steps_reproduce_the_fake_quantized_kernel_exactly(per_ch
   rng = np.random.default_rng(3)
   kernel = rng.normal(0, 0.1, (3, 3, 5, 7)).astype(np.float32)
   top = np.max(np.abs(kernel), axis=(0, 1, 2) if per_channel else None)
-  clip = (top * rng.uniform(0.3, 0.9, np.shape(top))).astype(np.float32)  # large weights clip
+  level = (top * rng.uniform(0.3, 0.9, np.shape(top))).astype(np.float32)  # large weights clip
   if per_channel:  # LSQ's step can turn negative in training: a mirrored grid, still exact
-    clip[2] = -clip[2]
+    level[2] = -level[2]
   lsq = jax.jit(quant.lsq_quantize, static_argnums=3)
   for bits in range(2, 9):
+    qn = 2 ** (bits - 1)
+    sqrt_qp = np.sqrt(np.float32(qn - 1))
+    clip = (level / sqrt_qp).astype(np.float32)  # qnet's parameter t: clip level Q_p s ~ level
     i, step = integer.lsq_weight_codes(kernel, clip, bits)
     assert i.dtype == np.uint8 and step.dtype == np.float32 and step.shape == np.shape(clip)
     back = packing.unpack(packing.pack(i, bits), bits, kernel.shape)
     wq = np.asarray(lsq(kernel, clip, bits, True))
     np.testing.assert_array_equal(integer.dequantize_weights(back, bits, "lsq", step), wq)
     q = integer.signed_codes(back, bits, "lsq")
-    qn = 2 ** (bits - 1)
-    assert -qn <= q.min() < 0 and q.max() == qn - 1  # the clip level r = Q_p s is reached
+    assert -qn <= q.min() < 0 and q.max() == qn - 1  # the clip level Q_p s is reached
     if per_channel:  # channel 2's step is negative: positive weights have negative codes
       np.testing.assert_array_equal(np.sign(wq[..., 2]), -np.sign(q[..., 2]))
-    np.testing.assert_array_equal(step, clip / np.float32(qn - 1))  # s = weight_clip / Q_p
+    np.testing.assert_allclose(step, clip / sqrt_qp, rtol=1e-6)  # s = weight_clip / sqrt(Q_p)
     parts = integer.weight_int8_parts(back, bits, "lsq")
     assert len(parts) == 1 and parts[0][1].dtype == np.int8  # int8 at 8 bits too: no split
     np.testing.assert_array_equal(parts[0][1], q)
@@ -89,15 +91,19 @@ def test_lsq_levels_and_steps_reproduce_the_fake_quantized_kernel_exactly(per_ch
 @pytest.mark.parametrize("quantizer", ["dorefa", "pact", "lsq"])
 def test_activation_codes_and_their_values_are_the_fake_quantizers(quantizer):
   x = jnp.asarray(np.random.default_rng(4).normal(0.5, 1.5, 4000).astype(np.float32))
+  lsq = jax.jit(quant.lsq_quantize, static_argnums=3)  # as in evaluation: the step is jitted
   for bits in range(1, 9):
-    aq = integer.ActQuant(quantizer, bits, 1.0 if quantizer == "dorefa" else float(np.float32(1.37)))
+    # The clip level (the top code's value) is 1.37 for PACT and LSQ (LSQ's t = 1.37 / sqrt(n)).
+    n = integer.levels(bits)
+    clip = {"dorefa": 1.0, "pact": 1.37, "lsq": 1.37 / np.sqrt(n)}[quantizer]
+    aq = integer.ActQuant(quantizer, bits, float(np.float32(clip)))
     op = {"bits": bits, **aq.attrs()}
     if quantizer == "dorefa":
       fq = quant.quantize_activations(x, bits)
     elif quantizer == "pact":
-      fq = quant.pact_quantize(x, jnp.float32(1.37), bits)
+      fq = quant.pact_quantize(x, jnp.float32(clip), bits)
     else:
-      fq = quant.lsq_quantize(x, jnp.float32(1.37), bits, signed=False)
+      fq = lsq(x, jnp.float32(clip), bits, False)
     j = jax.jit(lambda x: integer.quantize_codes(x, op))(x)
     assert int(j.max()) == integer.levels(bits) and int(j.min()) == 0
     np.testing.assert_array_equal(integer.dequantize_codes(j, op), fq)
@@ -240,12 +246,13 @@ def test_learned_quantizers_integer_program_equals_fake_quant_on_every_path(
     if layer["act_quantizer"]:
       clip = np.float32(node["act_clip"]) if aq != "dorefa" else np.float32(1)
       n = integer.levels(layer["act_bits"])
-      step = float(clip / np.float32(n)) if aq == "lsq" else float(clip) / n
-      assert (layer["act_quantizer"], layer["act_clip"], layer["act_step"]) == (aq, float(clip), step)
+      step = float(clip / np.sqrt(np.float32(n))) if aq == "lsq" else float(clip) / n
+      assert (layer["act_quantizer"], layer["act_clip"]) == (aq, float(clip))
+      assert np.isclose(layer["act_step"], step, rtol=1e-6, atol=0)  # LSQ: rsqrt in the jit
     if layer["weight_quantizer"] == "lsq":
       qp = np.float32(2 ** (layer["weight_bits"] - 1) - 1)
-      want = np.asarray(node["weight_clip"], np.float32) / qp
-      np.testing.assert_array_equal(program.arrays[f"{path}.weight_step"], want)
+      want = np.asarray(node["weight_clip"], np.float32) / np.sqrt(qp)
+      np.testing.assert_allclose(program.arrays[f"{path}.weight_step"], want, rtol=1e-6)
       assert program.arrays[f"{path}.weight_step"].shape == ((want.size,) if per_channel else ())
   images, logits = check_against_fake_quant(
     program, model, params, stats, tree, ds, shape, require_requant=True
