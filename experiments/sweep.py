@@ -360,6 +360,12 @@ def main() -> None:
   p.add_argument("--name", default="fashion_mnist")
   p.add_argument("--runs_dir", default="", help="run workdirs (default: experiments/runs/NAME)")
   p.add_argument("--report_only", action="store_true", help="rewrite NAME.md from NAME.json")
+  p.add_argument(
+    "--redo",
+    default="",
+    help="comma list of run keys (e.g. direct_w2a2_s0) to forget and run again: their rows and "
+    "curves are removed and their workdirs moved aside (KEY.superseded.N)",
+  )
   p.add_argument("extra", nargs="*", help="more --config.X=Y overrides for every run, after a `--`")
   args = p.parse_args()
   runs_dir = args.runs_dir or os.path.join(ROOT, "experiments", "runs", args.name)
@@ -370,8 +376,9 @@ def main() -> None:
   missing = sorted({config_file(args.family, m) for m in methods} - _existing_configs())
   if missing:
     sys.exit(f"--family={args.family}: no config {', '.join(missing)}")
-  out_json = os.path.join(RESULTS, f"{args.name}.json")
-  rows = json.load(open(out_json)) if os.path.exists(out_json) else []
+  if args.redo:
+    forget(args.redo.split(","), args.name, runs_dir)
+  rows = load_rows(args.name)
   if args.report_only:
     print(write_report(rows, args.name))
     return
@@ -388,7 +395,7 @@ def main() -> None:
   for i, (key, method, bits, seed) in enumerate(plan):
     print(f"[{i + 1}/{len(plan)}] {key} ...", flush=True)
     row = run_one(args.family, method, bits, seed, runs_dir, args.extra, args.name)
-    rows.append(row)
+    rows = load_rows(args.name) + [row]  # as on disk now: another invocation may have edited it
     write_report(rows, args.name)
     print(
       f"[{i + 1}/{len(plan)}] {key}: test accuracy {row['test_accuracy']:.4f} "
@@ -396,6 +403,38 @@ def main() -> None:
       flush=True,
     )
   print(table(rows))
+
+
+def load_rows(name: str) -> list[dict]:
+  """The rows of sweep `name` (experiments/results/NAME.json; none yet: [])."""
+  path = os.path.join(RESULTS, f"{name}.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def forget(keys: list[str], name: str, runs_dir: str) -> None:
+  """Makes runs `keys` of sweep `name` not done: drops their rows and curves, and moves their
+  workdirs and logs aside (so the next run starts fresh instead of resuming the old one)."""
+  rows = load_rows(name)
+  known = {run_key(r["method"], r["weight_bits"], r["seed"]) for r in rows}
+  unknown = [k for k in keys if k not in known]
+  if unknown:
+    sys.exit(f"--redo: no row for {unknown}; done runs: {', '.join(sorted(known))}")
+  kept = [r for r in rows if run_key(r["method"], r["weight_bits"], r["seed"]) not in keys]
+  for key in keys:
+    for path in (os.path.join(runs_dir, key), os.path.join(runs_dir, key + ".log")):
+      if os.path.exists(path):
+        n = 1
+        while os.path.exists(f"{path}.superseded.{n}"):
+          n += 1
+        os.rename(path, f"{path}.superseded.{n}")
+    curve_file = curve_path(RESULTS, name, key)
+    if os.path.exists(curve_file):
+      os.remove(curve_file)
+  write_report(kept, name)
+  print(f"--redo: forgot {', '.join(keys)}", flush=True)
 
 
 def _existing_configs() -> set[str]:

@@ -21,8 +21,8 @@ def calibrate(
   """Data-dependent init of the students' learned clip levels from one (the first) batch.
 
   Runs each student in training mode (batch statistics) at the bits its schedule ends at,
-  every layer at once, and sets each learned clip level to LSQ's initial step
-  `2 mean|v| / sqrt(Q_p)` times `Q_p` (PACT's alpha the same way), computed on the inputs
+  every layer at once, and sets each learned range parameter to LSQ's initial value `t = 2
+  mean|v|` (step `2 mean|v| / sqrt(Q_p)`; PACT's alpha the same value), computed on the inputs
   the layer sees with the layers before it already calibrated. Layers at 32 bits there keep
   their level. BN statistics and everything else are unchanged. The teacher is FP: no-op.
   """

@@ -5,14 +5,14 @@ by default, each measured on a 2-vCPU AVX2 host (ResNet-20, batch 128); the
 measurements and commands are in experiments/README.md ("CPU conv tuning").
 
 1. Compiler options (`cpu_compiler_options()`, which `qnet.build.compile_steps`
-   passes to its jits): XLA routes kernel-gradient convolutions (and
-   wide forward/input-gradient ones) to YNNPACK; the options send convolutions to
-   XLA's Eigen path and keep YNNPACK for dots and reductions (YNNPACK off entirely
-   is worse: reductions slow down). jaxlib 0.10.2, idle machine: 1,143 -> 648
-   ms/step alone (YNNPACK kernel gradients 5-10x slower than Eigen on 2 threads).
-   jaxlib 0.12.0.1 and 0.10.2 on a machine loaded 6-10x over its 2 cores: no
-   step-level difference with the barrier on, either way; kept on both stacks
-   because nothing measured shows they stopped helping on an idle machine.
+   passes to its jits), on jaxlib < 0.12 only: XLA 0.10 routes kernel-gradient
+   convolutions (and wide forward/input-gradient ones) to YNNPACK; the options send
+   convolutions to XLA's Eigen path and keep YNNPACK for dots and reductions (YNNPACK
+   off entirely is worse: reductions slow down). Idle machine, ResNet-20 step,
+   alternating rounds: jaxlib 0.10.2 523 -> 402 ms (faster in 3/3 rounds; an older
+   qnet measured 1,143 -> 648); jaxlib 0.12.0.1 397 ms without vs 400 ms with them
+   (faster without in 3/3 rounds), so from 0.12 on they are off. 0.11 was not
+   measured and keeps the old choice.
 2. Cond barrier: XLA fuses a whole stage's BatchNorm -> ReLU -> residual chain
    into the layout transposes in front of each kernel-gradient conv and
    recomputes it there (~100+ ms per op instead of ~1 ms). `lax.optimization_barrier`
@@ -22,14 +22,13 @@ measurements and commands are in experiments/README.md ("CPU conv tuning").
    the compiled HLO shows the re-fused transposes without it; with it the step
    took 7-10% less CPU time (both stacks, with the options) and was faster than
    the stock conv in 5 of 5 alternating rounds (without the options).
-3. Sub-pixel strided input gradients (`subpixel_input_grad`, with the options
-   only): the stock vjp of a stride-2 conv convolves a zero-dilated cotangent;
-   one stride-1 conv per output phase does the forward's multiply-adds instead.
-   Per op, with the options: ResNet-20's 3x3 stride-2 input gradients took a
-   third and a sixth less CPU time (12.6 -> 8.4 ms, 6.0 -> 5.0 ms, jaxlib 0.12;
-   alike on 0.10.2), faster in 30/30 and 22/30 alternations; at the step level (~0.5%) it is below
-   the noise. Under XLA's defaults (YNNPACK) it was not a win, so it follows the
-   options.
+3. Sub-pixel strided input gradients (`subpixel_input_grad`): the stock vjp of a
+   stride-2 conv convolves a zero-dilated cotangent; one stride-1 conv per output
+   phase does the forward's multiply-adds instead. Per op, with the options:
+   ResNet-20's 3x3 stride-2 input gradients took a third and a sixth less CPU time
+   (12.6 -> 8.4 ms, 6.0 -> 5.0 ms, jaxlib 0.12; alike on 0.10.2). Idle machine, step
+   level: jaxlib 0.12.0.1 without the options 419 -> 397 ms (3/3 rounds); 0.10.2 with
+   them 411 -> 402 ms (2/3 rounds), without them 522 vs 524 ms (no difference).
 
 Forward outputs and kernel gradients are bitwise identical to the stock conv under
 the same compiler options; strided input gradients equal the stock ones up to fp32
@@ -37,11 +36,11 @@ summation order (~1e-6). The options change which library sums, so fp32
 results move at the ~1e-4 level compared with XLA's default CPU options.
 
 Environment overrides (read when a function is traced / a jit is built):
-  QNET_CPU_CONV_OPTIONS=0   `cpu_compiler_options()` returns {} (XLA defaults);
-                            this also turns the sub-pixel input gradient off.
+  QNET_CPU_CONV_OPTIONS=0|1 `cpu_compiler_options()` returns {} (XLA defaults) or
+                            the options, whatever the jaxlib (unset: by version).
   QNET_CPU_CONV_BARRIER=0   no cond barrier.
   QNET_CPU_CONV_SUBPIXEL=0  stock strided input gradients.
-With the options and the barrier off, `conv` is plain `lax.conv_general_dilated`.
+With all three off, `conv` is plain `lax.conv_general_dilated`.
 Re-check after jaxlib upgrades: `experiments/conv_speed.py` (and `--per_op`),
 tests/test_conv.py (the HLO checks).
 """
@@ -56,12 +55,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxlib import version as jaxlib_version
 
 Padding = str | Sequence[tuple[int, int]]
 _DIMS = ("NHWC", "HWIO", "NHWC")
 # Keep YNNPACK for dots and reductions, drop it for convolutions. Equivalent to
 # XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution; the
 # "-..." form is rejected as a per-jit option, so the kept types are listed.
+# The first jaxlib (major, minor) that no longer gets them by default (measured above).
+_OPTIONS_UNTIL = (0, 12)
 CPU_CONV_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
@@ -75,14 +77,24 @@ def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
+def options_by_default() -> bool:
+  """Does this jaxlib get `CPU_CONV_OPTIONS` when QNET_CPU_CONV_OPTIONS is unset? (< 0.12)"""
+  return tuple(jaxlib_version.__version_info__[:2]) < _OPTIONS_UNTIL
+
+
 def cpu_compiler_options() -> dict[str, str]:
   """Per-jit compiler options that keep CPU convolutions off YNNPACK.
 
-  Empty on non-CPU backends or when QNET_CPU_CONV_OPTIONS=0.
+  Empty on non-CPU backends, on jaxlib >= 0.12 and when QNET_CPU_CONV_OPTIONS=0;
+  QNET_CPU_CONV_OPTIONS=1 turns them on whatever the jaxlib.
   """
-  if not _on_cpu() or not _env_on("QNET_CPU_CONV_OPTIONS"):
+  if not _on_cpu():
     return {}
-  return dict(CPU_CONV_OPTIONS)
+  if os.environ.get("QNET_CPU_CONV_OPTIONS", "").strip():
+    on = _env_on("QNET_CPU_CONV_OPTIONS")
+  else:
+    on = options_by_default()
+  return dict(CPU_CONV_OPTIONS) if on else {}
 
 
 def _stock(x, kernel, strides, padding, precision):
@@ -213,7 +225,7 @@ def conv(
   """
   if _on_cpu():
     barrier = _env_on("QNET_CPU_CONV_BARRIER")
-    subpixel = bool(cpu_compiler_options()) and _env_on("QNET_CPU_CONV_SUBPIXEL")
+    subpixel = _env_on("QNET_CPU_CONV_SUBPIXEL")
     if barrier or subpixel:
       return custom_conv(
         x,

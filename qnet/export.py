@@ -5,14 +5,16 @@ the latest), and writes OUT atomically (a temporary directory renamed to OUT at 
 an existing OUT is refused unless `--overwrite`):
 
 * `weights.safetensors`: the quantized layers' weight levels packed into a k-bit
-  bitstream (`qnet.packing`; uint8 tensors named `LAYER.levels`), the per-channel
+  bitstream (`qnet.packing`; uint8 tensors named `LAYER.levels`; with LSQ weights also
+  the float32 steps `LAYER.weight_step`), the per-channel
   `requant_scale`/`requant_shift` (float64) that fold BatchNorm, bias, clip and rounding
   into the next activation codes (`qnet.integer.thresholds`), and float32 tensors only
   for what the network keeps in float (32-bit kernels, biases, BatchNorms the float parts
   use). safetensors: a flat, zero-copy, header-plus-bytes format with no code execution
   on load (unlike pickle), read by numpy, PyTorch, JAX and Rust alike;
-* `manifest.json`: model, input/output, preprocessing, the precision and where it comes
-  from, per layer its bits and tensor names, the program (ops), tensor shapes and
+* `manifest.json`: model, input/output, preprocessing, the quantizers (DoReFa, LSQ, PACT),
+  the precision and where it comes from, per layer its bits, quantizers (with the input's
+  activation clip level and step) and tensor names, the program (ops), tensor shapes and
   dtypes, byte sizes, sha256 of every other file, the source checkpoint and its
   recorded `eval_accuracy`, versions;
 * `model.stablehlo`: `jax.export` of the integer inference function (batch symbolic):
@@ -43,7 +45,10 @@ import numpy as np
 
 from qnet import integer, packing
 
-FORMAT = "qnet-integer-export/1"
+# /2 added the LSQ and PACT quantizers (`quantizers`, the ops' quantizer attributes); a /1
+# export is DoReFa throughout and reads as such.
+FORMAT = "qnet-integer-export/2"
+FORMATS = ("qnet-integer-export/1", FORMAT)
 WEIGHTS, MANIFEST, STABLEHLO, ONNX = "weights.safetensors", "manifest.json", "model.stablehlo", "model.onnx"
 
 
@@ -102,13 +107,15 @@ def eval_precision(config, total_steps: int, step: int) -> tuple[dict[str, tuple
 
 
 def check_bits(bits: dict[str, tuple[int, int]], config) -> None:
-  """ExportError for a network the integer form does not cover: a learned quantizer (LSQ,
-  PACT: not built yet), a full-precision network, or bits it cannot hold."""
-  for field in ("weight_quantizer", "act_quantizer"):
-    if config.quant[field] != "dorefa":
+  """ExportError for a network the integer form does not cover: an unknown quantizer, a
+  full-precision network, or bits it cannot hold."""
+  for field, allowed in (
+    ("weight_quantizer", integer.WEIGHT_QUANTIZERS),
+    ("act_quantizer", integer.ACT_QUANTIZERS),
+  ):
+    if config.quant[field] not in allowed:
       raise ExportError(
-        f"config.quant.{field}={config.quant[field]!r}: the integer export covers DoReFa "
-        f"quantizers only (allowed: dorefa)"
+        f"config.quant.{field}={config.quant[field]!r}; allowed: {', '.join(allowed)}"
       )
   if config.model_act == "relu":
     raise ExportError("config.model_act='relu' is the plain FP network: nothing to quantize")
@@ -156,6 +163,8 @@ def program_from_run(workdir: str, step: int | None = None):
       mean=ds.mean,
       std=ds.std,
       per_channel=bool(config.quant.per_channel),
+      weight_quantizer=config.quant.weight_quantizer,
+      act_quantizer=config.quant.act_quantizer,
     )
   except integer.UnsupportedModel as e:
     raise ExportError(f"config.model={config.model!r}: {e}") from e
@@ -187,24 +196,33 @@ def _sha256(path: str) -> str:
 
 def stored_tensors(program: integer.Program) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
   """What `weights.safetensors` holds (weight levels packed) and each tensor's description."""
-  wbits = {
-    op["weight"]: op["weight_bits"]
+  quantized = {
+    op["weight"]: op
     for op in program.ops
     if op["op"] in ("conv", "dense") and op["weight_bits"] != integer.FP
   }
   tensors, desc = {}, {}
   for name, arr in sorted(program.arrays.items()):
     arr = np.asarray(arr)
-    if name in wbits:
-      tensors[name] = packing.pack(arr, wbits[name])
+    if name in quantized:
+      op = quantized[name]
+      bits, quantizer = op["weight_bits"], op.get("weight_quantizer") or "dorefa"
+      value = (
+        f"w = (i - {1 << (bits - 1)}) * {op['weight_step']} (per output channel: last axis)"
+        if quantizer == "lsq"
+        else "w = 2 i / n - 1"
+      )
+      tensors[name] = packing.pack(arr, bits)
       desc[name] = {
         "dtype": "uint8",
         "shape": list(arr.shape),
-        "bits": wbits[name],
-        "stored_as": f"{wbits[name]}-bit levels i, packed LSB-first (qnet.packing); w = 2 i / n - 1",
+        "bits": bits,
+        "quantizer": quantizer,
+        "stored_as": f"{bits}-bit levels i, packed LSB-first (qnet.packing); {value}",
       }
     else:
-      tensors[name] = np.ascontiguousarray(arr)
+      # ascontiguousarray makes a 0-d array 1-d: keep a per-tensor step's shape ().
+      tensors[name] = np.ascontiguousarray(arr).reshape(arr.shape)
       desc[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
   return tensors, desc
 
@@ -307,6 +325,7 @@ def _manifest(program: integer.Program, info: dict, tensors: dict, desc: dict, f
       "std": program.ops[0]["std"],
     },
     "precision": info["precision"],
+    "quantizers": program.quantizers,
     "layers": program.layers,
     "ops": program.ops,
     "tensors": desc,
@@ -338,8 +357,10 @@ def load_export(out: str) -> tuple[integer.Program, dict]:
     raise ExportError(f"--export={out} has no {MANIFEST}: not a qnet export")
   with open(path) as f:
     manifest = json.load(f)
-  if manifest.get("format") != FORMAT:
-    raise ExportError(f"{path}: format {manifest.get('format')!r}; this qnet reads {FORMAT!r}")
+  if manifest.get("format") not in FORMATS:
+    raise ExportError(
+      f"{path}: format {manifest.get('format')!r}; this qnet reads {', '.join(map(repr, FORMATS))}"
+    )
   for name, meta in manifest["files"].items():
     file = os.path.join(out, name)
     if not os.path.isfile(file):
@@ -360,6 +381,7 @@ def load_export(out: str) -> tuple[integer.Program, dict]:
     input_shape=(h, w, c),
     num_classes=manifest["output"]["shape"][1],
     layers=manifest["layers"],
+    quantizers=manifest.get("quantizers", {"weight": "dorefa", "act": "dorefa"}),
   )
   return program, manifest
 

@@ -1,4 +1,5 @@
-"""Integer inference of a DoReFa-quantized network: the program, and its JAX interpreter.
+"""Integer inference of a quantized network (DoReFa, LSQ, PACT): the program, and its JAX
+interpreter.
 
 DoReFa's levels have an exact integer form. A k-bit weight is `2 (i / n) - 1` with level
 `i` in `[0, n]`, `n = 2**k - 1`, i.e. the odd integer `c = 2i - n` over `n`; a k-bit
@@ -34,8 +35,16 @@ The structure (which BatchNorm follows which conv, pools, residuals) is read fro
 parameter tree's names: `stem`, `conv{s}_{c}`, `fc`, `head` (SimpleCNN); `stem`,
 `stage{i}_block{j}/{conv1,conv2,conv3,shortcut,bn1,...}`, `final_bn` (PreActResNet, the
 first block of every stage after the first has stride 2, as in `qnet.models.resnet`).
-Other quantizers (LSQ, PACT) would plug in at `weight_codes` (their codes and one scale per
-tensor or channel) and in `_Builder._requant` (their activation step size instead of `1/n`).
+LSQ and PACT (`weight_quantizer` / `act_quantizer`) have the same integer form with a learned
+step. An LSQ weight is `q s` with the signed code `q = round(clip(w / s, -Q_n, Q_p))`, `Q_n =
+2**(k-1)`, `Q_p = Q_n - 1` (int8 for k <= 8, so never split), `s = weight_clip / sqrt(Q_p)` float32,
+per tensor or per output channel (`lsq_weight_codes`); it is stored as the level `i = q + Q_n`
+in `[0, 2**k - 1]` beside the step. An activation code `j` in `[0, n]` is worth `j / n`
+(DoReFa), `j alpha / n` (PACT, `alpha = act_clip`) or `j s` (LSQ, `s = act_clip / sqrt(n)`), so an
+integer layer's accumulator is worth `acc w_step a_step` (a per-channel factor with
+per-channel LSQ steps), and the fold into the next codes divides by the next activation
+step instead of multiplying by `n` (`ActQuant`). At 32 bits a learned-quantizer network has
+raw weights and a plain ReLU (DoReFa: the clip to [0, 1]).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qnet import quant
+from qnet.models.layers import ACT_CLIP, ACT_QUANTIZERS, WEIGHT_CLIP, WEIGHT_QUANTIZERS
 
 PyTree = Any
 MAX_BITS = 8
@@ -68,10 +78,12 @@ def levels(bits: int) -> int:
 class Program:
   """Integer inference program: `ops` (JSON-able dicts) over named `arrays`.
 
-  Arrays: `NAME.levels` uint8 weight levels `i` (kernel shape), `NAME.kernel` float32 for
-  32-bit kernels, `NAME.bias` float32, `NAME.requant_scale` / `.requant_shift` float64,
-  BatchNorm `NAME.mean/.var/.scale/.bias` float32. `layers` lists per quantizable layer its
-  bits and tensor names (for the manifest).
+  Arrays: `NAME.levels` uint8 weight levels `i` (kernel shape), `NAME.weight_step` float32
+  LSQ steps (`[]` or `[C_out]`), `NAME.kernel` float32 for 32-bit kernels, `NAME.bias`
+  float32, `NAME.requant_scale` / `.requant_shift` float64, `NAME.acc_factor` float32
+  per-channel accumulator factors (per-channel LSQ), BatchNorm `NAME.mean/.var/.scale/.bias`
+  float32. `layers` lists per quantizable layer its bits, quantizers and tensor names (for the
+  manifest); `quantizers` the network's weight and activation quantizer kinds.
   """
 
   ops: list[dict]
@@ -79,6 +91,9 @@ class Program:
   input_shape: tuple[int, int, int]
   num_classes: int
   layers: dict[str, dict]
+  quantizers: dict = dataclasses.field(
+    default_factory=lambda: {"weight": "dorefa", "act": "dorefa"}
+  )
 
 
 # ----------------------------------------------------------------------------- weights
@@ -100,15 +115,54 @@ def weight_codes(kernel: np.ndarray, bits: int, per_channel: bool) -> np.ndarray
   return i.astype(np.uint8)
 
 
-def dequantize_weights(levels_i: np.ndarray, bits: int) -> np.ndarray:
-  """`2 (i / n) - 1` in float32, the quantizer's own formula (so equality is exact)."""
+def dequantize_weights(
+  levels_i: np.ndarray, bits: int, quantizer: str = "dorefa", step: np.ndarray | None = None
+) -> np.ndarray:
+  """The weights in float32 by the quantizer's own formula (so equality is exact): DoReFa
+  `2 (i / n) - 1`, LSQ `q s` (`q = i - 2**(bits-1)`, `step` broadcast over the last axis)."""
+  if quantizer == "lsq":
+    return signed_codes(levels_i, bits, "lsq").astype(np.float32) * np.asarray(step, np.float32)
   n = np.float32(levels(bits))
   return np.float32(2.0) * (np.asarray(levels_i).astype(np.float32) / n) - np.float32(1.0)
 
 
-def signed_codes(levels_i: np.ndarray, bits: int) -> np.ndarray:
-  """`c = 2i - n` (int16): the weight is `c / n`."""
-  return (2 * np.asarray(levels_i).astype(np.int16) - levels(bits)).astype(np.int16)
+def signed_codes(levels_i: np.ndarray, bits: int, quantizer: str = "dorefa") -> np.ndarray:
+  """Signed weight codes (int16): DoReFa `c = 2i - n` (the weight is `c / n`), LSQ
+  `q = i - 2**(bits-1)` (the weight is `q s`)."""
+  i = np.asarray(levels_i).astype(np.int16)
+  if quantizer == "lsq":
+    return (i - (1 << (int(bits) - 1))).astype(np.int16)
+  return (2 * i - levels(bits)).astype(np.int16)
+
+
+def lsq_step(clip, bits: int, signed: bool) -> np.ndarray:
+  """LSQ's float32 step as the jitted fake quantizer computes it (`quant.lsq_step` with traced
+  bits: XLA turns `t / sqrt(Q_p)` into `t * rsqrt(Q_p)` there, which eager ops do not)."""
+  fn = jax.jit(quant.lsq_step, static_argnums=2)
+  return np.asarray(fn(jnp.asarray(clip, jnp.float32), jnp.float32(bits), signed), np.float32)
+
+
+def lsq_weight_codes(kernel: np.ndarray, clip: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+  """Levels `i = q + 2**(bits-1)` (uint8, `[0, 2**bits - 1]`) and float32 step `s` of LSQ's
+  k-bit kernel with clip level `clip` (a scalar, or one per output channel).
+
+  The step is the quantizer's own `quant.lsq_step` in float32 and the codes come from
+  `quant.lsq_quantize` itself (jitted, as in evaluation), so `dequantize_weights(i, bits,
+  'lsq', s)` equals the fake-quantized kernel bit for bit (checked).
+  """
+  clip = np.asarray(clip, np.float32)
+  qn = 1 << (int(bits) - 1)
+  step = lsq_step(clip, bits, signed=True)
+  wq = np.asarray(
+    jax.jit(quant.lsq_quantize, static_argnums=3)(jnp.asarray(kernel), jnp.asarray(clip), bits, True)
+  )
+  q = np.rint(wq.astype(np.float64) / step.astype(np.float64)).astype(np.int64)
+  i = q + qn
+  if i.min() < 0 or i.max() > 2 * qn - 1:
+    raise AssertionError("LSQ weight codes out of range")
+  if not np.array_equal(dequantize_weights(i, bits, "lsq", step), wq):
+    raise AssertionError("integer weight levels do not reproduce the fake-quantized kernel")
+  return i.astype(np.uint8), step
 
 
 # ----------------------------------------------------------------------------- thresholds
@@ -140,7 +194,61 @@ def thresholds(scale: np.ndarray, shift: np.ndarray, bits: int) -> tuple[np.ndar
 
 
 class UnsupportedModel(ValueError):
-  """The parameter tree is not one of the architectures the exporter knows."""
+  """The parameter tree is not one the exporter can build (architecture, clip levels)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ActQuant:
+  """A layer input's quantizer at `bits` (< 32): codes `j` in `[0, n]` and what one is worth.
+
+  `clip` is the float32 range parameter: DoReFa 1, PACT alpha, LSQ `t` (its step
+  `s = t / sqrt(n)`, `quant.lsq_step`).
+  """
+
+  quantizer: str
+  bits: int
+  clip: float = 1.0
+
+  def step_ratio(self) -> tuple[float, int]:
+    """`(num, den)` with the step `num / den` exactly: DoReFa `(1, n)`, PACT `(alpha, n)`,
+    LSQ `(s, 1)` with LSQ's float32 step `s = fl(t / sqrt(n))`."""
+    n = levels(self.bits)
+    if self.quantizer == "lsq":
+      return float(lsq_step(self.clip, self.bits, signed=False)), 1
+    return float(self.clip), n
+
+  def attrs(self) -> dict:
+    """The op attributes: `quantizer`, `clip`, `step` (the value of one code)."""
+    num, den = self.step_ratio()
+    return {"quantizer": self.quantizer, "clip": float(self.clip), "step": num / den}
+
+
+def quantize_codes(x: jax.Array, op: dict) -> jax.Array:
+  """uint8 codes of float32 values `x` by the op's activation quantizer, in the fake quantizer's
+  own float32 operations (`quant.quantize_activations`, `pact_quantize`, `lsq_quantize`)."""
+  n = jnp.float32(levels(op["bits"]))
+  kind = op.get("quantizer", "dorefa")
+  if kind == "pact":
+    a = jnp.float32(op["clip"])
+    j = jnp.round(jnp.clip(x, 0.0, a) * n / a)
+  elif kind == "lsq":
+    j = jnp.round(jnp.clip(x / jnp.float32(op["step"]), 0.0, n))
+  else:
+    j = jnp.round(jnp.clip(x, 0.0, 1.0) * n)
+  return j.astype(jnp.uint8)
+
+
+def dequantize_codes(j: jax.Array, op: dict) -> jax.Array:
+  """float32 values of activation codes, the fake quantizer's formula: DoReFa `j / n`, PACT
+  `j alpha / n`, LSQ `j s`."""
+  x = j.astype(jnp.float32)
+  n = jnp.float32(levels(op["bits"]))
+  kind = op.get("quantizer", "dorefa")
+  if kind == "pact":
+    return x * jnp.float32(op["clip"]) / n
+  if kind == "lsq":
+    return x * jnp.float32(op["step"])
+  return x / n
 
 
 @dataclasses.dataclass
@@ -150,7 +258,8 @@ class _Acc:
 
   name: str
   shape: tuple[int, ...]
-  factor: float
+  factor: Any  # float, or a per-output-channel float64 vector (per-channel LSQ steps)
+  layer: str
   bias: str | None = None
   bn: str | None = None
   pools: list = dataclasses.field(default_factory=list)
@@ -161,6 +270,7 @@ class _Val:
   name: str
   shape: tuple[int, ...]
   bits: int = FP  # < 32: uint8 codes of that many bits; 32: float32
+  act: ActQuant | None = None  # the quantizer that made the codes
 
 
 def _window(size, window, strides, padding) -> tuple[tuple[int, int], list[list[int]]]:
@@ -173,8 +283,11 @@ def _window(size, window, strides, padding) -> tuple[tuple[int, int], list[list[
 
 
 class _Builder:
-  def __init__(self, params, batch_stats, bits: dict[str, tuple[int, int]], per_channel: bool):
+  def __init__(
+    self, params, batch_stats, bits: dict[str, tuple[int, int]], per_channel: bool, quantizers
+  ):
     self.params, self.stats, self.bits, self.per_channel = params, batch_stats, bits, per_channel
+    self.weight_quantizer, self.act_quantizer = quantizers
     self.ops: list[dict] = []
     self.arrays: dict[str, np.ndarray] = {}
     self.layers: dict[str, dict] = {}
@@ -205,7 +318,13 @@ class _Builder:
   def _materialize(self, v) -> _Val:
     if isinstance(v, _Val):
       return v
-    out = self._emit("dequant", [v.name], v.name, factor=v.factor, bias=v.bias)
+    factor = v.factor
+    if np.ndim(factor):  # one factor per output channel: a tensor
+      self.arrays[f"{v.layer}.acc_factor"] = np.asarray(factor, np.float32)
+      factor = f"{v.layer}.acc_factor"
+    else:
+      factor = float(factor)
+    out = self._emit("dequant", [v.name], v.name, factor=factor, bias=v.bias)
     val = _Val(out, v.shape)
     if v.bn:
       val = self._batchnorm_float(val, v.bn)
@@ -216,27 +335,61 @@ class _Builder:
   def _as_float(self, v: _Val) -> _Val:
     if v.bits == FP:
       return v
-    return _Val(self._emit("dequant_codes", [v.name], v.name, bits=v.bits), v.shape)
+    attrs = v.act.attrs()
+    return _Val(self._emit("dequant_codes", [v.name], v.name, bits=v.bits, **attrs), v.shape)
+
+  def _clip(self, layer: str, name: str) -> np.ndarray:
+    """A learned clip level (float32) of `layer`: positive and finite."""
+    node = self._node(layer, self.params)
+    if name not in node:
+      field, kind = (
+        ("weight_quantizer", self.weight_quantizer)
+        if name == WEIGHT_CLIP
+        else ("act_quantizer", self.act_quantizer)
+      )
+      raise UnsupportedModel(
+        f"{layer} has no {name!r} parameter, which quant.{field}={kind!r} needs (was the "
+        "checkpoint trained with another quantizer?)"
+      )
+    clip = np.asarray(node[name], np.float32)
+    # LSQ's step may turn negative in training (its grid is then mirrored, still exact);
+    # PACT's fold into thresholds needs alpha > 0 (alpha <= 0 makes every code n).
+    pact = name == ACT_CLIP and self.act_quantizer == "pact"
+    if not np.all(np.isfinite(clip) & ((clip > 0) if pact else (clip != 0))):
+      need = "positive" if pact else "non-zero"
+      raise UnsupportedModel(f"{layer}/{name} must be finite and {need}; got {clip.tolist()}")
+    return clip
+
+  def _act_quant(self, layer: str, bits: int) -> ActQuant:
+    if self.act_quantizer == "dorefa":
+      return ActQuant("dorefa", bits)
+    return ActQuant(self.act_quantizer, bits, float(self._clip(layer, ACT_CLIP)))
 
   def act(self, v, bits: int, layer: str):
-    """The layer-input quantizer: codes (bits <= 8) or the clip (32 bits)."""
+    """The layer-input quantizer: codes (bits <= 8), or at 32 bits DoReFa's clip to [0, 1]
+    (LSQ/PACT: a plain ReLU)."""
     if bits == FP:
-      return _Val(self._emit("clip", [self._materialize(v).name], layer + ".in"), v.shape)
+      kind = "clip" if self.act_quantizer == "dorefa" else "relu"
+      return _Val(self._emit(kind, [self._materialize(v).name], layer + ".in"), v.shape)
+    aq = self._act_quant(layer, bits)
     if isinstance(v, _Acc):
-      return self._requant(v, bits, layer)
-    return _Val(self._emit("quantize", [v.name], layer + ".in", bits=bits), v.shape, bits)
+      return self._requant(v, aq, layer)
+    out = self._emit("quantize", [v.name], layer + ".in", bits=bits, **aq.attrs())
+    return _Val(out, v.shape, bits, aq)
 
-  def _requant(self, v: _Acc, bits: int, layer: str) -> _Val:
-    n = levels(bits)
+  def _requant(self, v: _Acc, aq: ActQuant, layer: str) -> _Val:
+    bits = aq.bits
+    num, den = aq.step_ratio()
+    inv = den / num  # 1 / the next step: DoReFa n
     c = v.shape[-1]
     bias = self.arrays[v.bias].astype(np.float64) if v.bias else np.zeros(c)
     if v.bn:
       mean, var, gamma, beta = self._bn_arrays(v.bn)
       g = gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + np.float32(1e-5))
-      scale = v.factor * g * n
-      shift = ((bias - mean.astype(np.float64)) * g + beta.astype(np.float64)) * n
+      scale = v.factor * g * inv
+      shift = ((bias - mean.astype(np.float64)) * g + beta.astype(np.float64)) * inv
     else:
-      scale, shift = np.full(c, v.factor * n), bias * n
+      scale, shift = np.broadcast_to(np.asarray(v.factor * inv, np.float64), (c,)).copy(), bias * inv
     prefix = f"{layer}.requant"
     self.arrays[f"{prefix}_scale"] = scale
     self.arrays[f"{prefix}_shift"] = shift
@@ -249,9 +402,11 @@ class _Builder:
         scale=f"{prefix}_scale",
         shift=f"{prefix}_shift",
         bn=v.bn,
+        **aq.attrs(),
       ),
       v.shape,
       bits,
+      aq,
     )
     for pool in v.pools:
       out = self._pool(out, **pool)
@@ -278,7 +433,7 @@ class _Builder:
     out = self._emit(
       "maxpool", [v.name], "pool", window=list(window), strides=list(strides), padding=pads
     )
-    return _Val(out, (oh, ow, v.shape[2]), v.bits)
+    return _Val(out, (oh, ow, v.shape[2]), v.bits, v.act)
 
   def maxpool(self, v, window, strides, padding="VALID"):
     if isinstance(v, _Acc) and v.bn is not None:
@@ -295,73 +450,107 @@ class _Builder:
     return _Val(self._emit("add", [a.name, b.name], "add"), a.shape)
 
   # --- layers
-  def _weights(self, path: str, w_bits: int) -> str:
+  def _weights(self, path: str, w_bits: int) -> tuple[list[str], tuple[Any, int] | None]:
+    """Stores the layer's kernel: its tensor names (levels first, then an LSQ step) and the
+    weight step as `(num, den)` (DoReFa `(1, n)` for the codes `c`, LSQ `(s, 1)`)."""
     kernel = np.asarray(self._node(path, self.params)["kernel"], np.float32)
     if w_bits == FP:
       self.arrays[f"{path}.kernel"] = kernel
-      return f"{path}.kernel"
+      return [f"{path}.kernel"], None
+    if self.weight_quantizer == "lsq":
+      i, step = lsq_weight_codes(kernel, self._clip(path, WEIGHT_CLIP), w_bits)
+      self.arrays[f"{path}.levels"], self.arrays[f"{path}.weight_step"] = i, step
+      return [f"{path}.levels", f"{path}.weight_step"], (step.astype(np.float64), 1)
     self.arrays[f"{path}.levels"] = weight_codes(kernel, w_bits, self.per_channel)
-    return f"{path}.levels"
+    return [f"{path}.levels"], (1.0, levels(w_bits))
 
   def _layer_bits(self, path: str, quantize_input: bool) -> tuple[int, int]:
     w, a = self.bits[path]
     return w, (a if quantize_input else FP)
 
-  def _layer(self, kind: str, x: _Val, path: str, bits, shape, tensors, **attrs):
-    """Emits a conv/dense op: integer (acc out) if input and weights are codes, else float."""
+  def _layer(self, kind: str, x: _Val, path: str, bits, shape, tensors, w_step, **attrs):
+    """Emits a conv/dense op: integer (acc out) if input and weights are codes, else float.
+    Returns the op's output, and for an integer op the accumulator's factor `w_step a_step`
+    (divided by `pooled`, the positions a `mean` reduce sums)."""
     w_bits, a_bits = bits
     integer = x.bits != FP and w_bits != FP
+    act = x.act
     if not integer:
       x = self._as_float(x)
+    w_quant = None if w_bits == FP else self.weight_quantizer
+    step_name = tensors[1] if w_quant == "lsq" else None
+    in_attrs = act.attrs() if act else {"quantizer": None, "clip": None, "step": None}
     out = self._emit(
-      kind, [x.name], path, layer=path, weight=tensors[0], weight_bits=w_bits, in_bits=x.bits, **attrs
+      kind,
+      [x.name],
+      path,
+      layer=path,
+      weight=tensors[0],
+      weight_bits=w_bits,
+      weight_quantizer=w_quant,
+      weight_step=step_name,
+      in_bits=x.bits,
+      in_quantizer=in_attrs["quantizer"] if integer else None,
+      in_step=in_attrs["step"] if integer else None,
+      **attrs,
     )
     self.layers[path] = {
       "kind": kind,
       "weight_bits": w_bits,
       "act_bits": a_bits,
+      "weight_quantizer": w_quant,
+      "act_quantizer": in_attrs["quantizer"],
+      "act_clip": in_attrs["clip"],
+      "act_step": in_attrs["step"],
       "integer": integer,
       "shape": list(shape),
       "tensors": tensors,
     }
-    return out, integer, x.bits
+    if not integer:
+      return out, None
+    (w_num, w_den), (a_num, a_den) = w_step, act.step_ratio()
+    pooled = attrs.get("pooled", 1)
+    return out, (w_num * a_num) / (w_den * a_den * pooled)
 
   def conv(self, v, path: str, strides=(1, 1), padding: Any = "SAME", quantize_input=True):
     w_bits, a_bits = self._layer_bits(path, quantize_input)
     kernel = self._node(path, self.params)["kernel"]
     x = self.act(v, a_bits, path) if quantize_input else self._materialize(v)
     (oh, ow), pads = _window(x.shape[:2], kernel.shape[:2], strides, padding)
-    weight = self._weights(path, w_bits)
-    out, integer, in_bits = self._layer(
-      "conv", x, path, (w_bits, a_bits), kernel.shape, [weight], strides=list(strides), padding=pads
+    tensors, w_step = self._weights(path, w_bits)
+    out, factor = self._layer(
+      "conv", x, path, (w_bits, a_bits), kernel.shape, tensors, w_step,
+      strides=list(strides), padding=pads,
     )
     shape = (oh, ow, kernel.shape[-1])
-    if integer:
-      return _Acc(out, shape, 1.0 / (levels(w_bits) * levels(in_bits)))
+    if factor is not None:
+      return _Acc(out, shape, factor, path)
     return _Val(out, shape)
 
   def dense(self, v, path: str, reduce: str):
     w_bits, a_bits = self._layer_bits(path, True)
     x = self.act(v, a_bits, path)
     node = self._node(path, self.params)
-    weight = self._weights(path, w_bits)
+    tensors, w_step = self._weights(path, w_bits)
     bias = f"{path}.bias"
     self.arrays[bias] = np.asarray(node["bias"], np.float32)
     integer = x.bits != FP and w_bits != FP
-    out, integer, in_bits = self._layer(
+    pooled = x.shape[0] * x.shape[1] if reduce == "mean" and len(x.shape) == 3 else 1
+    out, factor = self._layer(
       "dense",
       x,
       path,
       (w_bits, a_bits),
       node["kernel"].shape,
-      [weight, bias],
+      [*tensors, bias],
+      w_step,
       reduce=reduce,
       bias=None if integer else bias,
+      **({"pooled": pooled} if integer else {}),
     )
     shape = (node["kernel"].shape[-1],)
-    if integer:
-      pooled = x.shape[0] * x.shape[1] if reduce == "mean" and len(x.shape) == 3 else 1
-      return _Acc(out, shape, 1.0 / (levels(w_bits) * levels(in_bits) * pooled), bias=bias)
+    if factor is not None:
+      return _Acc(out, shape, factor, path, bias=bias)
     return _Val(out, shape)
 
   def output(self, v) -> None:
@@ -440,25 +629,42 @@ def build_program(
   mean: tuple[float, ...],
   std: tuple[float, ...],
   per_channel: bool = False,
+  weight_quantizer: str = "dorefa",
+  act_quantizer: str = "dorefa",
 ) -> Program:
   """The integer program of a trained SimpleCNN or PreActResNet.
 
   `bits` maps each quantizable layer path (`'stage1_block1/conv1'`) to its
   `(weight_bits, act_bits)`, each 1..8 or 32; `mean`/`std` are the dataset's
-  normalisation (pixels in [0, 1]).
+  normalisation (pixels in [0, 1]). The quantizers are the run's `config.quant` kinds; LSQ
+  and PACT read their clip levels (`weight_clip`, `act_clip`) from `params`.
   """
+  for name, value, allowed in (
+    ("weight_quantizer", weight_quantizer, WEIGHT_QUANTIZERS),
+    ("act_quantizer", act_quantizer, ACT_QUANTIZERS),
+  ):
+    if value not in allowed:
+      raise ValueError(f"{name}={value!r}; allowed: {', '.join(allowed)}")
   for path, (w, a) in bits.items():
-    for kind, k in (("weight_bits", w), ("act_bits", a)):
-      if not (1 <= k <= MAX_BITS or k == FP):
-        raise ValueError(f"{path} {kind}={k}; allowed: 1..{MAX_BITS} or 32 (full precision)")
+    low = 2 if weight_quantizer == "lsq" else 1  # LSQ's signed grid needs 2 bits
+    for kind, k, lo in (("weight_bits", w, low), ("act_bits", a, 1)):
+      if not (lo <= k <= MAX_BITS or k == FP):
+        raise ValueError(f"{path} {kind}={k}; allowed: {lo}..{MAX_BITS} or 32 (full precision)")
   params = jax.tree.map(np.asarray, params)
   batch_stats = jax.tree.map(np.asarray, batch_stats)
   kind = architecture(params)
-  b = _Builder(params, batch_stats, {p: (int(w), int(a)) for p, (w, a) in bits.items()}, per_channel)
+  b = _Builder(
+    params,
+    batch_stats,
+    {p: (int(w), int(a)) for p, (w, a) in bits.items()},
+    per_channel,
+    (weight_quantizer, act_quantizer),
+  )
   b.start = b.preprocess(input_shape, mean, std)
   (_simple_cnn if kind == "simple_cnn" else _preact_resnet)(b, params)
   num_classes = int(np.asarray(params["head"]["kernel"]).shape[-1])
-  return Program(b.ops, b.arrays, tuple(input_shape), num_classes, b.layers)
+  quantizers = {"weight": weight_quantizer, "act": act_quantizer}
+  return Program(b.ops, b.arrays, tuple(input_shape), num_classes, b.layers, quantizers)
 
 
 # ----------------------------------------------------------------------------- JAX
@@ -496,6 +702,33 @@ def _dot(x, w, acc_type):
   return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_type)
 
 
+def layer_weights(op: dict, arrays: dict) -> list[tuple[int, np.ndarray]]:
+  """A conv/dense op's kernel as `sum k * part`: int8 code parts of an integer layer
+  (`weight_int8_parts`), else one float32 kernel (dequantized levels or 32 bits)."""
+  w, bits = arrays[op["weight"]], op["weight_bits"]
+  quantizer = op.get("weight_quantizer") or "dorefa"
+  if bits == FP:
+    return [(1, np.asarray(w, np.float32))]
+  if op["in_bits"] == FP:
+    step = arrays[op["weight_step"]] if quantizer == "lsq" else None
+    return [(1, dequantize_weights(w, bits, quantizer, step))]
+  return weight_int8_parts(w, bits, quantizer)
+
+
+def weight_int8_parts(levels_i: np.ndarray, bits: int, quantizer: str) -> list:
+  """Signed weight codes as int8 parts `[(k, part)]`: LSQ's `[-2**(b-1), 2**(b-1) - 1]` always
+  fits int8; DoReFa's odd codes are split at 8 bits (`int8_parts`)."""
+  c = signed_codes(levels_i, bits, quantizer)
+  if quantizer == "lsq":
+    return [(1, c.astype(np.int8))]
+  return int8_parts(c, bits, signed=True)
+
+
+def _weight_part_factors(op: dict) -> list[int]:
+  split = op["weight_bits"] == MAX_BITS and (op.get("weight_quantizer") or "dorefa") == "dorefa"
+  return [2, 1] if split else [1]
+
+
 def runtime_arrays(program: Program) -> dict[str, np.ndarray]:
   """The arrays the interpreter uses, in their final dtypes (nothing left for XLA to
   constant-fold): int8 weight-code parts of integer layers (`NAME#0`, `NAME#1`), float32
@@ -504,13 +737,11 @@ def runtime_arrays(program: Program) -> dict[str, np.ndarray]:
   out = {k: v for k, v in program.arrays.items() if v.dtype == np.float32}
   for op in program.ops:
     if op["op"] in ("conv", "dense"):
-      w, bits = program.arrays[op["weight"]], op["weight_bits"]
-      if bits == FP:
-        out[op["weight"]] = w
-      elif op["in_bits"] == FP:
-        out[op["weight"]] = dequantize_weights(w, bits)
+      parts = layer_weights(op, program.arrays)
+      if op["weight_bits"] == FP or op["in_bits"] == FP:
+        out[op["weight"]] = parts[0][1]
       else:
-        for t, (_, part) in enumerate(int8_parts(signed_codes(w, bits), bits, signed=True)):
+        for t, (_, part) in enumerate(parts):
           out[f"{op['weight']}#{t}"] = part
     if op["op"] == "requant":
       sign, u = thresholds(program.arrays[op["scale"]], program.arrays[op["shift"]], op["bits"])
@@ -555,16 +786,15 @@ def _run_op(op: dict, env: dict, arrays: dict) -> jax.Array:
     std = jnp.asarray(op["std"], jnp.float32)
     return (x.astype(jnp.float32) / 255.0 - mean) / std  # as qnet.input_pipeline
   if kind == "quantize":
-    n = jnp.float32(levels(op["bits"]))
-    return jnp.round(jnp.clip(x, 0.0, 1.0) * n).astype(jnp.uint8)
+    return quantize_codes(x, op)
   if kind == "clip":
     return jnp.clip(x, 0.0, 1.0)
   if kind == "dequant_codes":
-    return x.astype(jnp.float32) / jnp.float32(levels(op["bits"]))
+    return dequantize_codes(x, op)
   if kind in ("conv", "dense"):
     if op["weight_bits"] != FP and op["in_bits"] != FP:  # integer layer
       xs = int8_parts(x.astype(jnp.int16), op["in_bits"], signed=False)
-      ks = [2, 1] if op["weight_bits"] == MAX_BITS else [1]
+      ks = _weight_part_factors(op)
       ws = [(k, arrays[f"{op['weight']}#{t}"]) for t, k in enumerate(ks)]
       if kind == "conv":
         return _int_sum(xs, ws, lambda a, b: _conv(a, b, op, jnp.int32))
@@ -577,7 +807,8 @@ def _run_op(op: dict, env: dict, arrays: dict) -> jax.Array:
     y = _dot(_reduce(x, op["reduce"]), w, None)
     return y + arrays[op["bias"]]
   if kind == "dequant":
-    y = x.astype(jnp.float32) * jnp.float32(op["factor"])
+    factor = op["factor"]  # a number, or the name of a per-channel float32 tensor
+    y = x.astype(jnp.float32) * (arrays[factor] if isinstance(factor, str) else jnp.float32(factor))
     return y + arrays[op["bias"]] if op["bias"] else y
   if kind == "requant":
     sign = arrays[op["out"] + ".sign"]

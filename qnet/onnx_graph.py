@@ -3,8 +3,10 @@
 Same input and output as the StableHLO export: raw `uint8` images `[B, H, W, C]` (batch
 symbolic) in, float32 logits `[B, classes]` out. Inside, the network runs NCHW (ONNX's
 layout). Integer layers are `ConvInteger` / `MatMulInteger` with `uint8` activation codes
-and `int8` weight codes `2i - n` (int32 accumulators); 8-bit weights, whose codes do not
-fit int8, are split exactly as `2 ((c - 1) / 2) + 1` into two integer ops. The requant
+and `int8` weight codes (DoReFa `2i - n`, LSQ `i - 2**(k-1)`; int32 accumulators); 8-bit
+DoReFa weights, whose codes do not fit int8, are split exactly as `2 ((c - 1) / 2) + 1`
+into two integer ops. Activation codes are made and read by the program's quantizer
+(DoReFa, PACT, LSQ) with the same float32 operations as `qnet.integer`. The requant
 step is the integer thresholds of `qnet.integer.thresholds` (`GreaterOrEqual` on int32,
 summed). Opset 17; runs on onnxruntime's CPU provider.
 """
@@ -106,19 +108,31 @@ def _codes_op(g: _Graph, op: dict, x: str, rank: int, arrays) -> str:
     y = g.node("Sub", [y, g.const(np.asarray(op["mean"], np.float32))])
     y = g.node("Div", [y, g.const(np.asarray(op["std"], np.float32))])
     return g.node("Transpose", [y], perm=[0, 3, 1, 2])
-  if kind == "quantize":
-    n = np.float32(integer.levels(op["bits"]))
-    y = g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
-    y = g.node("Round", [g.node("Mul", [y, g.const(n)])])
-    return g.node("Cast", [y], to=tp.UINT8)
   if kind == "clip":
     return g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
-  if kind == "dequant_codes":
-    y = g.node("Cast", [x], to=tp.FLOAT)
-    return g.node("Div", [y, g.const(np.float32(integer.levels(op["bits"])))])
   if kind == "dequant":
-    y = g.node("Mul", [g.node("Cast", [x], to=tp.FLOAT), g.const(np.float32(op["factor"]))])
+    factor = op["factor"]  # a number, or a per-channel tensor's name
+    f = _chw(arrays[factor], rank) if isinstance(factor, str) else np.float32(factor)
+    y = g.node("Mul", [g.node("Cast", [x], to=tp.FLOAT), g.const(np.asarray(f, np.float32))])
     return g.node("Add", [y, g.const(_chw(arrays[op["bias"]], rank))]) if op["bias"] else y
+  n = np.float32(integer.levels(op["bits"]))
+  quantizer = op.get("quantizer", "dorefa")
+  if kind == "quantize":  # the float32 operations of integer.quantize_codes
+    if quantizer == "lsq":
+      y = g.node("Div", [x, g.const(np.float32(op["step"]))])
+      y = g.node("Round", [g.node("Clip", [y, g.const(np.float32(0)), g.const(n)])])
+    else:
+      a = np.float32(op["clip"]) if quantizer == "pact" else np.float32(1)
+      y = g.node("Mul", [g.node("Clip", [x, g.const(np.float32(0)), g.const(a)]), g.const(n)])
+      y = g.node("Round", [g.node("Div", [y, g.const(a)]) if quantizer == "pact" else y])
+    return g.node("Cast", [y], to=tp.UINT8)
+  if kind == "dequant_codes":  # integer.dequantize_codes
+    y = g.node("Cast", [x], to=tp.FLOAT)
+    if quantizer == "lsq":
+      return g.node("Mul", [y, g.const(np.float32(op["step"]))])
+    if quantizer == "pact":
+      y = g.node("Mul", [y, g.const(np.float32(op["clip"]))])
+    return g.node("Div", [y, g.const(n)])
   # requant
   sign, u = integer.thresholds(arrays[op["scale"]], arrays[op["shift"]], op["bits"])
   y = g.node("Mul", [x, g.const(_chw(sign, rank))])
@@ -148,15 +162,8 @@ def _model(g: _Graph, program: integer.Program, opset: int):
 def _layer(g: _Graph, op: dict, x: str, rank: int, arrays) -> tuple[str, int]:
   tp = g.TensorProto
   w_bits, in_bits = op["weight_bits"], op["in_bits"]
-  weight = arrays[op["weight"]]
   integer_layer = w_bits != integer.FP and in_bits != integer.FP
-  if w_bits != integer.FP:
-    if integer_layer:
-      parts = integer.int8_parts(integer.signed_codes(weight, w_bits), w_bits, signed=True)
-    else:
-      parts = [(1, integer.dequantize_weights(weight, w_bits))]
-  else:
-    parts = [(1, weight.astype(np.float32))]
+  parts = integer.layer_weights(op, arrays)
 
   def combine(terms):
     out = None

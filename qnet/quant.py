@@ -119,15 +119,19 @@ _quantize_activations_ste.defvjp(_quantize_activations_fwd, _quantize_activation
 # ----------------------------------------------------------------------------- learned ranges
 #
 # LSQ (Esser et al., ICLR 2020) learns a step `s` per layer (or per output channel):
-# `v_q = s * round(clip(v / s, -Q_n, Q_p))`. qnet stores the bits-independent *clip level*
-# `r = s * Q_p(bits)` instead (the largest positive level; PACT's alpha for activations), so
-# that when a layer's bits change (a progressive phase boundary) the step follows the level
-# count, `s = r / Q_p(bits)`, and the clipping range stays where training put it. The gradient
-# reaching `r` is scaled so that an SGD step on `r` moves `s` exactly as LSQ's step on `s`
-# would: `dL/dr := Q_p * g * dL/ds` with LSQ's `g = 1 / sqrt(N * Q_p)`.
+# `v_q = s * round(clip(v / s, -Q_n, Q_p))`. qnet stores a bits-independent parameter
+# `t = s * sqrt(Q_p(bits))` instead (in the `weight_clip` / `act_clip` slot that PACT uses for
+# its clipping level alpha), so that when a layer's bits change (a progressive phase
+# boundary) the step follows LSQ's own initialisation rule, `s = t / sqrt(Q_p)`: LSQ
+# initialises `s = 2 mean|v| / sqrt(Q_p)`, i.e. `t = 2 mean|v|` at every bit-width. (Keeping the
+# clip level `Q_p s` instead multiplies the step by `Q_p(old) / Q_p(new)` at a boundary, 127x
+# from 8 to 2 bits: measured, a progressive 32 -> 8 -> 4 -> 2 run then rounded almost every
+# weight to zero and fell to chance accuracy.) The gradient reaching `t` is scaled so that an
+# SGD step on `t` moves `s` exactly as LSQ's step on `s` would: `dL/dt := sqrt(Q_p) g dL/ds`
+# with LSQ's `g = 1 / sqrt(N Q_p)`, i.e. `dL/dt = dL/ds / sqrt(N)`.
 #
-# Full precision (`bits >= 32`) means no quantizer: raw weights and a plain ReLU, and the
-# clip level gets no gradient (it is not used).
+# Full precision (`bits >= 32`) means no quantizer: raw weights and a plain ReLU, and `t`
+# gets no gradient (it is not used).
 
 
 def lsq_levels(bits, signed: bool) -> tuple[jax.Array, jax.Array]:
@@ -138,33 +142,46 @@ def lsq_levels(bits, signed: bool) -> tuple[jax.Array, jax.Array]:
   return jnp.float32(0.0), jnp.exp2(b) - 1.0
 
 
-def lsq_init_clip(v: jax.Array, bits, signed: bool, axes=None) -> jax.Array:
-  """LSQ's initial step `2 mean|v| / sqrt(Q_p)`, as a clip level `r = Q_p s`.
+def lsq_step(clip: jax.Array, bits, signed: bool) -> jax.Array:
+  """LSQ's step `s = t / sqrt(Q_p(bits))` from its stored parameter `t` (float32)."""
+  _, qp = lsq_levels(bits, signed)
+  return jnp.asarray(clip, jnp.float32) / jnp.sqrt(qp)
+
+
+def lsq_init_clip(v: jax.Array, signed: bool, axes=None) -> jax.Array:
+  """LSQ's initial step `2 mean|v| / sqrt(Q_p)` as qnet's parameter `t = s sqrt(Q_p)`:
+  `2 mean|v|`, the same at every bit-width.
 
   For activations `v` is the quantizer's input after the ReLU that LSQ's networks put before
   it (qnet's quantizer is the ReLU), so `mean(max(v, 0))`.
   """
-  _, qp = lsq_levels(bits, signed)
   a = jnp.abs(v) if signed else jnp.maximum(v, 0.0)
-  m = jnp.mean(a.astype(jnp.float32), axis=axes)
-  return 2.0 * m * jnp.sqrt(qp)
+  return 2.0 * jnp.mean(a.astype(jnp.float32), axis=axes)
+
+
+def pact_init_alpha(v: jax.Array, bits) -> jax.Array:
+  """PACT's initial alpha in qnet: the clip level `Q_p s` of LSQ's initial step at `bits`,
+  `2 mean(max(v, 0)) sqrt(2^bits - 1)` (PACT's paper starts at 10, far too wide for qnet's
+  BN-normalised inputs)."""
+  _, qp = lsq_levels(bits, signed=False)
+  return lsq_init_clip(v, signed=False) * jnp.sqrt(qp)
 
 
 def lsq_quantize(v: jax.Array, clip: jax.Array, bits, signed: bool) -> jax.Array:
-  """LSQ fake-quantization of `v` with clip level `clip` (a scalar, or one per last axis).
+  """LSQ fake-quantization of `v` with parameter `clip` = `t` (a scalar, or one per last axis).
 
-  Forward: `s * round(clip(v / s, -Q_n, Q_p))` with `s = clip / Q_p`. Backward (LSQ eqs. 3-5):
-  `v` gets the gradient where `-Q_n < v/s < Q_p`; `clip` gets `Q_p g sum(dL/dv_q * ds)` with
-  `ds = round(v/s) - v/s` inside, `-Q_n` / `Q_p` below / above, `g = 1/sqrt(N Q_p)`, `N` the
-  number of elements sharing the step (per example for activations). `bits >= 32`: `v`
-  (weights) or `relu(v)` (activations), no gradient to `clip`.
+  Forward: `s * round(clip(v / s, -Q_n, Q_p))` with `s = lsq_step(t, bits)`. Backward (LSQ
+  eqs. 3-5): `v` gets the gradient where `-Q_n < v/s < Q_p`; `t` gets `sqrt(Q_p) g
+  sum(dL/dv_q * ds)` with `ds = round(v/s) - v/s` inside, `-Q_n` / `Q_p` below / above, `g =
+  1/sqrt(N Q_p)`, `N` the number of elements sharing the step (per example for activations).
+  `bits >= 32`: `v` (weights) or `relu(v)` (activations), no gradient to `t`.
   """
   return _lsq(v, clip, _as_bits(bits), signed)
 
 
 def _lsq_parts(v, clip, bits, signed):
   qn, qp = lsq_levels(bits, signed)
-  s = (clip / qp).astype(v.dtype)
+  s = lsq_step(clip, bits, signed).astype(v.dtype)
   u = v / s
   inside = (u > -qn) & (u < qp)
   q = jnp.round(jnp.clip(u, -qn, qp))
@@ -192,7 +209,7 @@ def _lsq_bwd(signed, saved, g):
   # N: the weights sharing a step; for activations, the features of one example (LSQ's N_F).
   n = v.size / clip.size if signed else v.size / v.shape[0]
   dclip = jnp.sum(per_step.reshape(-1, clip.size), axis=0).reshape(clip.shape)
-  dclip = jnp.where(fp, 0.0, dclip * qp / jnp.sqrt(n * qp)).astype(clip.dtype)
+  dclip = jnp.where(fp, 0.0, dclip / jnp.sqrt(n)).astype(clip.dtype)
   return dv, dclip, jnp.zeros_like(bits)
 
 

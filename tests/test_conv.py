@@ -193,9 +193,8 @@ def _summary(name, hlo):
 
 @needs_cpu
 def test_hlo_has_barrier_and_no_ynn_conv(monkeypatch):
-  monkeypatch.delenv("QNET_CPU_CONV_OPTIONS", raising=False)
   monkeypatch.delenv("QNET_CPU_CONV_BARRIER", raising=False)
-  opts = qconv.cpu_compiler_options()
+  opts = dict(qconv.CPU_CONV_OPTIONS)  # what they do, whether or not this jaxlib gets them
   default_hlo = train_like_hlo(stock, {})
   options_hlo = train_like_hlo(stock, opts)
   hlo = train_like_hlo(qconv.conv, opts)
@@ -220,7 +219,20 @@ def _conv_count(fn, s=2):
 
 
 @needs_cpu
-def test_subpixel_follows_options_and_env(monkeypatch):
+def test_options_follow_jaxlib_version_unless_set(monkeypatch):
+  monkeypatch.delenv("QNET_CPU_CONV_OPTIONS", raising=False)
+  for version, on in [((0, 10, 2), True), ((0, 11, 0), True), ((0, 12, 0, 1), False)]:
+    monkeypatch.setattr(qconv.jaxlib_version, "__version_info__", version)
+    assert qconv.cpu_compiler_options() == (qconv.CPU_CONV_OPTIONS if on else {}), version
+    monkeypatch.setenv("QNET_CPU_CONV_OPTIONS", "1")
+    assert qconv.cpu_compiler_options() == qconv.CPU_CONV_OPTIONS
+    monkeypatch.setenv("QNET_CPU_CONV_OPTIONS", "0")
+    assert qconv.cpu_compiler_options() == {}
+    monkeypatch.delenv("QNET_CPU_CONV_OPTIONS")
+
+
+@needs_cpu
+def test_subpixel_follows_env_not_options(monkeypatch):
   for name in ("QNET_CPU_CONV_OPTIONS", "QNET_CPU_CONV_BARRIER", "QNET_CPU_CONV_SUBPIXEL"):
     monkeypatch.delenv(name, raising=False)
   on = {s: _conv_count(qconv.conv, s) for s in (1, 2)}
@@ -230,14 +242,16 @@ def test_subpixel_follows_options_and_env(monkeypatch):
   assert on[2] == off[2] + 3
   assert on[1] == off[1]  # stride 1: stock gradients either way
   monkeypatch.setenv("QNET_CPU_CONV_SUBPIXEL", "1")
-  monkeypatch.setenv("QNET_CPU_CONV_OPTIONS", "0")  # sub-pixel only with the options
-  assert _conv_count(qconv.conv) == off[2]
+  for options in ("0", "1"):  # measured a win (or no loss) with and without them
+    monkeypatch.setenv("QNET_CPU_CONV_OPTIONS", options)
+    assert _conv_count(qconv.conv) == on[2]
 
 
 @needs_cpu
 def test_env_overrides_select_plain_path(monkeypatch):
   monkeypatch.setenv("QNET_CPU_CONV_OPTIONS", "0")
   monkeypatch.setenv("QNET_CPU_CONV_BARRIER", "0")
+  monkeypatch.setenv("QNET_CPU_CONV_SUBPIXEL", "0")
   assert qconv.cpu_compiler_options() == {}
   x, k, _ = data(3)
   loss = lambda x, k: jnp.sum(qconv.conv(x, k))

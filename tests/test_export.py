@@ -60,6 +60,57 @@ def test_unpacked_levels_times_scale_equal_fake_quantized_weights_exactly(per_ch
     np.testing.assert_allclose(c / n, wq, rtol=0, atol=2 * U)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsq_levels_and_steps_reproduce_the_fake_quantized_kernel_exactly(per_channel):
+  rng = np.random.default_rng(3)
+  kernel = rng.normal(0, 0.1, (3, 3, 5, 7)).astype(np.float32)
+  top = np.max(np.abs(kernel), axis=(0, 1, 2) if per_channel else None)
+  level = (top * rng.uniform(0.3, 0.9, np.shape(top))).astype(np.float32)  # large weights clip
+  if per_channel:  # LSQ's step can turn negative in training: a mirrored grid, still exact
+    level[2] = -level[2]
+  lsq = jax.jit(quant.lsq_quantize, static_argnums=3)
+  for bits in range(2, 9):
+    qn = 2 ** (bits - 1)
+    sqrt_qp = np.sqrt(np.float32(qn - 1))
+    clip = (level / sqrt_qp).astype(np.float32)  # qnet's parameter t: clip level Q_p s ~ level
+    i, step = integer.lsq_weight_codes(kernel, clip, bits)
+    assert i.dtype == np.uint8 and step.dtype == np.float32 and step.shape == np.shape(clip)
+    back = packing.unpack(packing.pack(i, bits), bits, kernel.shape)
+    wq = np.asarray(lsq(kernel, clip, bits, True))
+    np.testing.assert_array_equal(integer.dequantize_weights(back, bits, "lsq", step), wq)
+    q = integer.signed_codes(back, bits, "lsq")
+    assert -qn <= q.min() < 0 and q.max() == qn - 1  # the clip level Q_p s is reached
+    if per_channel:  # channel 2's step is negative: positive weights have negative codes
+      np.testing.assert_array_equal(np.sign(wq[..., 2]), -np.sign(q[..., 2]))
+    np.testing.assert_allclose(step, clip / sqrt_qp, rtol=1e-6)  # s = weight_clip / sqrt(Q_p)
+    parts = integer.weight_int8_parts(back, bits, "lsq")
+    assert len(parts) == 1 and parts[0][1].dtype == np.int8  # int8 at 8 bits too: no split
+    np.testing.assert_array_equal(parts[0][1], q)
+
+
+@pytest.mark.parametrize("quantizer", ["dorefa", "pact", "lsq"])
+def test_activation_codes_and_their_values_are_the_fake_quantizers(quantizer):
+  x = jnp.asarray(np.random.default_rng(4).normal(0.5, 1.5, 4000).astype(np.float32))
+  lsq = jax.jit(quant.lsq_quantize, static_argnums=3)  # as in evaluation: the step is jitted
+  for bits in range(1, 9):
+    # The clip level (the top code's value) is 1.37 for PACT and LSQ (LSQ's t = 1.37 / sqrt(n)).
+    n = integer.levels(bits)
+    clip = {"dorefa": 1.0, "pact": 1.37, "lsq": 1.37 / np.sqrt(n)}[quantizer]
+    aq = integer.ActQuant(quantizer, bits, float(np.float32(clip)))
+    op = {"bits": bits, **aq.attrs()}
+    if quantizer == "dorefa":
+      fq = quant.quantize_activations(x, bits)
+    elif quantizer == "pact":
+      fq = quant.pact_quantize(x, jnp.float32(clip), bits)
+    else:
+      fq = lsq(x, jnp.float32(clip), bits, False)
+    j = jax.jit(lambda x: integer.quantize_codes(x, op))(x)
+    assert int(j.max()) == integer.levels(bits) and int(j.min()) == 0
+    np.testing.assert_array_equal(integer.dequantize_codes(j, op), fq)
+    num, den = aq.step_ratio()
+    np.testing.assert_allclose(np.asarray(fq), np.asarray(j) * num / den, rtol=3 * U, atol=0)
+
+
 def test_thresholds_reproduce_round_clip_of_the_affine_map():
   rng = np.random.default_rng(1)
   scale = np.array([0.013, -0.021, 0.0, 0.002])
@@ -73,9 +124,12 @@ def test_thresholds_reproduce_round_clip_of_the_affine_map():
 # ----------------------------------------------------------------------------- per layer
 
 
-def random_net(name, shape, seed=0):
-  """An initialised model with non-trivial BatchNorm statistics and affine parameters."""
-  model = models.create_model(name, 10)
+def random_net(name, shape, seed=0, **settings):
+  """An initialised model with non-trivial BatchNorm statistics and affine parameters, and
+  learned clip levels (LSQ, PACT; `settings` are the model's quantizer settings) away from
+  their placeholders: a weight clip of 0.3..0.9 max|w| (so large weights clip; per channel,
+  channel 0's negated), activation clips of 0.5..3."""
+  model = models.create_model(name, 10, **settings)
   v = model.init(jax.random.key(seed), jnp.zeros((1, *shape)), train=False)
   rng = np.random.default_rng(seed)
   stats = jax.tree.map(lambda a: a + rng.uniform(0.05, 0.5, a.shape).astype(np.float32), v["batch_stats"])
@@ -85,10 +139,27 @@ def random_net(name, shape, seed=0):
     else a,
     v["params"],
   )
-  return model, params, stats
+
+  def set_clips(node):
+    if not isinstance(node, dict):
+      return node
+    node = {k: set_clips(a) for k, a in node.items()}
+    if "weight_clip" in node:
+      c = node["weight_clip"]
+      axes = tuple(range(node["kernel"].ndim - 1)) if np.ndim(c) else None
+      top = np.max(np.abs(np.asarray(node["kernel"])), axis=axes)
+      node["weight_clip"] = (top * rng.uniform(0.3, 0.9, np.shape(c))).astype(np.float32)
+      if np.ndim(c):  # a negative per-channel step, as LSQ training can make one
+        node["weight_clip"][0] *= -1
+    if "act_clip" in node:
+      node["act_clip"] = np.float32(rng.uniform(0.5, 3.0))
+    return node
+
+  return model, set_clips(flax.core.unfreeze(params)), stats
 
 
-def bits_for(model, shape, w, a, keep_first_last_fp, mixed=False):
+def bits_for(model, shape, w, a, keep_first_last_fp, mixed=False, override=None):
+  """`(bits dict, precision tree)`; `override` maps layer paths to their `(w, a)`."""
   layout = precision_lib.layout_of(model, jnp.zeros((1, *shape)))
   wv, av = precision_lib.layer_bits(layout, w, a, keep_first_last_fp)
   wv, av = np.asarray(wv).astype(int), np.asarray(av).astype(int)
@@ -96,6 +167,9 @@ def bits_for(model, shape, w, a, keep_first_last_fp, mixed=False):
     cycle = [2, 5, 8, 3, 4, 6, 7]
     wv = np.where(wv < 32, [cycle[i % 7] for i in range(len(wv))], wv)
     av = np.where(av < 32, [cycle[(i + 3) % 7] for i in range(len(av))], av)
+  for path, (wo, ao) in (override or {}).items():
+    i = ["/".join(p) for p in layout.paths].index(path)
+    wv[i], av[i] = wo, ao
   tree = layout.tree(jnp.asarray(wv, jnp.float32), jnp.asarray(av, jnp.float32))
   return {"/".join(p): (int(wv[i]), int(av[i])) for i, p in enumerate(layout.paths)}, tree
 
@@ -135,6 +209,99 @@ def test_integer_layers_equal_fake_quant_layer_by_layer(request, name, w, a, kee
   program = integer.build_program(
     params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel
   )
+  check_against_fake_quant(
+    program, model, params, stats, tree, ds, shape, require_requant=not keep_fp or "resnet" in name
+  )
+
+
+LEARNED = [  # name, w, a, keep_fp, per_channel, mixed, weight_quantizer, act_quantizer
+  ("tiny_cnn", 4, 4, False, False, False, "lsq", "lsq"),
+  ("tiny_cnn", 3, 3, False, True, True, "lsq", "lsq"),  # per channel; mixed: 8-bit LSQ codes
+  ("tiny_cnn", 2, 2, False, False, False, "dorefa", "pact"),
+  ("tiny_resnet", 4, 4, True, True, True, "lsq", "pact"),  # float residual stream, relu edges
+]
+
+
+@pytest.mark.parametrize("name,w,a,keep_fp,per_channel,mixed,wq,aq", LEARNED)
+def test_learned_quantizers_integer_program_equals_fake_quant_on_every_path(
+  name, w, a, keep_fp, per_channel, mixed, wq, aq
+):
+  ds = DATASETS["fashion_mnist" if "cnn" in name else "cifar10"]
+  shape = (28, 28, 1) if "cnn" in name else (32, 32, 3)
+  settings = dict(per_channel=per_channel, weight_quantizer=wq, act_quantizer=aq)
+  model, params, stats = random_net(name, shape, **settings)
+  # A float head on quantized codes (dequantized by the activation quantizer's formula).
+  override = {"head": (32, a)} if not keep_fp else None
+  bits, tree = bits_for(model, shape, w, a, keep_fp, mixed, override)
+  program = integer.build_program(
+    params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel,
+    weight_quantizer=wq, act_quantizer=aq,
+  )
+  assert program.quantizers == {"weight": wq, "act": aq}
+  kinds = {op["op"] for op in program.ops}
+  assert {"requant", "quantize" if "resnet" in name else "dequant_codes"} <= kinds
+  assert ("relu" in kinds) == keep_fp  # 32-bit inputs of a learned-quantizer net: plain ReLU
+  for path, layer in program.layers.items():  # the steps come from this layer's clip levels
+    node = _node(params, path)
+    if layer["act_quantizer"]:
+      clip = np.float32(node["act_clip"]) if aq != "dorefa" else np.float32(1)
+      n = integer.levels(layer["act_bits"])
+      step = float(clip / np.sqrt(np.float32(n))) if aq == "lsq" else float(clip) / n
+      assert (layer["act_quantizer"], layer["act_clip"]) == (aq, float(clip))
+      assert np.isclose(layer["act_step"], step, rtol=1e-6, atol=0)  # LSQ: rsqrt in the jit
+    if layer["weight_quantizer"] == "lsq":
+      qp = np.float32(2 ** (layer["weight_bits"] - 1) - 1)
+      want = np.asarray(node["weight_clip"], np.float32) / np.sqrt(qp)
+      np.testing.assert_allclose(program.arrays[f"{path}.weight_step"], want, rtol=1e-6)
+      assert program.arrays[f"{path}.weight_step"].shape == ((want.size,) if per_channel else ())
+  images, logits = check_against_fake_quant(
+    program, model, params, stats, tree, ds, shape, require_requant=True
+  )
+  # The same program through StableHLO and ONNX Runtime.
+  from jax import export as jax_export
+  import onnxruntime as ort
+
+  from qnet import onnx_graph
+
+  hlo = jax_export.deserialize(bytearray(export.stablehlo_bytes(program))).call(images)
+  sess = ort.InferenceSession(
+    onnx_graph.to_onnx(program).SerializeToString(), providers=["CPUExecutionProvider"]
+  )
+  np.testing.assert_allclose(np.asarray(hlo), logits, rtol=0, atol=1e-5)
+  np.testing.assert_allclose(sess.run(["logits"], {"image": images})[0], logits, rtol=1e-5, atol=1e-4)
+
+
+def _code_units(program, op):
+  """`((w_num, w_den), (a_num, a_den))`: an integer layer's weight code `c` is worth
+  `c w_num / w_den` (DoReFa `(1, n_w)`, LSQ `(s, 1)` per channel) and its input code `j`
+  `j a_num / a_den` (DoReFa `(1, n_a)`, PACT / LSQ `(step, 1)`)."""
+  nw, na = integer.levels(op["weight_bits"]), integer.levels(op["in_bits"])
+  if op["weight_quantizer"] == "lsq":
+    w = (np.asarray(program.arrays[op["weight_step"]], np.float64), 1)
+  else:
+    w = (1.0, nw)
+  a = (1.0, na) if op["in_quantizer"] == "dorefa" else (op["in_step"], 1)
+  return w, a
+
+
+def fake_codes(z, op):
+  """The codes the fake-quant network's activation quantizer gives the float32 input `z`
+  (its own float32 formulas, transcribed), and `1 / step` (z times it is the unrounded code)."""
+  n = integer.levels(op["bits"])
+  if op["quantizer"] == "pact":
+    alpha = np.float32(op["clip"])
+    return np.round(np.clip(z, 0, alpha) * np.float32(n) / alpha), n / np.float64(alpha)
+  if op["quantizer"] == "lsq":
+    s = np.float32(op["step"])
+    return np.round(np.clip(z / s, 0, np.float32(n))), 1 / np.float64(s)
+  z = z.astype(np.float64)
+  return np.clip(np.round(z * n), 0, n), n
+
+
+def check_against_fake_quant(program, model, params, stats, tree, ds, shape, require_requant):
+  """The program's integer layers and requants vs the fake-quant network, layer by layer:
+  every accumulator within the fake-quant side's float32 error, every code disagreement a
+  tie, the same top-1 and close logits. Returns `(images, logits)`."""
   images = np.random.default_rng(2).integers(0, 256, (6, *shape)).astype(np.uint8)
   logits, values = integer.make_apply(program, with_values=True)(images)
   x = (images.astype(np.float32) / 255.0 - np.float32(ds.mean)) / np.float32(ds.std)
@@ -150,14 +317,18 @@ def test_integer_layers_equal_fake_quant_layer_by_layer(request, name, w, a, kee
   for op in int_layers:
     acc = np.asarray(values[op["out"]]).astype(np.float64)
     y = np.asarray(_node(inter, op["layer"])["__call__"][0]).astype(np.float64)
-    nw, na = integer.levels(op["weight_bits"]), integer.levels(op["in_bits"])
+    nw = integer.levels(op["weight_bits"])
+    (w_num, w_den), (a_num, a_den) = _code_units(program, op)
     j = np.asarray(values[op["in"][0]]).astype(np.int32)
-    # |c| + 2 n_w: a weight 2 (i / n) - 1 carries an absolute float32 error up to 2u (from
-    # rounding i / n), which is 2 n_w u in code units, whatever the size of c.
-    c = np.abs(integer.signed_codes(program.arrays[op["weight"]], op["weight_bits"])).astype(np.int32)
-    c = c + 2 * nw
+    c = integer.signed_codes(program.arrays[op["weight"]], op["weight_bits"], op["weight_quantizer"])
+    c = np.abs(c).astype(np.int32)
+    if op["weight_quantizer"] == "dorefa":
+      # |c| + 2 n_w: a weight 2 (i / n) - 1 carries an absolute float32 error up to 2u (from
+      # rounding i / n), which is 2 n_w u in code units, whatever the size of c. (LSQ's
+      # weight q s is one rounding: relative.)
+      c = c + 2 * nw
     fan_in = np.prod(c.shape[:-1])
-    slack = 3
+    slack = 4 if op["in_quantizer"] == "pact" else 3  # PACT's j alpha / n: two roundings
     if op["op"] == "conv":
       total = integer._conv(j, c, op, jnp.int32)
     elif op["reduce"] == "mean" and j.ndim == 4:
@@ -169,11 +340,11 @@ def test_integer_layers_equal_fake_quant_layer_by_layer(request, name, w, a, kee
     total = np.asarray(total).astype(np.float64)
     if op["op"] == "dense":  # the fake-quant side added the bias: remove it (rounding included)
       bias = np.asarray(_node(params, op["layer"])["bias"]).astype(np.float64)
-      total = total + 2 * np.abs(bias + y) * nw * na
+      total = total + 2 * np.abs(bias + y) * w_den * a_den / (w_num * a_num)
       y = y - bias * (j.shape[1] * j.shape[2] if op["reduce"] == "mean" and j.ndim == 4 else 1)
     # acc is exact; the fake-quant sum of K rounded products is within (K + 3) u sum|terms|.
     err = (fan_in + slack) * U * total
-    assert np.all(np.abs(y * nw * na - acc) <= err), op["layer"]
+    assert np.all(np.abs(y * w_den * a_den / (w_num * a_num) - acc) <= err), op["layer"]
     acc_error[op["out"]] = err
 
   requants = [op for op in program.ops if op["op"] == "requant"]
@@ -181,23 +352,25 @@ def test_integer_layers_equal_fake_quant_layer_by_layer(request, name, w, a, kee
   for op in requants:
     codes = np.asarray(values[op["out"]]).astype(np.int64)
     acc = np.asarray(values[op["in"][0]]).astype(np.float64)
-    z = np.asarray(_node(inter, op["bn"])["__call__"][0]).astype(np.float64)
-    n = integer.levels(op["bits"])
-    expected = np.clip(np.round(z * n), 0, n)
+    z32 = np.asarray(_node(inter, op["bn"])["__call__"][0])
+    expected, inv_step = fake_codes(z32, op)
+    z = z32.astype(np.float64) * inv_step  # the unrounded code
     differ = codes != expected
-    # Every disagreement is a tie: z n lies within the fake-quant side's float32 error
-    # (of the accumulator, scaled, plus the BatchNorm's few roundings) of a boundary m - 1/2.
+    # Every disagreement is a tie: z lies within the fake-quant side's float32 error (of the
+    # accumulator, scaled, plus the BatchNorm's and the quantizer's few roundings) of a
+    # boundary m - 1/2.
     scale, shift = program.arrays[op["scale"]], program.arrays[op["shift"]]
     tol = np.abs(scale) * acc_error[op["in"][0]] + 16 * U * (np.abs(scale * acc) + np.abs(shift) + 1)
-    distance = np.abs(z * n - (np.floor(z * n) + 0.5))
+    distance = np.abs(z - (np.floor(z) + 0.5))
     assert np.all(np.abs(codes - expected)[differ] == 1)
     assert np.all(distance[differ] <= tol[differ]), (op["bn"], distance[differ], tol[differ])
     assert differ.mean() < 0.01
     checked += codes.size
-  if not keep_fp or "resnet" in name:
+  if require_requant:
     assert requants and checked
   np.testing.assert_array_equal(np.argmax(logits, -1), np.argmax(fq_logits, -1))
   np.testing.assert_allclose(logits, fq_logits, atol=0.05 * float(np.abs(fq_logits).max()))
+  return images, np.asarray(logits)
 
 
 def test_resnet18_program_shapes_and_sizes():
@@ -287,7 +460,44 @@ np.save({result!r}, np.asarray(f.call(images)))
 """
 
 
-def test_three_paths_agree_and_match_fake_quant_top1(exported, tiny_run, fake_data_dir, tmp_path):
+def test_three_paths_agree_and_match_fake_quant_top1(exported, fake_data_dir, tmp_path):
+  check_export_paths(exported, fake_data_dir, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def lsq_exported(tmp_path_factory, fake_data_dir):
+  """A tiny LSQ run (per-channel weights, LSQ activations; clip levels from the first-batch
+  calibration, then trained) exported with the CLI."""
+  workdir = tmp_path_factory.mktemp("lsq_run")
+  overrides = {"quant.weight_quantizer": "lsq", "quant.act_quantizer": "lsq", "quant.per_channel": True}
+  train_tiny(workdir, fake_data_dir, **overrides)
+  out = str(tmp_path_factory.mktemp("exports") / "lsq")
+  r = cli("export", f"--workdir={workdir}", f"--out={out}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  return out
+
+
+def test_lsq_run_exports_and_its_three_paths_match_fake_quant(lsq_exported, fake_data_dir, tmp_path):
+  program, manifest = check_export_paths(lsq_exported, fake_data_dir, tmp_path)
+  assert manifest["format"] == export.FORMAT
+  assert manifest["quantizers"] == {"weight": "lsq", "act": "lsq"}
+  layer = manifest["layers"]["conv2_1"]
+  assert (layer["weight_quantizer"], layer["act_quantizer"], layer["integer"]) == ("lsq", "lsq", True)
+  assert layer["tensors"] == ["conv2_1.levels", "conv2_1.weight_step"]
+  assert manifest["tensors"]["conv2_1.weight_step"] == {"dtype": "float32", "shape": [8]}
+  assert manifest["tensors"]["conv2_1.levels"]["quantizer"] == "lsq"
+  steps = [layer["act_step"] for layer in manifest["layers"].values() if layer["act_step"]]
+  assert steps and all(s != 1 / 7 for s in steps)  # calibrated, not DoReFa's 1/n
+  # The dequantized head is worth acc * (per-channel weight step) * (activation step).
+  (dequant,) = [op for op in program.ops if op["op"] == "dequant"]
+  want = program.arrays["head.weight_step"].astype(np.float64) * manifest["layers"]["head"]["act_step"]
+  np.testing.assert_allclose(program.arrays[dequant["factor"]], want, rtol=U)
+
+
+def check_export_paths(exported, fake_data_dir, tmp_path):
+  """An export's qnet-integer, StableHLO (run where qnet is not importable) and ONNX Runtime
+  logits agree, and `qnet.evaluate` finds no top-1 difference from fake quant. Returns
+  `(program, manifest)`."""
   program, manifest = export.load_export(exported)
   assert manifest["source"]["step"] == 3 and manifest["source"]["eval_accuracy"] is not None
   assert {tuple(v) for v in export.info_bits(manifest)} == {(3, 3), (3, 32)}  # stem: image input
@@ -322,6 +532,7 @@ def test_three_paths_agree_and_match_fake_quant_top1(exported, tiny_run, fake_da
     assert row["top1_differs_from_fake_quant"] == 0, (name, row)
     assert row["accuracy"] == result["paths"]["fake_quant"]["accuracy"]
   assert result["paths"]["fake_quant"]["accuracy"] == pytest.approx(manifest["source"]["eval_accuracy"])
+  return program, manifest
 
 
 def _site_without_qnet() -> str:
@@ -383,9 +594,18 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_no_out(tiny_run, exported, tmp
   _one_line_exit_2(r, "nothing to quantize")
   assert not out.exists()
 
-  lsq = _edited_run(tiny_run, tmp_path / "lsq", lambda s: s["config"]["quant"].update(act_quantizer="pact"))
-  r = cli("export", f"--workdir={lsq}", f"--out={out}")
-  _one_line_exit_2(r, "config.quant.act_quantizer='pact'")
+  relu = _edited_run(tiny_run, tmp_path / "relu", lambda s: s["config"].update(model_act="relu"))
+  r = cli("export", f"--workdir={relu}", f"--out={out}")
+  _one_line_exit_2(r, "config.model_act='relu' is the plain FP network")
+  assert not out.exists()
+
+  # A config whose quantizer the checkpoint has no clip levels for (edited, not trained):
+  # found once the checkpoint is read (after orbax's log lines), still one error line.
+  pact = _edited_run(tiny_run, tmp_path / "pact", lambda s: s["config"]["quant"].update(act_quantizer="pact"))
+  r = cli("export", f"--workdir={pact}", f"--out={out}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("qnet.export: error:") and "has no 'act_clip' parameter" in last
   assert not out.exists()
 
   w16 = _edited_run(tiny_run, tmp_path / "w16", lambda s: s["config"]["quant"].update(weight_bits=16))

@@ -59,15 +59,15 @@ def test_lsq_weights_match_the_paper(bits, per_channel):
   w, g = _rand((3, 3, 4, 6), bits, 0.1), _rand((3, 3, 4, 6), 100 + bits)
   qn, qp = 2.0 ** (bits - 1), 2.0 ** (bits - 1) - 1
   s = (np.linspace(0.01, 0.05, 6) if per_channel else np.array(0.02)).astype(np.float32)
-  clip = jnp.asarray(s * np.float32(qp))  # qnet's parameter: the clip level r = Q_p s
+  clip = jnp.asarray(s * np.sqrt(np.float32(qp)))  # qnet's parameter t = s sqrt(Q_p)
   out, pull = _vjp(lambda w, c: quant.lsq_quantize(w, c, bits, signed=True), jnp.asarray(w), clip)
   dw, dclip = pull(jnp.asarray(g))
   n = w.size / (6 if per_channel else 1)
-  vq, dv, ds = lsq_numpy(w, np.asarray(clip) / np.float32(qp), g, qn, qp, n)
+  vq, dv, ds = lsq_numpy(w, np.asarray(clip) / np.sqrt(np.float32(qp)), g, qn, qp, n)
   np.testing.assert_allclose(out, vq, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(dw, dv)
-  # One SGD step on r moves s = r / Q_p exactly as LSQ's step on s: dL/dr = Q_p dL/ds.
-  np.testing.assert_allclose(dclip, qp * ds, rtol=2e-5, atol=1e-6)
+  # One SGD step on t moves s = t / sqrt(Q_p) exactly as LSQ's step on s: dL/dt = sqrt(Q_p) dL/ds.
+  np.testing.assert_allclose(dclip, np.sqrt(qp) * ds, rtol=2e-5, atol=1e-6)
   assert dclip.shape == clip.shape
   per = np.asarray(out).reshape(-1, 6)
   assert max(len(np.unique(per[:, c] if per_channel else per)) for c in range(6)) <= 2**bits
@@ -81,11 +81,13 @@ def test_lsq_activations_match_the_paper(bits):
   out, pull = _vjp(lambda x, c: quant.lsq_quantize(x, c, bits, signed=False), jnp.asarray(x), clip)
   dx, dclip = pull(jnp.asarray(g))
   # N is LSQ's N_F: the features of one example.
-  vq, dv, ds = lsq_numpy(x, np.float32(3.0) / np.float32(qp), g, 0.0, qp, 4 * 4 * 3)
+  s = np.float32(3.0) / np.sqrt(np.float32(qp))
+  vq, dv, ds = lsq_numpy(x, s, g, 0.0, qp, 4 * 4 * 3)
   np.testing.assert_allclose(out, vq, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(dx, dv)
-  np.testing.assert_allclose(dclip, qp * ds, rtol=2e-5, atol=1e-6)
-  assert np.asarray(out).min() == 0 and np.isclose(np.asarray(out).max(), 3.0)
+  np.testing.assert_allclose(dclip, np.sqrt(qp) * ds, rtol=2e-5, atol=1e-6)
+  top = min(qp, np.round(np.max(x) / s))  # the largest code the data reaches
+  assert np.asarray(out).min() == 0 and np.isclose(np.asarray(out).max(), top * s, rtol=1e-6)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -117,24 +119,26 @@ def test_full_precision_is_raw_weights_and_relu_and_leaves_the_clip_level_alone(
 
 
 @pytest.mark.parametrize("old,new", [(8, 4), (4, 2), (3, 2)])
-def test_phase_boundary_keeps_the_clip_level_and_the_step_follows_the_level_count(old, new):
-  """The documented rule: the parameter is the clip level r, untouched at a boundary; the
-  step is r / Q_p(bits), i.e. LSQ's step rescaled by Q_p(old) / Q_p(new)."""
-  r = jnp.float32(0.9)
-  x = jnp.linspace(-1.5, 1.5, 3001)
+def test_phase_boundary_keeps_t_and_the_step_follows_lsqs_init_rule(old, new):
+  """The documented rule: the parameter t is untouched at a boundary; the step is
+  t / sqrt(Q_p(bits)), i.e. LSQ's step rescaled by sqrt(Q_p(old) / Q_p(new)), as LSQ's
+  initialisation 2 mean|v| / sqrt(Q_p) would rescale it."""
+  t = jnp.float32(0.3)
+  x = jnp.linspace(-40.0, 40.0, 80001)  # wide enough to reach every level at 8 bits
   for signed in (True, False):
     qn = lambda b: 2.0 ** (b - 1) if signed else 0.0
     qp = lambda b: 2.0 ** (b - 1) - 1 if signed else 2.0**b - 1
     levels = {}
     for b in (old, new):
-      q = np.unique(np.asarray(quant.lsq_quantize(x, r, b, signed=signed)))
+      q = np.unique(np.asarray(quant.lsq_quantize(x, t, b, signed=signed)))
       step = np.diff(q)
-      np.testing.assert_allclose(step, 0.9 / qp(b), rtol=1e-4)
-      np.testing.assert_allclose([q.min(), q.max()], [-qn(b) * 0.9 / qp(b), 0.9], rtol=1e-5)
+      s = 0.3 / np.sqrt(qp(b))
+      np.testing.assert_allclose(step, s, rtol=1e-3)
+      np.testing.assert_allclose([q.min(), q.max()], [-qn(b) * s, qp(b) * s], rtol=1e-5)
       levels[b] = step[0]
-    np.testing.assert_allclose(levels[new] / levels[old], qp(old) / qp(new), rtol=1e-4)
+    np.testing.assert_allclose(levels[new] / levels[old], np.sqrt(qp(old) / qp(new)), rtol=1e-3)
   for b in (old, new):  # PACT's alpha is already bits-independent: top level alpha.
-    assert np.isclose(np.asarray(quant.pact_quantize(x, r, b)).max(), 0.9)
+    assert np.isclose(np.asarray(quant.pact_quantize(x, t, b)).max(), 0.3)
 
 
 def test_bits_are_data_for_learned_quantizers():
@@ -154,23 +158,28 @@ def test_bits_are_data_for_learned_quantizers():
   assert len(traces) == 1 and len(set(outs.values())) == 4
 
 
-def test_lsq_init_clip_is_lsq_initial_step_times_q_p():
+def test_lsq_init_is_lsqs_initial_step_at_every_bit_width():
+  """`t = 2 mean|v|`, so `lsq_step(t, bits)` is LSQ's `2 mean|v| / sqrt(Q_p)` at any bits."""
   w = _rand((3, 3, 2, 4), 0)
+  t = quant.lsq_init_clip(jnp.asarray(w), True)
+  per = quant.lsq_init_clip(jnp.asarray(w), True, axes=(0, 1, 2))
+  ta = quant.lsq_init_clip(jnp.asarray(w), False)
   for bits in (2, 4, 8):
-    qp = 2.0 ** (bits - 1) - 1
-    np.testing.assert_allclose(
-      quant.lsq_init_clip(jnp.asarray(w), bits, True),
-      qp * 2 * np.abs(w).mean() / np.sqrt(qp),
-      rtol=1e-5,
-    )
-    per = quant.lsq_init_clip(jnp.asarray(w), bits, True, axes=(0, 1, 2))
-    np.testing.assert_allclose(per, 2 * np.abs(w).mean(axis=(0, 1, 2)) * np.sqrt(qp), rtol=1e-5)
-    qa = 2.0**bits - 1
-    np.testing.assert_allclose(
-      quant.lsq_init_clip(jnp.asarray(w), bits, False),
-      2 * np.maximum(w, 0).mean() * np.sqrt(qa),
-      rtol=1e-5,
-    )
+    qp, qa = 2.0 ** (bits - 1) - 1, 2.0**bits - 1
+    want = 2 * np.abs(w).mean() / np.sqrt(qp)
+    np.testing.assert_allclose(quant.lsq_step(t, bits, True), want, rtol=1e-5)
+    want = 2 * np.abs(w).mean(axis=(0, 1, 2)) / np.sqrt(qp)
+    np.testing.assert_allclose(quant.lsq_step(per, bits, True), want, rtol=1e-5)
+    want = 2 * np.maximum(w, 0).mean() / np.sqrt(qa)
+    np.testing.assert_allclose(quant.lsq_step(ta, bits, False), want, rtol=1e-5)
+
+
+def test_pact_init_alpha_is_the_clip_level_of_lsqs_initial_step():
+  x = _rand((4, 5, 5, 3), 1, 2.0)
+  for bits in (2, 4, 8):
+    qp = 2.0**bits - 1
+    want = qp * 2 * np.maximum(x, 0).mean() / np.sqrt(qp)
+    np.testing.assert_allclose(quant.pact_init_alpha(jnp.asarray(x), bits), want, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- in a network
@@ -224,10 +233,10 @@ def test_first_batch_calibration_sets_lsq_initial_steps_in_order(per_channel):
   for path in inner:
     x, kernel = seen[path]
     node = functools.reduce(lambda d, k: d[k], path.split("/"), params)
-    want_a = 2 * np.maximum(np.asarray(x), 0).mean() * np.sqrt(15.0)
+    want_a = 2 * np.maximum(np.asarray(x), 0).mean()  # t = 2 mean|v|: s = t / sqrt(Q_p)
     np.testing.assert_allclose(node["act_clip"], want_a, rtol=1e-4)
     axes = (0, 1, 2) if per_channel else None
-    want_w = 2 * np.abs(np.asarray(kernel)).mean(axis=axes) * np.sqrt(3.0)
+    want_w = 2 * np.abs(np.asarray(kernel)).mean(axis=axes)
     np.testing.assert_allclose(node["weight_clip"], want_w, rtol=1e-5)
   # Layers kept at full precision (stem, head) keep their level; BN statistics untouched.
   for name in ("stem", "head"):

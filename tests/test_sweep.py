@@ -160,6 +160,58 @@ def test_sweep_plan_is_seed_major_and_survives_a_failed_run(tmp_path, monkeypatc
   assert len(json.loads((tmp_path / "t.json").read_text())) == 8
 
 
+def test_redo_forgets_a_run_and_runs_it_afresh(tmp_path, monkeypatch):
+  monkeypatch.setattr(sweep, "RESULTS", str(tmp_path / "results"))
+  runs = tmp_path / "runs"
+  started = []
+
+  def fake_run(family, method, bits, seed, runs_dir, extra, name):
+    key = sweep.run_key(method, bits, seed)
+    started.append(key)
+    # A run that is not fresh would resume this workdir; --redo must have moved it aside.
+    assert not (runs / key / "old").exists()
+    (runs / key).mkdir(parents=True)
+    (runs / key / "old").write_text("")
+    curve = sweep.curve_path(sweep.RESULTS, name, key)
+    os.makedirs(os.path.dirname(curve), exist_ok=True)
+    open(curve, "w").close()
+    acc = 0.5 + 0.1 * len(started)
+    return {"method": method, "weight_bits": bits, "act_bits": bits, "seed": seed,
+            "test_accuracy": acc, "train_steps": 1, "wall_s": 1.0, "cpu_s": 1.0}
+
+  monkeypatch.setattr(sweep, "run_one", fake_run)
+  args = ["--methods", "direct,lsq", "--bits", "2", "--seeds", "0", "--name", "t"]
+  args += ["--runs_dir", str(runs)]
+  _main(monkeypatch, *args)
+  assert started == ["direct_w2a2_s0", "lsq_w2a2_s0"]
+  with pytest.raises(SystemExit, match=r"--redo: no row for \['lsq_w4a4_s0'\]"):
+    _main(monkeypatch, *args, "--redo", "lsq_w4a4_s0")
+  started.clear()
+  _main(monkeypatch, *args, "--redo", "lsq_w2a2_s0")
+  assert started == ["lsq_w2a2_s0"]  # only the forgotten run
+  rows = json.loads((tmp_path / "results" / "t.json").read_text())
+  # The old lsq row (0.7, the 2nd run) is gone; the new one is the 1st run since the clear.
+  assert [(r["method"], r["test_accuracy"]) for r in rows] == [("direct", 0.6), ("lsq", 0.6)]
+  assert (runs / "lsq_w2a2_s0.superseded.1" / "old").exists()
+  assert not (runs / "direct_w2a2_s0.superseded.1").exists()
+
+
+def test_rows_written_meanwhile_are_kept(tmp_path, monkeypatch):
+  """A sweep appends its row to the file as it is on disk, not as it was when it started."""
+  monkeypatch.setattr(sweep, "RESULTS", str(tmp_path))
+
+  def fake_run(family, method, bits, seed, runs_dir, extra, name):
+    other = {"method": "fp", "weight_bits": 32, "act_bits": 32, "seed": 9, "test_accuracy": 0.9,
+             "train_steps": 1, "wall_s": 1.0, "cpu_s": 1.0}
+    sweep.write_report(sweep.load_rows(name) + [other], name)  # another invocation's row
+    return {**other, "method": "direct", "weight_bits": bits, "act_bits": bits, "seed": seed}
+
+  monkeypatch.setattr(sweep, "run_one", fake_run)
+  _main(monkeypatch, "--methods", "direct", "--bits", "2", "--seeds", "0", "--name", "t")
+  rows = json.loads((tmp_path / "t.json").read_text())
+  assert [(r["method"], r["seed"]) for r in rows] == [("fp", 9), ("direct", 0)]
+
+
 def test_sweep_rejects_an_unknown_method_or_family(monkeypatch):
   with pytest.raises(SystemExit, match=r"--methods: unknown \['dorefa'\]; allowed: fp, fp_relu"):
     _main(monkeypatch, "--methods", "direct,dorefa")

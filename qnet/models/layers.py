@@ -42,7 +42,8 @@ def _bits(module: nn.Module) -> tuple[jax.Array, jax.Array]:
 
 WEIGHT_QUANTIZERS = ("dorefa", "lsq")
 ACT_QUANTIZERS = ("dorefa", "pact", "lsq")
-# Learned clip levels (LSQ's `Q_p * step`, PACT's alpha): parameters next to the kernel.
+# Learned range parameters (PACT's clip level alpha; LSQ's `t = step * sqrt(Q_p)`, see
+# `qnet.quant`): parameters next to the kernel.
 WEIGHT_CLIP, ACT_CLIP = "weight_clip", "act_clip"
 # Collection written by the first-batch calibration pass (`qnet.calibration.calibrate`):
 # with it mutable, a layer computes its clip levels from the data it sees, uses them at once
@@ -58,21 +59,24 @@ def activation(module: nn.Module, x: jax.Array, act_bits: jax.Array) -> jax.Arra
   quantizer = module.act_quantizer
   if quantizer == "dorefa":
     return quant.quantize_activations(x, act_bits)
-  clip = _clip_level(module, ACT_CLIP, x, act_bits, signed=False, default=jnp.ones(()))
+  if quantizer == "pact":
+    init = lambda: quant.pact_init_alpha(x, act_bits)
+  else:
+    init = lambda: quant.lsq_init_clip(x, signed=False)
+  clip = _clip_level(module, ACT_CLIP, act_bits, lambda: jnp.ones(()), init)
   if quantizer == "pact":
     return quant.pact_quantize(x, clip, act_bits)
   return quant.lsq_quantize(x, clip, act_bits, signed=False)
 
 
-def _clip_level(module, name, v, bits, signed, default) -> jax.Array:
-  # `default` holds until the calibration pass replaces it (a fresh run calibrates before
-  # its first step): DoReFa's range 1 for activations, max|w| for weights.
-  param = module.param(name, lambda _: default)
+def _clip_level(module, name, bits, default, init) -> jax.Array:
+  # `default` holds until the calibration pass replaces it with `init()` (a fresh run
+  # calibrates before its first step): DoReFa's range 1 for activations, LSQ's initial value
+  # for weights.
+  param = module.param(name, lambda _: default())
   if not module.is_mutable_collection(CALIBRATION):
     return param
-  axes = tuple(range(v.ndim - 1)) if param.ndim else None
-  init = quant.lsq_init_clip(v, bits, signed, axes)
-  value = jnp.where(quant.is_full_precision(bits), param, init)
+  value = jnp.where(quant.is_full_precision(bits), param, init())
   module.put_variable(CALIBRATION, name, value)
   return value
 
@@ -85,9 +89,8 @@ def _weights(kernel: jax.Array, weight_bits: jax.Array, module: nn.Module) -> ja
   if module.weight_quantizer == "dorefa":
     return quant.quantize_weights(kernel, weight_bits, module.per_channel)
   axes = tuple(range(kernel.ndim - 1)) if module.per_channel else None
-  clip = _clip_level(
-    module, WEIGHT_CLIP, kernel, weight_bits, True, jnp.max(jnp.abs(kernel), axis=axes)
-  )
+  init = lambda: quant.lsq_init_clip(kernel, True, axes)
+  clip = _clip_level(module, WEIGHT_CLIP, weight_bits, init, init)
   return quant.lsq_quantize(kernel, clip, weight_bits, signed=True)
 
 
