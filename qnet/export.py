@@ -206,7 +206,7 @@ def stored_tensors(program: integer.Program) -> tuple[dict[str, np.ndarray], dic
     arr = np.asarray(arr)
     if name in quantized:
       op = quantized[name]
-      bits, quantizer = op["weight_bits"], op.get("weight_quantizer") or "dorefa"
+      bits, quantizer = op["weight_bits"], integer.weight_quantizer_of(op)
       value = (
         f"w = (i - {1 << (bits - 1)}) * {op['weight_step']} (per output channel: last axis)"
         if quantizer == "lsq"
@@ -381,7 +381,7 @@ def load_export(out: str) -> tuple[integer.Program, dict]:
     input_shape=(h, w, c),
     num_classes=manifest["output"]["shape"][1],
     layers=manifest["layers"],
-    quantizers=manifest.get("quantizers", {"weight": "dorefa", "act": "dorefa"}),
+    quantizers=dict(manifest.get("quantizers", integer.DOREFA_QUANTIZERS)),
   )
   return program, manifest
 

@@ -67,6 +67,8 @@ MAX_BITS = 8
 FP = quant.FULL_PRECISION
 _DIMS = ("NHWC", "HWIO", "NHWC")
 _INT32 = np.iinfo(np.int32)
+# A program's quantizers when none are named (exports of format /1 are DoReFa throughout).
+DOREFA_QUANTIZERS = {"weight": "dorefa", "act": "dorefa"}
 
 
 def levels(bits: int) -> int:
@@ -91,9 +93,13 @@ class Program:
   input_shape: tuple[int, int, int]
   num_classes: int
   layers: dict[str, dict]
-  quantizers: dict = dataclasses.field(
-    default_factory=lambda: {"weight": "dorefa", "act": "dorefa"}
-  )
+  quantizers: dict = dataclasses.field(default_factory=lambda: dict(DOREFA_QUANTIZERS))
+
+
+def weight_quantizer_of(op: dict) -> str:
+  """A conv/dense op's weight quantizer (`/1` exports and 32-bit kernels name none: DoReFa's
+  codes, or no codes at all)."""
+  return op.get("weight_quantizer") or "dorefa"
 
 
 # ----------------------------------------------------------------------------- weights
@@ -706,7 +712,7 @@ def layer_weights(op: dict, arrays: dict) -> list[tuple[int, np.ndarray]]:
   """A conv/dense op's kernel as `sum k * part`: int8 code parts of an integer layer
   (`weight_int8_parts`), else one float32 kernel (dequantized levels or 32 bits)."""
   w, bits = arrays[op["weight"]], op["weight_bits"]
-  quantizer = op.get("weight_quantizer") or "dorefa"
+  quantizer = weight_quantizer_of(op)
   if bits == FP:
     return [(1, np.asarray(w, np.float32))]
   if op["in_bits"] == FP:
@@ -725,7 +731,7 @@ def weight_int8_parts(levels_i: np.ndarray, bits: int, quantizer: str) -> list:
 
 
 def _weight_part_factors(op: dict) -> list[int]:
-  split = op["weight_bits"] == MAX_BITS and (op.get("weight_quantizer") or "dorefa") == "dorefa"
+  split = op["weight_bits"] == MAX_BITS and weight_quantizer_of(op) == "dorefa"
   return [2, 1] if split else [1]
 
 

@@ -97,11 +97,12 @@ def create_optimizer(
   penalty on alpha is this decay). Zero decays add no transform (the state keeps its shape).
   """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  named = lambda name: (
-    lambda params: jax.tree_util.tree_map_with_path(
+
+  def named(name: str):  # mask: the parameters called `name`, wherever they sit
+    return lambda params: jax.tree_util.tree_map_with_path(
       lambda path, _: getattr(path[-1], "key", None) == name, params
     )
-  )
+
   clip = [
     optax.add_decayed_weights(d, mask=named(n)) for n, d in sorted((clip_decays or {}).items()) if d
   ]

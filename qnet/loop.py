@@ -207,7 +207,6 @@ def train_batches(
   return device_batches(batches, sharding)
 
 
-
 def calibrate_if_fresh(
   config: ml_collections.ConfigDict, state: joint.TrainState, batches: Iterator, mesh, students
 ) -> tuple[joint.TrainState, Iterator]:
@@ -218,6 +217,7 @@ def calibrate_if_fresh(
   first = next(batches)
   state = calibration.compile_calibrate(mesh, students)(state, first)
   return state, itertools.chain([first], batches)
+
 
 class TrainLog:
   """Buffers the train step's metrics on device; `flush` fetches them (the only host sync in

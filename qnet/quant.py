@@ -139,7 +139,7 @@ def lsq_levels(bits, signed: bool) -> tuple[jax.Array, jax.Array]:
   b = _as_bits(bits)
   if signed:
     return jnp.exp2(b - 1.0), jnp.exp2(b - 1.0) - 1.0
-  return jnp.float32(0.0), jnp.exp2(b) - 1.0
+  return jnp.float32(0.0), num_levels(b)
 
 
 def lsq_step(clip: jax.Array, bits, signed: bool) -> jax.Array:

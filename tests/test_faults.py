@@ -62,7 +62,7 @@ def _needs(ok: bool, what: str) -> None:
     return
   if os.environ.get("CI"):
     pytest.fail(f"{what} (CI runs as root and must inject this fault)")
-  pytest.skip(f"{what}: this fault needs root (CI runs it)")
+  pytest.skip(f"{what}: injecting this fault needs root; run as root to test it (CI does)")
 
 
 def _mount_tmpfs(path, size):

@@ -8,9 +8,9 @@ Python constants inside the model: changing them never recompiles.
 Convention used by every model in qnet: a layer quantizes its *input* activation with
 `act_bits` (the activation quantizer, DoReFa, PACT or LSQ, also plays the role of the
 ReLU) and its kernel with `weight_bits` (DoReFa or LSQ). LSQ and PACT keep their learned
-clip levels as parameters of the layer (README, "Learned quantizers (LSQ, PACT)"). The first layer (named `stem`) sees the image, so it never
-quantizes its input; the classifier is named `head`. `precision.keep_first_last_fp`
-relies on these two names.
+clip levels as parameters of the layer (README, "Learned quantizers (LSQ, PACT)"). The
+first layer (named `stem`) sees the image, so it never quantizes its input; the classifier
+is named `head`. `precision.keep_first_last_fp` relies on these two names.
 """
 
 from __future__ import annotations
@@ -59,14 +59,13 @@ def activation(module: nn.Module, x: jax.Array, act_bits: jax.Array) -> jax.Arra
   quantizer = module.act_quantizer
   if quantizer == "dorefa":
     return quant.quantize_activations(x, act_bits)
+  ones = lambda: jnp.ones(())
   if quantizer == "pact":
     init = lambda: quant.pact_init_alpha(x, act_bits)
-  else:
-    init = lambda: quant.lsq_init_clip(x, signed=False)
-  clip = _clip_level(module, ACT_CLIP, act_bits, lambda: jnp.ones(()), init)
-  if quantizer == "pact":
-    return quant.pact_quantize(x, clip, act_bits)
-  return quant.lsq_quantize(x, clip, act_bits, signed=False)
+    alpha = _clip_level(module, ACT_CLIP, act_bits, ones, init)
+    return quant.pact_quantize(x, alpha, act_bits)
+  t = _clip_level(module, ACT_CLIP, act_bits, ones, lambda: quant.lsq_init_clip(x, signed=False))
+  return quant.lsq_quantize(x, t, act_bits, signed=False)
 
 
 def _clip_level(module, name, bits, default, init) -> jax.Array:
