@@ -6,6 +6,9 @@
   qnet+options          : both fixes
   qnet+subpixel+default : the barrier and the sub-pixel strided input gradient, XLA's defaults
   qnet+subpixel+options : the same with the options
+  qnet+subpixel+onednn  : the barrier and sub-pixel gradients with qnet.conv.ONEDNN_OPTIONS
+  stock+onednn          : lax.conv_general_dilated with the oneDNN set
+  qnet+subpixel+onednn+options : both sets (oneDNN then takes every convolution)
 
 Each variant is fixed here, whatever `qnet.conv.conv` picks on the running jaxlib, so the same
 set-ups compare on every stack (`--variants` picks some; the first is the speed-up base).
@@ -21,6 +24,8 @@ kernel gradient) under these set-ups, in alternating rounds:
   xnn            : the CPU conv options plus XNNPACK convolutions
   subpixel+eigen : qnet.conv's sub-pixel strided input gradient, CPU conv options
   subpixel+ynn   : the same under XLA defaults
+  subpixel+onednn: the same with qnet.conv.ONEDNN_OPTIONS (oneDNN takes what YNNPACK leaves)
+  subpixel+onednn+eigen : both sets (oneDNN takes every convolution)
 and prints ms per op, the per-step total (each shape weighted by its count in ResNet-20),
 each gradient's time over the forward's (all three do the same useful multiply-adds) and the
 CPU time per op. `--setups` and `--stride` pick some set-ups and shapes.
@@ -96,7 +101,7 @@ class ResNet20(nn.Module):
     return nn.Dense(self.num_classes)(x.mean((1, 2)))
 
 
-def make_step(model: nn.Module, compiler_options: dict[str, str]):
+def make_step(model: nn.Module, compiler_options: dict[str, str | bool]):
   def step(params, stats, x, y):
     def loss_fn(p):
       logits, new = model.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])
@@ -142,6 +147,8 @@ def op_setups() -> dict:
     "xnn": (stock_conv, xnn),
     "subpixel+eigen": (_subpixel_conv, eigen),
     "subpixel+ynn": (_subpixel_conv, {}),
+    "subpixel+onednn": (_subpixel_conv, dict(qconv.ONEDNN_OPTIONS)),
+    "subpixel+onednn+eigen": (_subpixel_conv, {**eigen, **qconv.ONEDNN_OPTIONS}),
   }
 
 
@@ -236,7 +243,7 @@ def _write(out: str, result: dict) -> None:
 
 def step_variants() -> dict:
   """Train-step variant name -> (conv function, compiler options)."""
-  opts = dict(qconv.CPU_CONV_OPTIONS)
+  opts, onednn = dict(qconv.CPU_CONV_OPTIONS), dict(qconv.ONEDNN_OPTIONS)
   sub = functools.partial(qconv.custom_conv, subpixel=True)
   return {
     "stock+default": (stock_conv, {}),
@@ -245,6 +252,9 @@ def step_variants() -> dict:
     "qnet+options": (qconv.custom_conv, opts),
     "qnet+subpixel+default": (sub, {}),
     "qnet+subpixel+options": (sub, opts),
+    "qnet+subpixel+onednn": (sub, onednn),
+    "stock+onednn": (stock_conv, onednn),
+    "qnet+subpixel+onednn+options": (sub, {**opts, **onednn}),
   }
 
 

@@ -5,14 +5,23 @@ by default, each measured on a 2-vCPU AVX2 host (ResNet-20, batch 128); the
 measurements and commands are in experiments/README.md ("CPU conv tuning").
 
 1. Compiler options (`cpu_compiler_options()`, which `qnet.build.compile_steps`
-   passes to its jits), on jaxlib < 0.12 only: XLA 0.10 routes kernel-gradient
-   convolutions (and wide forward/input-gradient ones) to YNNPACK; the options send
-   convolutions to XLA's Eigen path and keep YNNPACK for dots and reductions (YNNPACK
-   off entirely is worse: reductions slow down). Idle machine, ResNet-20 step,
-   alternating rounds: jaxlib 0.10.2 523 -> 402 ms (faster in 3/3 rounds; an older
-   qnet measured 1,143 -> 648); jaxlib 0.12.0.1 397 ms without vs 400 ms with them
-   (faster without in 3/3 rounds), so from 0.12 on they are off. 0.11 was not
-   measured and keeps the old choice.
+   passes to its jits), one of two sets chosen by jaxlib version:
+   - jaxlib < 0.12, the Eigen set: XLA 0.10 routes kernel-gradient convolutions (and
+     wide forward/input-gradient ones) to YNNPACK; the set sends convolutions to
+     XLA's Eigen path and keeps YNNPACK for dots and reductions (YNNPACK off
+     entirely is worse: reductions slow down). Idle machine, ResNet-20 step,
+     alternating rounds: jaxlib 0.10.2 523 -> 402 ms (faster in 3/3 rounds).
+     Adding oneDNN on 0.10.2: 432 -> 416 ms (4/6 rounds), earlier 467 vs 464 ms (3/6):
+     within the spread, not taken.
+   - jaxlib >= 0.12, the oneDNN set: YNNPACK's convolutions are no longer slow
+     there (the Eigen set: 400 ms vs 397 ms without it), and XLA's oneDNN custom
+     call takes the convolutions YNNPACK leaves (the 16-channel 32x32 ones; per op
+     3.4 ms vs 6.0 ms forward and input gradient). Step: 476 -> 406 ms, CPU time
+     902 -> 752 ms, faster in 5/6 alternating rounds (an earlier run: 457 -> 421 ms,
+     6/6). oneDNN for every convolution
+     (with the Eigen set) is slower: its kernel gradients are. While JAX's persistent
+     compilation cache is on, no set is used (jaxlib 0.12 cannot cache oneDNN calls).
+   0.11 was not measured and keeps the Eigen set.
 2. Cond barrier: XLA fuses a whole stage's BatchNorm -> ReLU -> residual chain
    into the layout transposes in front of each kernel-gradient conv and
    recomputes it there (~100+ ms per op instead of ~1 ms). `lax.optimization_barrier`
@@ -20,24 +29,25 @@ measurements and commands are in experiments/README.md ("CPU conv tuning").
    `conv` is therefore a `jax.custom_vjp` whose backward materialises the saved
    input and the cotangent through such a cond. Still needed on jaxlib 0.12.0.1:
    the compiled HLO shows the re-fused transposes without it; with it the step
-   took 7-10% less CPU time (both stacks, with the options) and was faster than
-   the stock conv in 5 of 5 alternating rounds (without the options).
+   took 7-10% less CPU time (both stacks, with the Eigen set) and was faster than
+   the stock conv in 5 of 5 alternating rounds (without options).
 3. Sub-pixel strided input gradients (`subpixel_input_grad`): the stock vjp of a
    stride-2 conv convolves a zero-dilated cotangent; one stride-1 conv per output
-   phase does the forward's multiply-adds instead. Per op, with the options:
+   phase does the forward's multiply-adds instead. Per op, with the Eigen set:
    ResNet-20's 3x3 stride-2 input gradients took a third and a sixth less CPU time
    (12.6 -> 8.4 ms, 6.0 -> 5.0 ms, jaxlib 0.12; alike on 0.10.2). Idle machine, step
-   level: jaxlib 0.12.0.1 without the options 419 -> 397 ms (3/3 rounds); 0.10.2 with
-   them 411 -> 402 ms (2/3 rounds), without them 522 vs 524 ms (no difference).
+   level: jaxlib 0.12.0.1 without options 419 -> 397 ms (3/3 rounds); 0.10.2 with
+   the Eigen set 411 -> 402 ms (2/3 rounds), without it 522 vs 524 ms (no difference).
 
 Forward outputs and kernel gradients are bitwise identical to the stock conv under
 the same compiler options; strided input gradients equal the stock ones up to fp32
-summation order (~1e-6). The options change which library sums, so fp32
-results move at the ~1e-4 level compared with XLA's default CPU options.
+summation order (~1e-6). The option sets change which library sums, so fp32
+results move at the ~1e-4 level between sets.
 
 Environment overrides (read when a function is traced / a jit is built):
-  QNET_CPU_CONV_OPTIONS=0|1 `cpu_compiler_options()` returns {} (XLA defaults) or
-                            the options, whatever the jaxlib (unset: by version).
+  QNET_CPU_CONV_OPTIONS=eigen|onednn|0  the option set, whatever the jaxlib, or
+                            none (XLA's defaults); 1 means eigen (unset:
+                            `default_option_set()`).
   QNET_CPU_CONV_BARRIER=0   no cond barrier.
   QNET_CPU_CONV_SUBPIXEL=0  stock strided input gradients.
 With all three off, `conv` is plain `lax.conv_general_dilated`.
@@ -59,42 +69,69 @@ from jaxlib import version as jaxlib_version
 
 Padding = str | Sequence[tuple[int, int]]
 _DIMS = ("NHWC", "HWIO", "NHWC")
-# Keep YNNPACK for dots and reductions, drop it for convolutions. Equivalent to
-# XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution; the
-# "-..." form is rejected as a per-jit option, so the kept types are listed.
-# The first jaxlib (major, minor) that no longer gets them by default (measured above).
-_OPTIONS_UNTIL = (0, 12)
+# The Eigen set: keep YNNPACK for dots and reductions, drop it for convolutions. Equivalent
+# to XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution; the "-..."
+# form is rejected as a per-jit option, so the kept types are listed.
 CPU_CONV_OPTIONS = {
   "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
+# The oneDNN set: XLA's default library choices, plus oneDNN for the convolutions that
+# YNNPACK does not claim (on ResNet-20: the 16-channel 32x32 forward and input-gradient
+# convolutions, where oneDNN is ~1.8x faster; kernel gradients stay on YNNPACK).
+ONEDNN_OPTIONS = {
+  "xla_cpu_use_onednn": True,
+  "xla_cpu_experimental_onednn_custom_call": True,
+}
+OPTION_SETS = {"eigen": CPU_CONV_OPTIONS, "onednn": ONEDNN_OPTIONS}
+# The first jaxlib (major, minor) that gets the oneDNN set instead of the Eigen set.
+_ONEDNN_FROM = (0, 12)
+_ON = ("1", "true", "yes", "on")  # QNET_CPU_CONV_OPTIONS's earlier on/off switch: 1 = eigen
+_OFF = ("0", "false", "no", "off", "none")
 
 
 def _env_on(name: str) -> bool:
-  return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+  return os.environ.get(name, "1").strip().lower() not in _OFF
 
 
 def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def options_by_default() -> bool:
-  """Does this jaxlib get `CPU_CONV_OPTIONS` when QNET_CPU_CONV_OPTIONS is unset? (< 0.12)"""
-  return tuple(jaxlib_version.__version_info__[:2]) < _OPTIONS_UNTIL
+def _persistent_cache_on() -> bool:
+  return bool(jax.config.jax_compilation_cache_dir)
 
 
-def cpu_compiler_options() -> dict[str, str]:
-  """Per-jit compiler options that keep CPU convolutions off YNNPACK.
+def default_option_set() -> str:
+  """The option set used when QNET_CPU_CONV_OPTIONS is unset (measured, module docstring).
 
-  Empty on non-CPU backends, on jaxlib >= 0.12 and when QNET_CPU_CONV_OPTIONS=0;
-  QNET_CPU_CONV_OPTIONS=1 turns them on whatever the jaxlib.
+  `eigen` on jaxlib < 0.12; from 0.12 `onednn`, or `none` (XLA's defaults) while JAX's
+  persistent compilation cache is on: jaxlib 0.12 cannot cache executables that call
+  oneDNN (each compile warns `std::bad_alloc` and is redone next run).
+  """
+  if tuple(jaxlib_version.__version_info__[:2]) < _ONEDNN_FROM:
+    return "eigen"
+  return "none" if _persistent_cache_on() else "onednn"
+
+
+def cpu_compiler_options() -> dict[str, str | bool]:
+  """Per-jit compiler options for CPU convolutions: one of `OPTION_SETS`, or none.
+
+  Empty on non-CPU backends. QNET_CPU_CONV_OPTIONS picks the set: `eigen` (or 1),
+  `onednn`, or 0 / none for XLA's defaults; unset, `default_option_set()`.
   """
   if not _on_cpu():
     return {}
-  if os.environ.get("QNET_CPU_CONV_OPTIONS", "").strip():
-    on = _env_on("QNET_CPU_CONV_OPTIONS")
-  else:
-    on = options_by_default()
-  return dict(CPU_CONV_OPTIONS) if on else {}
+  raw = os.environ.get("QNET_CPU_CONV_OPTIONS", "").strip()
+  name = raw.lower() or default_option_set()
+  if name in _OFF:
+    return {}
+  name = "eigen" if name in _ON else name
+  if name not in OPTION_SETS:
+    raise ValueError(
+      f"QNET_CPU_CONV_OPTIONS={raw!r}: allowed values are {', '.join(OPTION_SETS)}, 1 (= eigen) "
+      "and 0 or none (XLA's defaults)"
+    )
+  return dict(OPTION_SETS[name])
 
 
 def _stock(x, kernel, strides, padding, precision):
