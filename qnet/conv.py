@@ -18,9 +18,9 @@ measurements and commands are in experiments/README.md ("CPU conv tuning").
      call takes the convolutions YNNPACK leaves (the 16-channel 32x32 ones; per op
      3.4 ms vs 6.0 ms forward and input gradient). Step: 476 -> 406 ms, CPU time
      902 -> 752 ms, faster in 5/6 alternating rounds (an earlier run: 457 -> 421 ms,
-     6/6). oneDNN for every convolution
-     (with the Eigen set) is slower: its kernel gradients are. While JAX's persistent
-     compilation cache is on, no set is used (jaxlib 0.12 cannot cache oneDNN calls).
+     6/6). oneDNN for every convolution (with the Eigen set) is slower: its kernel
+     gradients are. While JAX's persistent compilation cache is on, no set is used
+     (jaxlib 0.12 cannot cache oneDNN calls).
    0.11 was not measured and keeps the Eigen set.
 2. Cond barrier: XLA fuses a whole stage's BatchNorm -> ReLU -> residual chain
    into the layout transposes in front of each kernel-gradient conv and
