@@ -73,18 +73,9 @@ def time_shapes(rows: list[dict], batch: int, rounds: int, steps: int) -> list[d
 def profile_step(batch: int, bits: int, steps: int) -> dict:
   """Self CPU ms per step of one ResNet-20 train step: convolutions vs everything else."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from torch_resnet20 import PreActResNet20
+  from torch_resnet20 import make_train_step
 
-  model = PreActResNet20(bits).train()
-  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-  x = torch.rand(batch, 3, 32, 32)
-  y = torch.randint(0, 10, (batch,))
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-
+  step = make_train_step(bits, batch)
   for _ in range(3):
     step()
   with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

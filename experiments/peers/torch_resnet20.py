@@ -138,6 +138,24 @@ class PreActResNet20(nn.Module):
     return self.head(x)
 
 
+def make_train_step(bits: int, batch: int):
+  """One SGD step (forward, backward, update) of a fresh W{bits}A{bits} ResNet-20 on a fixed
+  random batch; returns the closure, which returns the loss."""
+  model = PreActResNet20(bits).train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  x = torch.rand(batch, 3, 32, 32)
+  y = torch.randint(0, 10, (batch,))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+  return step
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -156,19 +174,7 @@ def main():
   if args.threads is not None:
     torch.set_num_threads(args.threads)
   torch.manual_seed(args.seed)
-  device = torch.device("cpu")
-
-  model = PreActResNet20(args.bits).to(device).train()
-  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-  x = torch.rand(args.batch, 3, 32, 32, device=device)
-  y = torch.randint(0, 10, (args.batch,), device=device)
-
-  def step():
-    opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    return loss
+  step = make_train_step(args.bits, args.batch)
 
   for _ in range(args.warmup):
     step()
