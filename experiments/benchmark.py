@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import time
 
 import jax
@@ -30,7 +31,7 @@ import jaxlib
 import numpy as np
 
 from configs import default
-from qnet import build, joint
+from qnet import build, host_memory, joint
 
 SHAPES = {  # model -> (dataset for the config, input shape, classes)
   "fmnist_cnn": ("fashion_mnist", (28, 28, 1), 10),
@@ -87,10 +88,10 @@ class Timer:
   """Runs named step closures in alternating rounds; keeps per-step wall times."""
 
   def __init__(self):
-    self.fns, self.times, self.cpu, self.steps = {}, {}, {}, 1
+    self.fns, self.times, self.cpu, self.faults, self.steps = {}, {}, {}, {}, 1
 
   def add(self, name, fn):
-    self.fns[name], self.times[name], self.cpu[name] = fn, [], []
+    self.fns[name], self.times[name], self.cpu[name], self.faults[name] = fn, [], [], []
 
   def run(self, rounds: int, steps: int, warmup: int):
     for fn in self.fns.values():
@@ -100,10 +101,12 @@ class Timer:
     for _ in range(rounds):
       for name, fn in self.fns.items():
         for _ in range(steps):
+          f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
           t, c = time.perf_counter(), time.process_time()
           fn()
           self.times[name].append(1e3 * (time.perf_counter() - t))
           self.cpu[name].append(1e3 * (time.process_time() - c))
+          self.faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
 
   def stats(self, name):
     t = np.array(self.times[name])
@@ -117,6 +120,8 @@ class Timer:
       # CPU time of this process (all threads) per step: less swayed by other processes
       # on a shared machine than wall time, though spinning worker threads count in it.
       "median_cpu_ms": float(np.median(self.cpu[name])),
+      # Page faults per step: memory the step maps afresh (experiments/README, "Host memory").
+      "median_page_faults": float(np.median(self.faults[name])),
     }
 
 
@@ -211,6 +216,7 @@ def main() -> None:
   p = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
+  kept = host_memory.keep_freed_memory()  # as `qnet.main` does, before JAX's backends start
   backend = jax.default_backend()
   p.add_argument("--models", default="fmnist_cnn,resnet20" if backend == "cpu" else "resnet50")
   p.add_argument("--rounds", type=int, default=3)
@@ -233,6 +239,7 @@ def main() -> None:
     "jax": jax.__version__,
     "jaxlib": jaxlib.__version__,
     "python": platform.python_version(),
+    "keep_freed_memory": kept,
     "models": {},
   }
   for model in args.models.split(","):

@@ -97,6 +97,9 @@ def main(argv: list[str]) -> None:
   from qnet import console
 
   console.configure(verbose=FLAGS.verbose)
+  from qnet import host_memory
+
+  host_memory.keep_freed_memory()  # before JAX starts its backends (its docstring)
   import jax
   from qnet import config_validation
 

@@ -10,7 +10,10 @@ on Python 3.13) see the same machine state; `--alternations` times in turn. Each
 reports the median ms of its timed steps (after warm-up; qnet's compile is not timed). qnet
 runs from this checkout (PYTHONPATH) whatever the Python. Prints each alternation and the
 ratio of medians, and writes experiments/results/peer_resnet20_cpu.json with the versions of
-every stack (python, jax, jaxlib; torch) and the load average before and after.
+every stack (python, jax, jaxlib; torch), the page faults per step of every process and the
+load average before and after. `--torch_keep_freed_memory` also times PyTorch, each
+alternation, started with glibc malloc set as qnet sets it on CPU (`qnet.host_memory`), so
+the ratio can be read against PyTorch with the same allocator settings as well.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+from qnet.host_memory import GLIBC_ENV  # noqa: E402  (stdlib-only module)
 
 
-def _torch(python: str, bits: int, steps: int, warmup: int, path: str) -> dict:
+def _torch(python: str, bits: int, steps: int, warmup: int, path: str, env=None) -> dict:
   cmd = [python, os.path.join(HERE, "torch_resnet20.py"), "--bits", str(bits)]
   cmd += ["--steps", str(steps), "--warmup", str(warmup), "--json", path]
-  subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+  subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=env)
   with open(path) as f:
     return json.load(f)
 
@@ -48,7 +53,13 @@ def _qnet(python: str, bits: int, steps: int, warmup: int, path: str) -> dict:
     r = json.load(f)
   return {
     "median_ms": r["models"]["resnet20"][variant]["median_ms"],
-    "stack": {"python": r.get("python"), "jax": r["jax"], "jaxlib": r.get("jaxlib")},
+    "page_faults": r["models"]["resnet20"][variant].get("median_page_faults"),
+    "stack": {
+      "python": r.get("python"),
+      "jax": r["jax"],
+      "jaxlib": r.get("jaxlib"),
+      "keep_freed_memory": r.get("keep_freed_memory"),
+    },
   }
 
 
@@ -68,6 +79,12 @@ def main() -> None:
     action="append",
     default=None,
     help="a Python with qnet's dependencies; repeat to alternate stacks (default: this one)",
+  )
+  p.add_argument(
+    "--torch_keep_freed_memory",
+    action="store_true",
+    help="also time PyTorch, each alternation, with glibc malloc set as qnet sets it on CPU "
+    "(qnet.host_memory.GLIBC_ENV)",
   )
   p.add_argument("--alternations", type=int, default=3)
   p.add_argument("--steps", type=int, default=10)
@@ -94,24 +111,40 @@ def main() -> None:
     for i in range(args.alternations):
       t = _torch(args.torch_python, args.bits, args.steps, args.warmup, os.path.join(tmp, "t.json"))
       torch_info = {"torch": t["torch"], "threads": t["threads"], "executable": args.torch_python}
-      row = {"torch_ms": t["median_ms"], "qnet_ms": {}}
+      row = {"torch_ms": t["median_ms"], "torch_page_faults": t.get("median_page_faults")}
+      if args.torch_keep_freed_memory:
+        env = {**os.environ, **GLIBC_ENV}
+        k = _torch(
+          args.torch_python, args.bits, args.steps, args.warmup, os.path.join(tmp, "t.json"), env
+        )
+        row["torch_kept_ms"], row["torch_kept_page_faults"] = k["median_ms"], k.get(
+          "median_page_faults"
+        )
+      row["qnet_ms"], row["qnet_page_faults"] = {}, {}
       for exe in pythons:
         q = _qnet(exe, args.bits, args.steps, args.warmup, os.path.join(tmp, "q.json"))
         label = labels.setdefault(exe, _label(q["stack"], exe, labels))
         stacks[label] = {**q["stack"], "executable": exe}
-        row["qnet_ms"][label] = q["median_ms"]
+        row["qnet_ms"][label], row["qnet_page_faults"][label] = q["median_ms"], q["page_faults"]
       row["ratio"] = {k: v / row["torch_ms"] for k, v in row["qnet_ms"].items()}
       rows.append(row)
       cells = ", ".join(
         f"{k} {v:.1f} ms ({row['ratio'][k]:.3f})" for k, v in row["qnet_ms"].items()
       )
-      print(f"alternation {i + 1}: torch {row['torch_ms']:.1f} ms, {cells}", flush=True)
+      kept = f", torch kept {row['torch_kept_ms']:.1f} ms" if "torch_kept_ms" in row else ""
+      print(f"alternation {i + 1}: torch {row['torch_ms']:.1f} ms{kept}, {cells}", flush=True)
   t_med = float(np.median([r["torch_ms"] for r in rows]))
   q_med = {k: float(np.median([r["qnet_ms"][k] for r in rows])) for k in stacks}
+  kept_med = (
+    float(np.median([r["torch_kept_ms"] for r in rows])) if args.torch_keep_freed_memory else None
+  )
   load_end = [round(x, 2) for x in os.getloadavg()]
   print(f"median over alternations (load average now {load_end}): torch {t_med:.1f} ms")
+  if kept_med is not None:
+    print(f"  torch with qnet's glibc malloc settings: {kept_med:.1f} ms")
   for k, v in q_med.items():
-    print(f"  {k}: {v:.1f} ms, qnet/torch {v / t_med:.3f}")
+    vs_kept = f", over torch with the same malloc {v / kept_med:.3f}" if kept_med else ""
+    print(f"  {k}: {v:.1f} ms, qnet/torch {v / t_med:.3f}{vs_kept}")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(
@@ -128,6 +161,11 @@ def main() -> None:
         "torch_median_ms": t_med,
         "qnet_median_ms": q_med,
         "ratio_qnet_over_torch": {k: v / t_med for k, v in q_med.items()},
+        "torch_kept_median_ms": kept_med,
+        "torch_kept_env": GLIBC_ENV if kept_med is not None else None,
+        "ratio_qnet_over_torch_kept": (
+          {k: v / kept_med for k, v in q_med.items()} if kept_med is not None else None
+        ),
       },
       f,
       indent=1,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import time
 
@@ -178,17 +179,20 @@ def main():
 
   for _ in range(args.warmup):
     step()
-  times = []
+  times, faults = [], []
   for _ in range(args.steps):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     loss = step()
     loss.item()  # CPU is synchronous; keeps the step's result materialised
     times.append((time.perf_counter() - t0) * 1e3)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
   result = {
     "median_ms": statistics.median(times),
     "min_ms": min(times),
     "max_ms": max(times),
+    "median_page_faults": statistics.median(faults),
     "steps": args.steps,
     "bits": args.bits,
     "torch": torch.__version__,
