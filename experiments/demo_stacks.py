@@ -4,7 +4,8 @@
     --python /work/venv311/bin/python
 
 Runs `python -m qnet.main --config=configs/fashion_mnist_w4a4.py` (the embedded default,
-Fashion-MNIST offline) once per `--python`, one after the other, each in a fresh workdir,
+Fashion-MNIST offline) once per `--python`, one after the other (`--repeats` times in turn),
+each in a fresh workdir,
 from this checkout. Records each run's final test accuracy (its metrics.jsonl), wall time,
 CPU time (user + sys of the child), the stack (python, jax, jaxlib) and the load average,
 in experiments/results/demo_stacks_cpu.json. `--config_args` passes overrides
@@ -55,6 +56,7 @@ def run_demo(python: str, workdir: str, config: str, config_args: list[str]) -> 
   return {
     **stack,
     "executable": python,
+    "QNET_CPU_MALLOC": os.environ.get("QNET_CPU_MALLOC"),  # unset: qnet.host_memory is on
     "test_accuracy": evals[-1]["eval_accuracy"],
     "wall_s": wall,
     "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
@@ -70,6 +72,7 @@ def main() -> None:
   p.add_argument(
     "--python", action="append", required=True, help="a Python with qnet's dependencies; repeat"
   )
+  p.add_argument("--repeats", type=int, default=1, help="alternations of the --python list")
   p.add_argument("--config", default="configs/fashion_mnist_w4a4.py")
   p.add_argument("--config_args", nargs="*", default=[], help="e.g. --config.num_epochs=1")
   p.add_argument("--out", default=os.path.join(HERE, "results", "demo_stacks_cpu.json"))
@@ -80,7 +83,7 @@ def main() -> None:
       sys.exit(2)
   runs = []
   with tempfile.TemporaryDirectory() as tmp:
-    for i, exe in enumerate(args.python):
+    for i, exe in enumerate(args.python * args.repeats):
       r = run_demo(exe, os.path.join(tmp, str(i)), args.config, args.config_args)
       runs.append(r)
       print(

@@ -306,6 +306,11 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
   # A small private pool: the pipeline needs a few percent of a core for the datasets
   # here, and TF's default (one thread per core, spinning) competes with XLA's step.
   options.threading.private_threadpool_size = _DATA_THREADS
+  # No autotuning thread: deleting an iterator (qnet makes one per epoch and evaluation)
+  # waits for that thread, and on TF 2.21 it sometimes sleeps through its wake-up: 30-40 s
+  # stalls at epoch boundaries of the default demo (experiments/README.md, "Host memory").
+  # AUTOTUNE parallelism then is the private pool's size, prefetch buffers still grow.
+  options.autotune.enabled = False
   return ds.with_options(options)
 
 

@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
   console.configure(verbose=FLAGS.verbose)
   from qnet import host_memory
 
-  host_memory.keep_freed_memory()  # before JAX starts its backends (its docstring)
+  kept = host_memory.keep_freed_memory()  # before JAX starts its backends (its docstring)
   import jax
   from qnet import config_validation
 
@@ -113,11 +113,12 @@ def main(argv: list[str]) -> None:
     print(f"qnet: config error: {e}", file=sys.stderr)
     sys.exit(2)
   logging.info(
-    "JAX process %d/%d, %d local devices (%s)",
+    "JAX process %d/%d, %d local devices (%s%s)",
     jax.process_index(),
     jax.process_count(),
     jax.local_device_count(),
     jax.default_backend(),
+    "; malloc keeps freed memory: qnet.host_memory" if kept else "",
   )
   try:
     # The lock first (before TensorFlow loads): a second run on a busy workdir stops at once.
