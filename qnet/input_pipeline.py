@@ -309,7 +309,7 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
   # No autotuning thread: deleting an iterator (qnet makes one per epoch and evaluation)
   # waits for that thread, and on TF 2.21 it sometimes sleeps through its wake-up: 30-40 s
   # stalls at epoch boundaries of the default demo (experiments/README.md, "Host memory").
-  # AUTOTUNE parallelism then is the private pool's size, prefetch buffers still grow.
+  # AUTOTUNE parallelism is then the private pool's size; measured throughput unchanged.
   options.autotune.enabled = False
   return ds.with_options(options)
 
