@@ -5,8 +5,7 @@
 
 Runs `python -m qnet.main --config=configs/fashion_mnist_w4a4.py` (the embedded default,
 Fashion-MNIST offline) once per `--python`, one after the other (`--repeats` times in turn),
-each in a fresh workdir,
-from this checkout. Records each run's final test accuracy (its metrics.jsonl), wall time,
+each in a fresh workdir, from this checkout. Records each run's final test accuracy (its metrics.jsonl), wall time,
 CPU time (user + sys of the child), the stack (python, jax, jaxlib) and the load average,
 in experiments/results/demo_stacks_cpu.json. `--config_args` passes overrides
 (e.g. `--config.num_epochs=1` for a quick check).

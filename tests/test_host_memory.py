@@ -5,12 +5,12 @@ Each case runs in a fresh Python: the settings only act before JAX starts its ba
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 # A jit whose temporaries (a 64 MiB sort buffer) are freed after each call; page faults per
 # call after warm-up, with or without `keep_freed_memory()` first.
@@ -21,21 +21,20 @@ kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sort(x * 2.0)[::1024] + jnp.sort(x[::-1])[::1024])
 x = jnp.arange(1 << 24, dtype=jnp.float32)
-for _ in range(3):
+for _ in range(10):  # the heap settles over the first calls (3 were sometimes too few)
   f(x).block_until_ready()
 faults = []
-for _ in range(5):
+for _ in range(9):
   r = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r)
-print(json.dumps({"kept": kept, "faults": sorted(faults)[2]}))
+print(json.dumps({"kept": kept, "faults": sorted(faults)[4]}))
 """
 
 
 def _run(code: str, *args: str, **env: str) -> dict:
-  full_env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **env}
-  full_env.pop("QNET_CPU_MALLOC", None)
-  full_env.update(env)
+  full_env = {k: v for k, v in os.environ.items() if k != "QNET_CPU_MALLOC"}
+  full_env.update({"PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **env})
   out = subprocess.run(
     [sys.executable, "-c", code, *args],
     env=full_env,
@@ -48,11 +47,14 @@ def _run(code: str, *args: str, **env: str) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux")
 def test_keep_freed_memory_stops_the_per_call_page_faults():
   default = _run(_FAULTS, "default")
   kept = _run(_FAULTS, "keep")
-  assert not default["kept"] and kept["kept"]
+  assert not default["kept"]
+  if not GLIBC:  # macOS, musl: no glibc malloc to set, and keep_freed_memory says so
+    assert kept["kept"] is False, kept
+    return
+  assert kept["kept"]
   # 2 x 64 MiB of temporaries: ~32k pages faulted in again on every call by default.
   assert default["faults"] > 10_000, default
   assert kept["faults"] < 100, kept

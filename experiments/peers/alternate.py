@@ -117,9 +117,8 @@ def main() -> None:
         k = _torch(
           args.torch_python, args.bits, args.steps, args.warmup, os.path.join(tmp, "t.json"), env
         )
-        row["torch_kept_ms"], row["torch_kept_page_faults"] = k["median_ms"], k.get(
-          "median_page_faults"
-        )
+        row["torch_kept_ms"] = k["median_ms"]
+        row["torch_kept_page_faults"] = k.get("median_page_faults")
       row["qnet_ms"], row["qnet_page_faults"] = {}, {}
       for exe in pythons:
         q = _qnet(exe, args.bits, args.steps, args.warmup, os.path.join(tmp, "q.json"))
