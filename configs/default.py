@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.keep_first_last_fp = True
   # Weights: per-output-channel max (DoReFa's normalisation) or step (LSQ); per tensor if False.
   c.quant.per_channel = False
-  # Quantizers (README, "Learned quantizers (LSQ, PACT)"): weights dorefa | lsq; activations
+  # Quantizers (docs/results.md, "Learned quantizers (LSQ, PACT)"): weights dorefa | lsq; activations
   # dorefa | pact | lsq. LSQ and PACT learn a clip level per layer (LSQ weights: per channel
   # with per_channel), initialised from the first batch.
   c.quant.weight_quantizer = "dorefa"

@@ -4,7 +4,7 @@
 
 32-bit weights and clip-ReLU activations everywhere (the paper's FP reference; set
 `--config.model_act=relu` for the plain FP network without quantizers). Measured accuracy
-and time: README "Results".
+and time: docs/results.md.
 """
 
 from configs import fashion_mnist_w4a4

@@ -4,7 +4,7 @@ paper's remedies are measured against. Same model and total steps as fashion_mni
   python -m qnet.main --config=configs/fashion_mnist_w2a2_direct.py --workdir=/tmp/w2a2_direct
 
 Variants in this family differ only in `schedule.kind` / `distill` (see the sibling files).
-Measured accuracy and time: README "Results".
+Measured accuracy and time: docs/results.md.
 """
 
 from configs import fashion_mnist_w4a4

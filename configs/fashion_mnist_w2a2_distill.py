@@ -6,7 +6,7 @@ KL 0.5; the teacher's activations are the clip to [0, 1]).
 
 Same model (for both networks) and total steps as fashion_mnist_w4a4.py; a step costs about
 two plain steps. `eval_accuracy` is the student's; `teacher_eval_accuracy` the teacher's.
-Measured accuracy and time: README "Results".
+Measured accuracy and time: docs/results.md.
 """
 
 from configs import fashion_mnist_w2a2_direct

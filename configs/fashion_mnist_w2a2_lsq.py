@@ -1,5 +1,5 @@
 """Fashion-MNIST W2A2, direct quantization with LSQ (Esser et al., ICLR 2020): learned step
-sizes for weights and activations instead of DoReFa's fixed ranges (README, "Learned
+sizes for weights and activations instead of DoReFa's fixed ranges (docs/results.md, "Learned
 quantizers (LSQ, PACT)"). Otherwise fashion_mnist_w2a2_direct.py.
 
   python -m qnet.main --config=configs/fashion_mnist_w2a2_lsq.py --workdir=/tmp/w2a2_lsq

@@ -2,7 +2,7 @@
 
   python -m qnet.main --config=configs/fashion_mnist_w2a2_progressive.py --workdir=/tmp/w2a2_progressive
 
-Same model and total steps as fashion_mnist_w4a4.py. Expected: README "Results".
+Same model and total steps as fashion_mnist_w4a4.py. Expected: docs/results.md.
 """
 
 from configs import fashion_mnist_w2a2_direct

@@ -2,8 +2,7 @@
 
   python -m qnet.main --config=configs/fashion_mnist_w2a2_progressive_distill.py --workdir=/tmp/w2a2_pq_kd
 
-Same model and total steps as fashion_mnist_w4a4.py. Measured accuracy and time: README
-"Results".
+Same model and total steps as fashion_mnist_w4a4.py. Measured accuracy and time: docs/results.md.
 """
 
 from configs import fashion_mnist_w2a2_distill

@@ -8,7 +8,7 @@ first conv and classifier. Why this model: on 2 CPU cores a CIFAR ResNet-20 step
 0.5-1.6 s, which allows too few steps in the 10-minute budget; this net runs ~4.3 steps/s,
 so 3 epochs fit in minutes, and only one conv works at full 28x28 resolution (on 1 input
 channel), which is where the CPU time goes. No augmentation: 3 epochs are too few to profit
-from it (experiments/README.md). Measured accuracy and time: README "Results".
+from it (experiments/README.md). Measured accuracy and time: docs/results.md.
 """
 
 from configs import default

@@ -18,7 +18,7 @@ Variants (settings: qnet/METHOD.md, "Settings the authors released"; multi-host:
   imagenet_alexnet_w{4,2}    AlexNet with BN, from scratch, 90 epochs, batch 256.
 Targets: qnet/METHOD.md, "What the paper reports"; compare with an FP run of the same
 variant (`--config.quant.weight_bits=32 --config.quant.act_bits=32`). Steps: CIFAR-100 ~78k,
-ImageNet 90 epochs ~450k; measured step speed: README "Results".
+ImageNet 90 epochs ~450k; measured step speed: docs/results.md.
 """
 
 from configs import default

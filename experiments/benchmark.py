@@ -31,7 +31,8 @@ import jaxlib
 import numpy as np
 
 from configs import default
-from qnet import build, host_memory, joint
+from qnet.train import build, joint
+from qnet.platform import host_memory
 
 SHAPES = {  # model -> (dataset for the config, input shape, classes)
   "fmnist_cnn": ("fashion_mnist", (28, 28, 1), 10),
@@ -191,7 +192,7 @@ def bench_model(
 
 def bench_pipeline(dataset: str, batch: int, n: int = 200) -> float:
   """Images/s of the training iterator alone (after its first batch)."""
-  from qnet import input_pipeline
+  from qnet.data import input_pipeline
 
   it = input_pipeline.create_train_iterator(dataset, global_batch_size=batch, seed=0)
   next(it)

@@ -1,16 +1,16 @@
 """CPU train-step speed of ResNet-20 (CIFAR, batch 128) with each of qnet's CPU conv fixes on/off.
 
   stock+default         : lax.conv_general_dilated, plain jax.jit (XLA's defaults)
-  stock+options         : lax.conv_general_dilated, jit with qnet.conv.CPU_CONV_OPTIONS
-  qnet+default          : qnet.conv's custom-VJP conv (cond barrier in backward), XLA's defaults
+  stock+options         : lax.conv_general_dilated, jit with qnet.platform.conv.CPU_CONV_OPTIONS
+  qnet+default          : qnet.platform.conv's custom-VJP conv (cond barrier in backward), XLA's defaults
   qnet+options          : both fixes
   qnet+subpixel+default : the barrier and the sub-pixel strided input gradient, XLA's defaults
   qnet+subpixel+options : the same with the options
-  qnet+subpixel+onednn  : the barrier and sub-pixel gradients with qnet.conv.ONEDNN_OPTIONS
+  qnet+subpixel+onednn  : the barrier and sub-pixel gradients with qnet.platform.conv.ONEDNN_OPTIONS
   stock+onednn          : lax.conv_general_dilated with the oneDNN set
   qnet+subpixel+onednn+options : both sets (oneDNN then takes every convolution)
 
-Each variant is fixed here, whatever `qnet.conv.conv` picks on the running jaxlib, so the same
+Each variant is fixed here, whatever `qnet.platform.conv.conv` picks on the running jaxlib, so the same
 set-ups compare on every stack (`--variants` picks some; the first is the speed-up base).
 Variants are timed in alternating rounds (the machine is noisy), after warm-up; each round's
 median is kept, so a difference can be checked round by round, and the process CPU time per
@@ -22,9 +22,9 @@ kernel gradient) under these set-ups, in alternating rounds:
   eigen          : the CPU conv options (XLA's Eigen convolutions, YNNPACK for dots and reductions)
   ynn            : XLA defaults (YNNPACK convolutions)
   xnn            : the CPU conv options plus XNNPACK convolutions
-  subpixel+eigen : qnet.conv's sub-pixel strided input gradient, CPU conv options
+  subpixel+eigen : qnet.platform.conv's sub-pixel strided input gradient, CPU conv options
   subpixel+ynn   : the same under XLA defaults
-  subpixel+onednn: the same with qnet.conv.ONEDNN_OPTIONS (oneDNN takes what YNNPACK leaves)
+  subpixel+onednn: the same with qnet.platform.conv.ONEDNN_OPTIONS (oneDNN takes what YNNPACK leaves)
   subpixel+onednn+eigen : both sets (oneDNN takes every convolution)
 and prints ms per op, the per-step total (each shape weighted by its count in ResNet-20),
 each gradient's time over the forward's (all three do the same useful multiply-adds) and the
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from benchmark import Timer
-from qnet import conv as qconv
+from qnet.platform import conv as qconv
 
 
 def stock_conv(x, kernel, *, strides=(1, 1), padding="SAME", precision=None):

@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from qnet import metrics_io  # noqa: E402  (reads metrics.jsonl; no JAX needed)
+from qnet.train import metrics_io  # noqa: E402  (reads metrics.jsonl; no JAX needed)
 
 _STACK = (
   "import json, platform, jax, jaxlib; print(json.dumps({'python': platform.python_version(), "
@@ -55,7 +55,7 @@ def run_demo(python: str, workdir: str, config: str, config_args: list[str]) -> 
   return {
     **stack,
     "executable": python,
-    "QNET_CPU_MALLOC": os.environ.get("QNET_CPU_MALLOC"),  # unset: qnet.host_memory is on
+    "QNET_CPU_MALLOC": os.environ.get("QNET_CPU_MALLOC"),  # unset: qnet.platform.host_memory is on
     "test_accuracy": evals[-1]["eval_accuracy"],
     "wall_s": wall,
     "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save
 
-from qnet import export, integer, models, onnx_graph
-from qnet import precision as precision_lib
-from qnet.datasets import DATASETS
+from qnet.deploy import export, integer, onnx_graph
+from qnet import models
+from qnet.quant import precision as precision_lib
+from qnet.data.datasets import DATASETS
 
 MODELS = (
   ("fmnist_cnn", "fashion_mnist"),

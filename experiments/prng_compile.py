@@ -1,6 +1,6 @@
 """Compile time of qnet's init and train step under each JAX PRNG implementation, on CPU.
 
-qnet makes every key with `qnet.joint.PRNG_IMPL` ("rbg": XLA's RngBitGenerator), chosen because
+qnet makes every key with `qnet.train.joint.PRNG_IMPL` ("rbg": XLA's RngBitGenerator), chosen because
 threefry keys made model initialisation slow to compile on jax 0.10.2. This re-measures it on the
 running stack: for each model and each implementation, in alternating rounds (fresh jit objects
 and `jax.clear_caches()` before each, no persistent cache), the wall time of lowering and
@@ -26,7 +26,7 @@ import jaxlib
 import numpy as np
 
 from benchmark import SHAPES, _batch, _config
-from qnet import build, joint
+from qnet.train import build, joint
 
 IMPLS = ("rbg", "threefry2x32")
 

@@ -39,7 +39,7 @@ from importlib import metadata
 
 import numpy as np
 
-from qnet import metrics_io
+from qnet.train import metrics_io
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -133,7 +133,7 @@ def load_config(family: str, method: str, extra: list[str]):
 def rounds_of(config, bits: int) -> list[tuple[int, int]]:
   """(weight_bits, act_bits) of each round: FP first (the paper starts every chain from a
   trained FP net), then one round per phase of the config's in-run schedule at `bits`."""
-  from qnet import schedule as schedule_lib
+  from qnet.quant import schedule as schedule_lib
 
   s = config.schedule
   phases = list(s.phases) or schedule_lib.default_phases(
@@ -232,7 +232,7 @@ def _run_rounds(
   family: str, method: str, bits: int, runs_dir: str, key: str, overrides: list[str]
 ) -> tuple[dict, list[dict], list[dict]]:
   """The chain of rounds of a round method: (summary with summed times, joined curve, rounds)."""
-  from qnet import loop
+  from qnet.train import loop
 
   cfg = load_config(family, method, overrides)
   chain = rounds_of(cfg, bits)

@@ -24,19 +24,37 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is only our data loader
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qnet import faults, workdir_lock
-from qnet.datasets import DataError
+from qnet.train import faults
+from qnet.platform import workdir_lock
+from qnet.data.datasets import DataError
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
-flags.DEFINE_bool(
-  "verbose",
-  False,
-  "Show every library's log lines with absl's prefixes (TFDS readers, orbax, JAX backends, "
-  "the hyperparameters, each metric write). Default: one line per log step and evaluation.",
-)
-flags.mark_flags_as_required(["config", "workdir"])
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def define_flags(flag_values: flags.FlagValues) -> flags.FlagValues:
+  """Defines `--config`, `--workdir` and `--verbose` in `flag_values` (tests parse the
+  documented commands with a fresh `FlagValues` through the same definitions)."""
+  config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file.", flag_values=flag_values, lock_config=True
+  )
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Directory for checkpoints, metrics and TensorBoard logs.",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+    "verbose",
+    False,
+    "Show every library's log lines with absl's prefixes (TFDS readers, orbax, JAX backends, "
+    "the hyperparameters, each metric write). Default: one line per log step and evaluation.",
+    flag_values=flag_values,
+  )
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+  return flag_values
+
+
+FLAGS = define_flags(flags.FLAGS)
 
 
 def _reference_config():
@@ -94,14 +112,14 @@ def _exit_with_one_line(e: Exception) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from qnet import console
+  from qnet.train import console
 
   console.configure(verbose=FLAGS.verbose)
-  from qnet import host_memory
+  from qnet.platform import host_memory
 
   kept = host_memory.keep_freed_memory()  # before JAX starts its backends (its docstring)
   import jax
-  from qnet import config_validation
+  from qnet.train import config_validation
 
   if os.environ.get("QNET_DISTRIBUTED") == "1":
     _initialize_distributed()
@@ -118,31 +136,55 @@ def main(argv: list[str]) -> None:
     jax.process_count(),
     jax.local_device_count(),
     jax.default_backend(),
-    "; malloc keeps freed memory: qnet.host_memory" if kept else "",
+    "; malloc keeps freed memory: qnet.platform.host_memory" if kept else "",
   )
   try:
     # The lock first (before TensorFlow loads): a second run on a busy workdir stops at once.
     with faults.guard(FLAGS.workdir, is_chief=jax.process_index() == 0):
-      from qnet import loop
+      from qnet.train import loop
 
       loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except tuple(kind for kind, _, _ in ONE_LINE_ERRORS) as e:
     _exit_with_one_line(e)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, but a bad `--config.FIELD=VALUE` is one line and exit status 2."""
+def parse_flags(argv: list[str], flag_values: flags.FlagValues | None = None) -> list[str]:
+  """absl flag parsing, but a missing `--config` file or a bad `--config.FIELD=VALUE` is one
+  line and exit status 2."""
+  flag_values = FLAGS if flag_values is None else flag_values
+  missing = missing_config_file(argv)
+  if missing:
+    print(f"qnet: config error: {missing}", file=sys.stderr)
+    sys.exit(2)
   try:
-    return FLAGS(argv)
+    return flag_values(argv)
   except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
     print(f"qnet: config error: {_flag_error(argv, e)}", file=sys.stderr)
     sys.exit(2)
 
 
+def missing_config_file(argv: list[str]) -> str:
+  """The one-line message for a `--config` file that does not exist ('' if it does, or if
+  there is no `--config`: absl reports that), listing the config files that do."""
+  value = None
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      value = arg[len("--config=") :]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+  if value is None:
+    return ""
+  path = value.split(":", 1)[0]  # `file.py:variant` (config_flags' argument syntax)
+  if os.path.isfile(path):
+    return ""
+  shown = sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py") and f != "__init__.py")
+  return f"--config={path}: no such file; the configs are configs/{{{', '.join(shown)}}}"
+
+
 def _flag_error(argv: list[str], error: Exception) -> str:
   """The one-line message for a failed `--config.FIELD=VALUE`: an unknown field (with the
   nearest known one), else absl's first line plus what the field allows."""
-  from qnet import config_validation
+  from qnet.train import config_validation
 
   reference = config_validation.flatten(_reference_config())
   fields = [a[len("--config.") :].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]

@@ -35,8 +35,8 @@ def write_idx(path, array) -> None:
 def fake_data_dir(tmp_path_factory):
   """A data_dir holding a tiny `fashion_mnist_offline` built from fake IDX files whose
   images are constant = example index (train 1..50, test 100..122), label = index % 10."""
-  from qnet import fashion_mnist_offline
-  from qnet import input_pipeline as ip
+  from qnet.data import fashion_mnist_offline
+  from qnet.data import input_pipeline as ip
 
   src = tmp_path_factory.mktemp("fake_idx")
   for split, n, offset in (("train", FAKE_TRAIN, 1), ("t10k", FAKE_TEST, 100)):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qnet import metrics_io
+from qnet.train import metrics_io
 from test_reliability import ROOT, _env
 
 ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]")

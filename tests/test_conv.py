@@ -1,4 +1,4 @@
-"""qnet.conv: equal to the stock conv, and the CPU speed fixes are really compiled in."""
+"""qnet.platform.conv: equal to the stock conv, and the CPU speed fixes are really compiled in."""
 
 import re
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from qnet import conv as qconv
+from qnet.platform import conv as qconv
 
 CPU = jax.default_backend() == "cpu"
 needs_cpu = pytest.mark.skipif(not CPU, reason="CPU-only code path")
@@ -318,7 +318,7 @@ def test_sharded_train_step_under_each_option_set(monkeypatch):
   import functools
 
   from configs import fashion_mnist_w4a4
-  from qnet import build, joint
+  from qnet.train import build, joint
 
   c = fashion_mnist_w4a4.get_config()
   c.model = "tiny_cnn"  # oneDNN takes some of its convolutions (none of fmnist_cnn's)

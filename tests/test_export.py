@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 
 from configs import default
-from qnet import export, integer, loop, models, packing, quant
-from qnet import precision as precision_lib
-from qnet.datasets import DATASETS
+from qnet.deploy import export, integer, packing
+from qnet.train import loop
+from qnet import models
+from qnet.quant import quantizers as quant
+from qnet.quant import precision as precision_lib
+from qnet.data.datasets import DATASETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U = 2.0**-24  # float32 unit roundoff
@@ -261,7 +264,7 @@ def test_learned_quantizers_integer_program_equals_fake_quant_on_every_path(
   from jax import export as jax_export
   import onnxruntime as ort
 
-  from qnet import onnx_graph
+  from qnet.deploy import onnx_graph
 
   hlo = jax_export.deserialize(bytearray(export.stablehlo_bytes(program))).call(images)
   sess = ort.InferenceSession(
@@ -523,7 +526,7 @@ def check_export_paths(exported, fake_data_dir, tmp_path):
   np.testing.assert_allclose(hlo, ours, rtol=0, atol=1e-5)
   np.testing.assert_allclose(onnx_logits, ours, rtol=1e-5, atol=1e-4)
 
-  from qnet import evaluate
+  from qnet.deploy import evaluate
 
   result = evaluate.evaluate(exported, fake_data_dir, batch_size=8)
   assert result["test_images"] == 23

@@ -19,8 +19,10 @@ import pytest
 
 from configs import fashion_mnist_w4a4
 from conftest import write_idx
-from qnet import checkpointing, faults, input_pipeline, loop, metrics_io, workdir_lock
-from qnet.datasets import DataError
+from qnet.train import checkpointing, faults, loop, metrics_io
+from qnet.data import input_pipeline
+from qnet.platform import workdir_lock
+from qnet.data.datasets import DataError
 from test_reliability import ROOT, STEPS, _assert_trees_equal, _cli, _env, _final_params
 
 # ----------------------------------------------------------------------------- helpers
@@ -109,7 +111,7 @@ def test_a_held_workdir_is_refused_naming_the_holder(tmp_path):
     [
       sys.executable,
       "-c",
-      "import sys, time; from qnet import workdir_lock\n"
+      "import sys, time; from qnet.platform import workdir_lock\n"
       f"with workdir_lock.hold({work!r}):\n  print('held', flush=True); time.sleep(60)",
     ],
     cwd=ROOT,

@@ -1,4 +1,4 @@
-"""qnet.host_memory: glibc malloc settings that keep XLA:CPU's per-step buffers mapped.
+"""qnet.platform.host_memory: glibc malloc settings that keep XLA:CPU's per-step buffers mapped.
 
 Each case runs in a fresh Python: the settings only act before JAX starts its backends.
 """
@@ -16,7 +16,7 @@ GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 # call after warm-up, with or without `keep_freed_memory()` first.
 _FAULTS = """
 import json, resource, sys
-from qnet import host_memory
+from qnet.platform import host_memory
 kept = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.sort(x * 2.0)[::1024] + jnp.sort(x[::-1])[::1024])
@@ -63,7 +63,7 @@ def test_keep_freed_memory_stops_the_per_call_page_faults():
 def test_switches_and_accelerator_hosts():
   code = """
 import json
-from qnet import host_memory
+from qnet.platform import host_memory
 cpu_only = host_memory.cpu_only_host()
 print(json.dumps({"cpu_only": cpu_only, "kept": host_memory.keep_freed_memory()}))
 """

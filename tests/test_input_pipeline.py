@@ -1,4 +1,4 @@
-"""Tests of qnet.input_pipeline and the offline Fashion-MNIST builder (offline, ~30 s)."""
+"""Tests of qnet.data.input_pipeline and the offline Fashion-MNIST builder (offline, ~30 s)."""
 
 import collections
 import itertools
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from qnet import fashion_mnist_offline
-from qnet import input_pipeline as ip
-from qnet.datasets import DataError
+from qnet.data import fashion_mnist_offline
+from qnet.data import input_pipeline as ip
+from qnet.data.datasets import DataError
 
 DEBIAN_DIR = fashion_mnist_offline.DEFAULT_DIR
 from conftest import FAKE_TEST, FAKE_TRAIN  # the fake_data_dir fixture's sizes

@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from qnet import build, joint
+from qnet.train import build, joint
 
 
 def _config(model="tiny_resnet", **distill):

@@ -12,7 +12,8 @@ import pytest
 from test_joint import _batch
 
 from configs import default
-from qnet import build, calibration, config_validation, joint, precision, quant
+from qnet.train import build, calibration, config_validation, joint
+from qnet.quant import precision, quantizers as quant
 from qnet.models import layers
 
 BITS = range(2, 9)
@@ -394,7 +395,7 @@ def test_loop_calibrates_fresh_runs_only_and_resumes_exactly(tmp_path):
 
 
 def test_init_from_a_dorefa_checkpoint_keeps_fresh_clip_levels(tmp_path):
-  from qnet import checkpointing, loop
+  from qnet.train import checkpointing, loop
 
   def state_of(c):
     students, teacher = build.build_specs(c, 10)

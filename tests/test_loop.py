@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from qnet import build, checkpointing, joint, loop, metrics_io
+from qnet.train import build, checkpointing, joint, loop, metrics_io
 
 
 def mock_config(**overrides):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from qnet import metrics_io
+from qnet.train import metrics_io
 from test_multiprocess import _free_port, process_env
 from test_reliability import ROOT, _assert_trees_equal, _cli, _final_params
 

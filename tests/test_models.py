@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from configs import default
-from qnet import build, models, precision
+from qnet.train import build
+from qnet import models
+from qnet.quant import precision
 from qnet.models import layers
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import FAKE_TEST
-from qnet import metrics_io
+from qnet.train import metrics_io
 from test_reliability import ROOT, STEPS, _cli, _env, _final_params
 
 

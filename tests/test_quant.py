@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qnet import quant
+from qnet.quant import quantizers as quant
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from qnet import build, checkpointing, config_validation, joint, metrics_io
+from qnet.train import build, checkpointing, config_validation, joint, metrics_io
 from test_loop import mock_config, run, saved_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -282,15 +282,35 @@ def test_cli_rejects_bad_input_before_compiling_and_keeps_checkpoints(tmp_path, 
   )
 
 
-def test_cli_missing_dataset_is_one_line_and_keeps_checkpoints(tmp_path):
+@pytest.mark.parametrize(
+  "config", ["configs/imagenet_w4a4.py", "configs/paper_recipes.py:imagenet_resnet50_w4"]
+)
+def test_cli_missing_dataset_is_one_line_and_keeps_checkpoints(tmp_path, config):
   # ImageNet cannot download itself: TFDS stops at the empty manual dir, no network used.
+  # The first case is the design-card command `python -m qnet.main --config=configs/imagenet_w4a4.py`.
   _assert_cli_refuses(
     tmp_path,
-    "configs/paper_recipes.py:imagenet_resnet50_w4",
+    config,
     [f"--config.data_dir={tmp_path / 'tfds'}"],
     "qnet: data error",
     "config.dataset='imagenet2012': no prepared TFDS data in config.data_dir=",
   )
+
+
+def test_cli_missing_config_file_is_one_line_listing_the_configs(tmp_path):
+  _assert_cli_refuses(
+    tmp_path,
+    "configs/imagenet_w8a8.py:variant",
+    [],
+    "qnet: config error",
+    "--config=configs/imagenet_w8a8.py: no such file; the configs are configs/{",
+  )
+  proc = subprocess.run(
+    [sys.executable, "-m", "qnet.main", "--config=configs/nope.py", f"--workdir={tmp_path}/x"],
+    cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120,
+  )  # fmt: skip
+  listed = proc.stderr.strip().split("configs/{", 1)[1].rstrip("}").split(", ")
+  assert "imagenet_w4a4.py" in listed and "cifar100_w4a4.py" in listed and "default.py" in listed
 
 
 def _assert_cli_refuses(tmp_path, config, args, prefix, message):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from qnet import models, precision, schedule
+from qnet import models
+from qnet.quant import precision, schedule
 
 
 def _cfg(kind, **kw):

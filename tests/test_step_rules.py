@@ -9,7 +9,9 @@ import numpy as np
 import optax
 
 from configs import default
-from qnet import build, joint, models, precision, schedule
+from qnet.train import build, joint
+from qnet import models
+from qnet.quant import precision, schedule
 
 
 def _lr(kind="cosine", warmup=0, total=100, step_at=(0.5, 0.75), restart_at=None):

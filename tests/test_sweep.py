@@ -225,7 +225,7 @@ def test_sweep_rejects_an_unknown_method_or_family(monkeypatch):
 def test_each_method_is_its_config_with_the_familys_model_and_budget(family):
   """The configs are the one source of a method; within a family only the method's own
   fields differ from direct, so every row trains the same model for the same steps."""
-  from qnet import config_validation
+  from qnet.train import config_validation
 
   direct = config_validation.flatten(sweep.load_config(family, "direct", []))
   own = {"schedule.kind", "distill.enabled", "quant.weight_bits", "quant.act_bits", "model_act"}
@@ -341,7 +341,7 @@ def test_latest_checkpoint_ignores_unfinished_and_damaged_saves(tmp_path):
 
 def test_fp_network_is_the_same_whichever_layers_the_hard_setting_quantizes():
   """Why the pilot reuses the first sweep's FP for the every-layer setting."""
-  from qnet import build
+  from qnet.train import build
 
   trees = []
   for name in ("fashion_mnist_fp", "fashion_mnist_hard_fp"):

@@ -12,7 +12,7 @@ runs from this checkout (PYTHONPATH) whatever the Python. Prints each alternatio
 ratio of medians, and writes experiments/results/peer_resnet20_cpu.json with the versions of
 every stack (python, jax, jaxlib; torch), the page faults per step of every process and the
 load average before and after. `--torch_keep_freed_memory` also times PyTorch, each
-alternation, started with glibc malloc set as qnet sets it on CPU (`qnet.host_memory`), so
+alternation, started with glibc malloc set as qnet sets it on CPU (`qnet.platform.host_memory`), so
 the ratio can be read against PyTorch with the same allocator settings as well.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-from qnet.host_memory import GLIBC_ENV  # noqa: E402  (stdlib-only module)
+from qnet.platform.host_memory import GLIBC_ENV  # noqa: E402  (stdlib-only module)
 
 
 def _torch(python: str, bits: int, steps: int, warmup: int, path: str, env=None) -> dict:
@@ -84,7 +84,7 @@ def main() -> None:
     "--torch_keep_freed_memory",
     action="store_true",
     help="also time PyTorch, each alternation, with glibc malloc set as qnet sets it on CPU "
-    "(qnet.host_memory.GLIBC_ENV)",
+    "(qnet.platform.host_memory.GLIBC_ENV)",
   )
   p.add_argument("--alternations", type=int, default=3)
   p.add_argument("--steps", type=int, default=10)

@@ -1,6 +1,6 @@
 """PyTorch peer benchmark: pre-activation ResNet-20 with DoReFa W{k}A{k} quantizers, on CPU.
 
-Mirrors qnet's `PreActResNet` (qnet/models/resnet.py) and quantizers (qnet/quant.py):
+Mirrors qnet's `PreActResNet` (qnet/models/resnet.py) and quantizers (qnet/quant/quantizers.py):
 full-precision stem (input not quantized), 3 stages of 16/32/64 channels x 3 basic blocks,
 each conv quantizing its own input activation and its kernel, and a full-precision head
 whose input activation is clip-to-[0, 1] only. Times one SGD step (forward, backward,
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FULL_PRECISION = 32
-_TINY = 1e-12  # floor of max|tanh(w)|, as qnet.quant
+_TINY = 1e-12  # floor of max|tanh(w)|, as qnet.quant.quantizers
 
 
 class _RoundSTE(torch.autograd.Function):

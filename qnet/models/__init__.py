@@ -1,4 +1,7 @@
-"""Model registry: every model is looked up by name with `create_model`."""
+"""Models: quantized layers (`layers`) and the model zoo, looked up by name with `create_model`.
+
+May import `qnet.quant` and `qnet.platform`; nothing above them.
+"""
 
 from __future__ import annotations
 

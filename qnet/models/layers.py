@@ -8,7 +8,7 @@ Python constants inside the model: changing them never recompiles.
 Convention used by every model in qnet: a layer quantizes its *input* activation with
 `act_bits` (the activation quantizer, DoReFa, PACT or LSQ, also plays the role of the
 ReLU) and its kernel with `weight_bits` (DoReFa or LSQ). LSQ and PACT keep their learned
-clip levels as parameters of the layer (README, "Learned quantizers (LSQ, PACT)"). The
+clip levels as parameters of the layer (docs/results.md, "Learned quantizers (LSQ, PACT)"). The
 first layer (named `stem`) sees the image, so it never quantizes its input; the classifier
 is named `head`. `precision.keep_first_last_fp` relies on these two names.
 """
@@ -23,11 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qnet import conv as conv_lib
-from qnet import quant
+from qnet.platform import conv as conv_lib
+from qnet.quant import quantizers as quant
+from qnet.quant.precision import HEAD, PRECISION, STEM
 
-PRECISION = "precision"
-STEM, HEAD = "stem", "head"
 # He-normal over fan-out, as torchvision's ResNets; keeps deep stacks trainable from scratch.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -43,9 +42,9 @@ def _bits(module: nn.Module) -> tuple[jax.Array, jax.Array]:
 WEIGHT_QUANTIZERS = ("dorefa", "lsq")
 ACT_QUANTIZERS = ("dorefa", "pact", "lsq")
 # Learned range parameters (PACT's clip level alpha; LSQ's `t = step * sqrt(Q_p)`, see
-# `qnet.quant`): parameters next to the kernel.
+# `qnet.quant.quantizers`): parameters next to the kernel.
 WEIGHT_CLIP, ACT_CLIP = "weight_clip", "act_clip"
-# Collection written by the first-batch calibration pass (`qnet.calibration.calibrate`):
+# Collection written by the first-batch calibration pass (`qnet.train.calibration.calibrate`):
 # with it mutable, a layer computes its clip levels from the data it sees, uses them at once
 # (so later layers calibrate on calibrated inputs) and records them there.
 CALIBRATION = "calibration"

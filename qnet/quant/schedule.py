@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from qnet import precision as precision_lib
-from qnet.quant import FULL_PRECISION
+from qnet.quant import precision as precision_lib
+from qnet.quant.quantizers import FULL_PRECISION
 
 KINDS = ("direct", "two_stage", "progressive", "stochastic")
 SP_RAMPS = ("step", "linear")

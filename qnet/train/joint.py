@@ -5,7 +5,7 @@ teacher, all in the same jitted step on the same batch (qnet/METHOD.md, remedy 3
 distillation there is one student and no teacher. Each network's precision comes from its
 `Schedule`, evaluated on the traced step inside the step (remedies 1 and 2).
 
-Everything here is pure; `qnet.loop` runs the loop (data, checkpoints, metrics).
+Everything here is pure; `qnet.train.loop` runs the loop (data, checkpoints, metrics).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnet import precision as precision_lib
-from qnet import schedule as schedule_lib
+from qnet.quant import precision as precision_lib
+from qnet.quant import schedule as schedule_lib
 
 PyTree = Any
 # Incremented when a step function is traced: under jit a trace means a compilation, so

@@ -12,11 +12,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jax.numpy as jnp
 import ml_collections
 
-from qnet import conv, joint, models
+from qnet.platform import conv
+from qnet.train import joint
+from qnet import models
 from qnet.models import layers
-from qnet import precision as precision_lib
-from qnet import schedule as schedule_lib
-from qnet.datasets import DATASETS
+from qnet.quant import precision as precision_lib
+from qnet.quant import schedule as schedule_lib
+from qnet.data.datasets import DATASETS
 
 
 def create_mesh() -> jax.sharding.Mesh:
@@ -139,7 +141,7 @@ def compile_steps(
 ):
   """The jitted, data-parallel train and eval steps (state replicated, batch on `data`).
 
-  The train step donates the old state. On CPU both get qnet.conv's compiler options.
+  The train step donates the old state. On CPU both get qnet.platform.conv's compiler options.
   """
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   options = conv.cpu_compiler_options() or None

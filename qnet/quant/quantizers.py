@@ -1,4 +1,4 @@
-"""Quantizers: DoReFa's fixed ranges, and LSQ and PACT's learned ones (README, "Learned
+"""Quantizers: DoReFa's fixed ranges, and LSQ and PACT's learned ones (docs/results.md, "Learned
 quantizers (LSQ, PACT)"), all with straight-through rounding. DoReFa's formulas: qnet/METHOD.md,
 "Quantizers".
 
@@ -221,7 +221,7 @@ def pact_quantize(x: jax.Array, alpha: jax.Array, bits) -> jax.Array:
 
   Straight-through round; `x` gets the gradient on `[0, alpha)`, `alpha` the summed gradient
   where `x >= alpha` (PACT eq. 2). PACT's L2 penalty on alpha is weight decay on it (see
-  `qnet.joint.create_optimizer`). `bits >= 32`: `relu(x)`, no gradient to `alpha`.
+  `qnet.train.joint.create_optimizer`). `bits >= 32`: `relu(x)`, no gradient to `alpha`.
   """
   return _pact(x, alpha, _as_bits(bits))
 

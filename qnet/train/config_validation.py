@@ -11,8 +11,9 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from qnet import models, precision, quant, schedule
-from qnet.datasets import DATASETS
+from qnet import models
+from qnet.quant import precision, quantizers as quant, schedule
+from qnet.data.datasets import DATASETS
 from qnet.models import layers
 
 

@@ -23,8 +23,8 @@ import inspect
 import os
 from typing import Any, Callable, Iterator
 
-from qnet import workdir_lock
-from qnet.datasets import DataError
+from qnet.platform import workdir_lock
+from qnet.data.datasets import DataError
 
 STORAGE_ERRNOS = {
   errno.ENOSPC: "No space left on device",
@@ -100,7 +100,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _latest_checkpoint(workdir: str) -> str:
-  from qnet import checkpointing  # pylint: disable=import-outside-toplevel
+  from qnet.train import checkpointing  # pylint: disable=import-outside-toplevel
 
   try:
     step = checkpointing.create_manager(workdir).latest_step()

@@ -1,4 +1,4 @@
-"""ONNX form of an integer `Program` (qnet.integer), built with the `onnx` helper API.
+"""ONNX form of an integer `Program` (qnet.deploy.integer), built with the `onnx` helper API.
 
 Same input and output as the StableHLO export: raw `uint8` images `[B, H, W, C]` (batch
 symbolic) in, float32 logits `[B, classes]` out. Inside, the network runs NCHW (ONNX's
@@ -6,8 +6,8 @@ layout). Integer layers are `ConvInteger` / `MatMulInteger` with `uint8` activat
 and `int8` weight codes (DoReFa `2i - n`, LSQ `i - 2**(k-1)`; int32 accumulators); 8-bit
 DoReFa weights, whose codes do not fit int8, are split exactly as `2 ((c - 1) / 2) + 1`
 into two integer ops. Activation codes are made and read by the program's quantizer
-(DoReFa, PACT, LSQ) with the same float32 operations as `qnet.integer`. The requant
-step is the integer thresholds of `qnet.integer.thresholds` (`GreaterOrEqual` on int32,
+(DoReFa, PACT, LSQ) with the same float32 operations as `qnet.deploy.integer`. The requant
+step is the integer thresholds of `qnet.deploy.integer.thresholds` (`GreaterOrEqual` on int32,
 summed). Opset 17; runs on onnxruntime's CPU provider.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qnet import integer
+from qnet.deploy import integer
 
 OPSET = 17
 

@@ -13,7 +13,7 @@ from clu import metric_writers
 from clu.metric_writers import interface
 import numpy as np
 
-from qnet import console
+from qnet.train import console
 
 
 class JsonlWriter(interface.MetricWriter):

@@ -18,10 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qnet.models.layers import HEAD, PRECISION, STEM
-from qnet.quant import FULL_PRECISION
+from qnet.quant.quantizers import FULL_PRECISION
 
 PyTree = Any
+# The variable collection that holds the tree, and the names of the two edge layers: the
+# first conv sees the image, the classifier makes the logits (`keep_first_last_fp`).
+PRECISION = "precision"
+STEM, HEAD = "stem", "head"
 UNITS = ("layer", "block")
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from qnet import fashion_mnist_offline
-from qnet.datasets import DATASETS, DataError, DatasetSpec
+from qnet.data import fashion_mnist_offline
+from qnet.data.datasets import DATASETS, DataError, DatasetSpec
 
 try:  # Keep TensorFlow off the accelerators; JAX owns them.
   tf.config.set_visible_devices([], "GPU")

@@ -1,4 +1,4 @@
-"""`train_and_evaluate`: the training loop around the pure steps of `qnet.joint`.
+"""`train_and_evaluate`: the training loop around the pure steps of `qnet.train.joint`.
 
 Data parallel the `jit` way: a 1-D device `Mesh` with axis `data`; the state is replicated
 (`P()`), the global batch is sharded over `data` (`P('data')`), and XLA inserts the
@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qnet import build, calibration, checkpointing, config_validation, input_pipeline, joint
-from qnet import faults, metrics_io, run_config
-from qnet import schedule as schedule_lib
+from qnet.train import build, calibration, checkpointing, config_validation, joint
+from qnet.data import input_pipeline
+from qnet.train import faults, metrics_io, run_config
+from qnet.quant import schedule as schedule_lib
 
 
 
@@ -211,7 +212,7 @@ def calibrate_if_fresh(
   config: ml_collections.ConfigDict, state: joint.TrainState, batches: Iterator, mesh, students
 ) -> tuple[joint.TrainState, Iterator]:
   """A fresh run's learned clip levels (LSQ, PACT) start from its first batch, which it then
-  trains on (`qnet.calibration`); a resumed run, or one without learned levels, is unchanged."""
+  trains on (`qnet.train.calibration`); a resumed run, or one without learned levels, is unchanged."""
   if int(state.step) != 0 or not calibration.learned_clips(config):
     return state, batches
   first = next(batches)

@@ -29,7 +29,7 @@ A `Program` is that network as data: a list of ops (JSON, stored in the export's
 manifest) and named arrays. `build_program` makes it from a trained network's parameter
 and batch-statistics trees and its per-layer bits; `make_apply` turns it into a pure JAX
 function of raw `uint8` images `[B, H, W, C]` returning float32 logits, which is what
-`qnet.export` serializes with `jax.export`. `qnet.onnx_graph` emits the same ops as ONNX.
+`qnet.export` serializes with `jax.export`. `qnet.deploy.onnx_graph` emits the same ops as ONNX.
 
 The structure (which BatchNorm follows which conv, pools, residuals) is read from the
 parameter tree's names: `stem`, `conv{s}_{c}`, `fc`, `head` (SimpleCNN); `stem`,
@@ -59,7 +59,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from qnet import quant
+from qnet.quant import quantizers as quant
 from qnet.models.layers import ACT_CLIP, ACT_QUANTIZERS, WEIGHT_CLIP, WEIGHT_QUANTIZERS
 
 PyTree = Any
@@ -790,7 +790,7 @@ def _run_op(op: dict, env: dict, arrays: dict) -> jax.Array:
   if kind == "preprocess":
     mean = jnp.asarray(op["mean"], jnp.float32)
     std = jnp.asarray(op["std"], jnp.float32)
-    return (x.astype(jnp.float32) / 255.0 - mean) / std  # as qnet.input_pipeline
+    return (x.astype(jnp.float32) / 255.0 - mean) / std  # as qnet.data.input_pipeline
   if kind == "quantize":
     return quantize_codes(x, op)
   if kind == "clip":

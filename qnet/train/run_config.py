@@ -1,6 +1,6 @@
 """`WORKDIR/config.json`: the config a run trained with, for tools that read a run later.
 
-`qnet.loop` writes it (chief process, on every start, atomically) with the total number of
+`qnet.train.loop` writes it (chief process, on every start, atomically) with the total number of
 training steps, which tools need to place a checkpoint's step in the precision schedule
 without reading the data set. `qnet.export` and `qnet.evaluate` read it back.
 """
@@ -63,7 +63,7 @@ def _on_defaults(saved: dict) -> ml_collections.ConfigDict:
   """The saved values over `configs/default.py`: a field added to qnet after the run was
   saved takes its default; a field qnet no longer has is dropped."""
   from configs import default
-  from qnet.config_validation import flatten
+  from qnet.train.config_validation import flatten
 
   config = default.get_config()
   known = flatten(config)

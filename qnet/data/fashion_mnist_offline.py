@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from qnet.datasets import DataError
+from qnet.data.datasets import DataError
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 DIR_ENV_VAR = "QNET_FASHION_MNIST_DIR"

@@ -4,7 +4,7 @@ On GPU/TPU `conv` is plain `lax.conv_general_dilated`. On CPU three fixes are on
 by default, each measured on a 2-vCPU AVX2 host (ResNet-20, batch 128); the
 measurements and commands are in experiments/README.md ("CPU conv tuning").
 
-1. Compiler options (`cpu_compiler_options()`, which `qnet.build.compile_steps`
+1. Compiler options (`cpu_compiler_options()`, which `qnet.train.build.compile_steps`
    passes to its jits), one of two sets chosen by jaxlib version:
    - jaxlib < 0.12, the Eigen set: XLA 0.10 routes kernel-gradient convolutions (and
      wide forward/input-gradient ones) to YNNPACK; the set sends convolutions to

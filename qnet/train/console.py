@@ -19,7 +19,7 @@ from typing import Iterator
 
 from absl import logging
 
-_QNET_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_QNET_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # the package root
 _verbose = True  # Library use (tests, notebooks) keeps absl's defaults; the CLI configures.
 
 
@@ -40,7 +40,7 @@ class _QnetLinesOnly(std_logging.Filter):
 
 
 def _storage_noise(record: std_logging.LogRecord) -> bool:
-  from qnet import faults
+  from qnet.train import faults
 
   library = "/orbax/" in record.pathname or record.name == "asyncio"
   if not library or record.levelno < std_logging.ERROR:

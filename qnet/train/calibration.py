@@ -1,4 +1,4 @@
-"""First-batch initialisation of learned clip levels (LSQ, PACT; README, "Learned
+"""First-batch initialisation of learned clip levels (LSQ, PACT; docs/results.md, "Learned
 quantizers (LSQ, PACT)"): the pure `calibrate` and its jitted form for the loop.
 """
 
@@ -11,7 +11,8 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 
-from qnet import conv, joint
+from qnet.platform import conv
+from qnet.train import joint
 from qnet.models.layers import CALIBRATION
 
 
