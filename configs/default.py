@@ -13,10 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset = "fashion_mnist"
   c.data_dir = ""  # TFDS data dir; "" means TFDS's default (~/tensorflow_datasets).
   c.augment = True
+  c.train_examples = -1  # -1: the whole training split; N: only its first N examples (a fixed subset; epochs count over it).
   c.image_size = 0  # 0: the dataset's native size (224 for imagenet2012).
   # Model: a name from qnet.models.MODELS.
   c.model = "fmnist_cnn"
   c.model_act = "quant"  # quant: DoReFa activation quantizer (clip-ReLU at 32 bits); relu: plain FP network (ReLU, unquantized weights, no quantizer op; bits must be 32).
+  c.model_width = 1.0  # channel multiplier of the SimpleCNN models (fmnist_cnn, tiny_cnn): a narrower student or a wider teacher.
   c.dtype = "float32"  # float32 | bfloat16 (compute dtype; weights and BN statistics stay float32).
   # Budget. batch_size is global (over all devices and hosts).
   c.batch_size = 128
@@ -88,6 +90,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.teacher_ce = 1.0
   c.distill.teacher_kl = 0.5
   c.distill.teacher_model = ""  # "": same architecture as the student.
+  c.distill.teacher_width = -1.0  # the teacher's model_width; -1: the student's.
+  # clip: the teacher's 32-bit activation is the student's quantizer at 32 bits (DoReFa: clip to
+  # [0, 1], the paper's text); relu: a plain ReLU network, the authors' released teacher.
+  c.distill.teacher_act = "clip"
+  c.distill.kd_warmup = 0.0  # fraction of training with CE only (no KL, no hint), as QKD's first stage.
   c.distill.teacher_learning_rate = -1.0  # -1: same as learning_rate.
   c.distill.teacher_from = ""  # workdir of a trained run: frozen teacher loaded from it.
   c.distill.hint_weight = 0.0  # beta of the feature-hint L2 term (CVPR version), 0 = off.

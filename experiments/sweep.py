@@ -19,6 +19,12 @@ interrupted run resumes from its own checkpoints (workdir under --runs_dir), an 
 chain of rounds from its last finished round. Every row carries the wall time and the CPU
 time (user + system) of its training processes, both measured here: CPU time well under
 about 1.3-2x the wall time on these 2 cores means the run shared the machine or was paused.
+A family that is one file, `configs/FAMILY.py` with `VARIANTS` (e.g. `--family
+fashion_mnist_kd`), names its methods by variant (`configs/FAMILY.py:VARIANT`); the variant
+sets its own bits (`--bits` is not used), `TEACHERS` in that file makes a variant's frozen
+teacher the trained run of another variant with the same seed (run first), and `BASELINES`
+says which variant each one is compared with (instead of `direct`).
+
 Writes NAME.json (one object per run), NAME.md (mean/std per method and bit-width, gap to
 the better FP network, each method's gain over direct with its 95% interval and Welch's
 t-test p-value) and keeps each run's curve in experiments/results/curves/NAME/. Workdirs
@@ -80,9 +86,29 @@ def method_bits(method: str, bits: int) -> int:
   return 32 if method in FP_METHODS else bits
 
 
+def variant_family(family: str):
+  """The config module of a one-file family (`configs/FAMILY.py` with `VARIANTS`), or None."""
+  if not os.path.exists(os.path.join(ROOT, "configs", f"{family}.py")):
+    return None
+  if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+  import importlib
+
+  module = importlib.import_module(f"configs.{family}")
+  return module if hasattr(module, "VARIANTS") else None
+
+
 def config_file(family: str, method: str) -> str:
   """The config of `method` in `family`, relative to the repository root."""
+  if variant_family(family) is not None:
+    return os.path.join("configs", f"{family}.py:{method}")
   return os.path.join("configs", f"{family}_{METHODS[method]}.py")
+
+
+def family_methods(family: str) -> tuple[str, ...]:
+  """The methods `family` can run: its variants, or every key of `METHODS`."""
+  module = variant_family(family)
+  return tuple(module.VARIANTS) if module is not None else tuple(METHODS)
 
 
 def curve_path(results: str, name: str, key: str) -> str:
@@ -120,7 +146,7 @@ def load_config(family: str, method: str, extra: list[str]):
   if ROOT not in sys.path:  # the config files import their siblings as `configs.X`
     sys.path.insert(0, ROOT)
   fv = flags.FlagValues()
-  path = os.path.join(ROOT, config_file(family, method))
+  path = os.path.join(ROOT, config_file(family, method))  # `file.py:variant` stays one argument
   argv = ["sweep", f"--config={path}", *[a for a in extra if a.startswith("--config.")]]
   # The override flags are found in `sys_argv` (sys.argv unless given).
   config_flags.DEFINE_config_file(
@@ -200,12 +226,17 @@ def run_one(
   family: str, method: str, bits: int, seed: int, runs_dir: str, extra: list[str], name: str
 ) -> dict:
   """Runs (or resumes) one training run, or one chain of rounds, and returns its result row."""
-  b = method_bits(method, bits)
+  variants = variant_family(family)
+  b = variant_bits(family, method) if variants else method_bits(method, bits)
   key = run_key(method, b, seed)
   config = config_file(family, method)
   own = [f"--config.seed={seed}"]
-  if method not in FP_METHODS:
+  if variants is None and method not in FP_METHODS:
     own += [f"--config.quant.weight_bits={b}", f"--config.quant.act_bits={b}"]
+  teacher = getattr(variants, "TEACHERS", {}).get(method)
+  if teacher:
+    teacher_key = run_key(teacher, variant_bits(family, teacher), seed)
+    own += [f"--config.distill.teacher_from={os.path.join(runs_dir, teacher_key)}"]
   if method in ROUND_METHODS:
     result, points, rounds = _run_rounds(family, method, b, runs_dir, key, extra + own)
   else:
@@ -226,6 +257,11 @@ def run_one(
   if extra:
     row["extra_overrides"] = extra
   return row
+
+
+def variant_bits(family: str, method: str) -> int:
+  """The weight bit-width variant `method` of a one-file family trains at."""
+  return int(load_config(family, method, []).quant.weight_bits)
 
 
 def _run_rounds(
@@ -291,7 +327,7 @@ def welch(a: list[float], b: list[float]) -> tuple[float, float, float, float]:
   return float(np.mean(a) - np.mean(b)), float(ci.low), float(ci.high), float(res.pvalue)
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], family: str = "") -> str:
   """Markdown: mean +- std of test accuracy per (method, bits); gap to the better of the FP
   networks (clip-ReLU `fp`, plain-ReLU `fp_relu`); gain over direct at the same bits with
   its 95% interval and Welch p-value; mean wall and CPU time of a run.
@@ -304,10 +340,14 @@ def table(rows: list[dict]) -> str:
     groups.setdefault((r["weight_bits"], r["method"]), []).append(r)
   fp_means = [np.mean([r["test_accuracy"] for r in g]) for (b, _), g in groups.items() if b == 32]
   best_fp = max(fp_means, default=None)
-  order = list(METHODS)
+  module = variant_family(family) if family else None
+  order = list(module.VARIANTS) if module is not None else list(METHODS)
+  baselines = getattr(module, "BASELINES", None)
+  baseline_of = (lambda m: baselines.get(m)) if baselines is not None else (lambda m: "direct")
+  against = "the baseline of BASELINES" if baselines is not None else "direct"
   lines = [
     "| bits | method | seeds | test accuracy (mean ± std) | gap to best FP (points) | "
-    "gain over direct [95% CI] (points) | p (Welch) | wall s / run | CPU s / run | "
+    f"gain over {against} [95% CI] (points) | p (Welch) | wall s / run | CPU s / run | "
     "train steps | train-step compiles |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
@@ -315,11 +355,13 @@ def table(rows: list[dict]) -> str:
     g = groups[(bits, method)]
     acc = 100 * np.array([r["test_accuracy"] for r in g])
     gap = f"{acc.mean() - 100 * best_fp:+.2f}" if best_fp is not None else "n/a"
-    direct = 100 * np.array([r["test_accuracy"] for r in groups.get((bits, "direct"), [])])
+    base = baseline_of(method)
+    ref = 100 * np.array([r["test_accuracy"] for r in groups.get((bits, base), [])])
     gain, p = "", ""
-    if method not in FP_METHODS + ("direct",) and len(acc) > 1 and len(direct) > 1:
-      d, lo, hi, pv = welch(acc, direct)
-      gain, p = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{pv:.3f}"
+    compared = base is not None and method not in FP_METHODS + (base,)
+    if compared and len(acc) > 1 and len(ref) > 1:
+      d, lo, hi, pv = welch(acc, ref)
+      gain, p = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (f" vs {base}" if baselines else ""), f"{pv:.3f}"
     compiles = sorted({int(r["train_step_compiles"]) for r in g if r.get("train_step_compiles")})
     steps = sorted({int(r["train_steps"]) for r in g})
     lines.append(
@@ -338,12 +380,12 @@ def _mean_time(rows: list[dict], field: str) -> str:
   return "n/a (resumed)" if any(field in r for r in rows) else "n/a"
 
 
-def write_report(rows: list[dict], name: str) -> str:
+def write_report(rows: list[dict], name: str, family: str = "") -> str:
   """Writes NAME.json and NAME.md from `rows`; returns the table."""
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
     json.dump(rows, f, indent=1)
-  md = table(rows)
+  md = table(rows, family or _family_of(rows))
   with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
     f.write(md)
   return md
@@ -354,7 +396,7 @@ def main() -> None:
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--family", default="fashion_mnist", help="configs/FAMILY_<method suffix>.py")
-  p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--methods", default="all", help="comma list, or all of the family's methods")
   p.add_argument("--bits", default="4,3,2")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--name", default="fashion_mnist")
@@ -369,11 +411,13 @@ def main() -> None:
   p.add_argument("extra", nargs="*", help="more --config.X=Y overrides for every run, after a `--`")
   args = p.parse_args()
   runs_dir = args.runs_dir or os.path.join(ROOT, "experiments", "runs", args.name)
-  methods = args.methods.split(",")
-  unknown = [m for m in methods if m not in METHODS]
+  allowed = family_methods(args.family)
+  methods = allowed if args.methods == "all" else tuple(args.methods.split(","))
+  unknown = [m for m in methods if m not in allowed]
   if unknown:
-    sys.exit(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
-  missing = sorted({config_file(args.family, m) for m in methods} - _existing_configs())
+    sys.exit(f"--methods: unknown {unknown}; allowed: {', '.join(allowed)}")
+  files = {config_file(args.family, m).split(":")[0] for m in methods}
+  missing = sorted(files - _existing_configs())
   if missing:
     sys.exit(f"--family={args.family}: no config {', '.join(missing)}")
   if args.redo:
@@ -385,10 +429,12 @@ def main() -> None:
   done = {run_key(r["method"], r["weight_bits"], r["seed"]) for r in rows}
   plan = []
   # Seed-major order: an interrupted sweep leaves every method with the same seeds done.
+  variants = variant_family(args.family) is not None
   for seed in map(int, args.seeds.split(",")):
-    for bits in map(int, args.bits.split(",")):
+    for bits in [0] if variants else map(int, args.bits.split(",")):
       for method in methods:
-        key = run_key(method, method_bits(method, bits), seed)
+        b = variant_bits(args.family, method) if variants else method_bits(method, bits)
+        key = run_key(method, b, seed)
         if key not in done and key not in [k for k, *_ in plan]:
           plan.append((key, method, bits, seed))
   print(f"{len(done)} runs done, {len(plan)} to go", flush=True)
@@ -396,13 +442,19 @@ def main() -> None:
     print(f"[{i + 1}/{len(plan)}] {key} ...", flush=True)
     row = run_one(args.family, method, bits, seed, runs_dir, args.extra, args.name)
     rows = load_rows(args.name) + [row]  # as on disk now: another invocation may have edited it
-    write_report(rows, args.name)
+    write_report(rows, args.name, args.family)
     print(
       f"[{i + 1}/{len(plan)}] {key}: test accuracy {row['test_accuracy']:.4f} "
       f"in {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} s CPU",
       flush=True,
     )
-  print(table(rows))
+  print(table(rows, args.family))
+
+
+def _family_of(rows: list[dict]) -> str:
+  """The one-file family the rows were run from (`configs/FAMILY.py:VARIANT`), or ''."""
+  configs = {r["config"] for r in rows if ":" in r.get("config", "")}
+  return os.path.basename(configs.pop().split(":")[0])[: -len(".py")] if len(configs) == 1 else ""
 
 
 def load_rows(name: str) -> list[dict]:

@@ -17,15 +17,16 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import default, paper_recipes
+from configs import default, fashion_mnist_kd, paper_recipes
 from qnet.train import build, config_validation, joint
 
 _FILES = sorted(
   p.stem
   for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
-  if p.stem not in ("__init__", "paper_recipes")
+  if p.stem not in ("__init__", "paper_recipes", "fashion_mnist_kd")
 )
 _CASES = [(f, None) for f in _FILES] + [("paper_recipes", v) for v in paper_recipes.VARIANTS]
+_CASES += [("fashion_mnist_kd", v) for v in fashion_mnist_kd.VARIANTS]
 
 
 def _load(name: str, variant: str | None):

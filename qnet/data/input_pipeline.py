@@ -151,9 +151,27 @@ def num_examples(dataset: str, split: str, data_dir: str | None = None) -> int:
   return _split_size(get_builder(dataset, data_dir), split)
 
 
-def steps_per_epoch(dataset: str, global_batch_size: int, data_dir: str | None = None) -> int:
+def train_split(dataset: str, train_examples: int = -1, data_dir: str | None = None) -> str:
+  """The TFDS split a run trains on: the whole training split (`train_examples=-1`), or its
+  first `train_examples` examples (`config.train_examples`, a fixed subset)."""
+  spec = _spec(dataset)
+  if train_examples == -1:
+    return spec.train_split
+  available = num_examples(dataset, spec.train_split, data_dir)
+  if train_examples > available:
+    raise DataError(
+      f"config.train_examples={train_examples} is more than the {available} examples of "
+      f"{dataset}'s {spec.train_split!r} split; allowed: -1 or 1..{available}"
+    )
+  return f"{spec.train_split}[:{train_examples}]"
+
+
+def steps_per_epoch(
+  dataset: str, global_batch_size: int, data_dir: str | None = None, train_examples: int = -1
+) -> int:
   """Training steps per epoch: train examples // global batch size (remainder dropped)."""
-  return num_examples(dataset, _spec(dataset).train_split, data_dir) // global_batch_size
+  split = train_split(dataset, train_examples, data_dir)
+  return num_examples(dataset, split, data_dir) // global_batch_size
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -318,13 +336,17 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def _steps_per_epoch_checked(
-  builder: tfds.core.DatasetBuilder, spec: DatasetSpec, global_batch_size: int, start_step: int
+  builder: tfds.core.DatasetBuilder,
+  spec: DatasetSpec,
+  split: str,
+  global_batch_size: int,
+  start_step: int,
 ) -> int:
-  steps = _split_size(builder, spec.train_split) // global_batch_size
+  steps = _split_size(builder, split) // global_batch_size
   if steps == 0 or start_step < 0:
     raise ValueError(
       f"Need 0 < global_batch_size={global_batch_size} <= the {spec.name} "
-      f"training set size and start_step={start_step} >= 0"
+      f"training set size ({split!r}) and start_step={start_step} >= 0"
     )
   return steps
 
@@ -355,8 +377,10 @@ def create_train_iterator(
   process_count: int | None = None,
   augment: bool = True,
   image_size: int | None = None,
+  train_examples: int = -1,
 ) -> Iterator[dict[str, np.ndarray]]:
-  """Infinite iterator of this process's training batches.
+  """Infinite iterator of this process's training batches (of the first `train_examples`
+  training examples only, unless -1).
 
   Yields {'image': float32 [B, H, W, C] (normalized), 'label': int32 [B]} with
   B = global_batch_size // process_count. Batch `k` depends only on (dataset, seed, k,
@@ -368,8 +392,9 @@ def create_train_iterator(
   process_index, process_count = _process_info(process_index, process_count)
   local_batch = _local_batch(global_batch_size, process_count)
   builder = get_builder(dataset, data_dir)
-  steps = _steps_per_epoch_checked(builder, spec, global_batch_size, start_step)
-  share = tfds.even_splits(spec.train_split, n=process_count)[process_index]
+  split = train_split(dataset, train_examples, data_dir)
+  steps = _steps_per_epoch_checked(builder, spec, split, global_batch_size, start_step)
+  share = tfds.even_splits(split, n=process_count)[process_index]
   share_size = _split_size(builder, share)
   examples_per_epoch = steps * local_batch  # Same for every process.
   cached = _cached_share(builder, share) if spec.cache else None

@@ -35,6 +35,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def takes_width(name: str) -> bool:
+  """Whether model `name` has a channel multiplier (`width`, config `model_width`)."""
+  builder = MODELS[name]
+  cls = builder.func if isinstance(builder, functools.partial) else builder
+  return "width" in getattr(cls, "__dataclass_fields__", {})
+
+
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   """Builds the model registered as `name` (see `MODELS`)."""
   if name not in MODELS:

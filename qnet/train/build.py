@@ -64,7 +64,11 @@ def build_specs(
     )
   teacher = None
   if config.distill.enabled:
-    t_model = make_model(config.distill.teacher_model or config.model)
+    t_model = make_model(
+      config.distill.teacher_model or config.model,
+      act=teacher_act(config),
+      width=config.distill.teacher_width,
+    )
     t_layout = precision_lib.layout_of(t_model, sample)
     t_lr = config.distill.teacher_learning_rate
     teacher = joint.NetSpec(
@@ -95,18 +99,30 @@ def _lr_fn(
   )
 
 
-def _make_model(config: ml_collections.ConfigDict, name: str):
-  """Model `name` built with the config's dataset, activation, dtype and quantizer settings."""
+def _make_model(
+  config: ml_collections.ConfigDict, name: str, act: str | None = None, width: float = -1
+):
+  """Model `name` built with the config's dataset, activation (or `act`), width (or `width`
+  if not -1), dtype and quantizer settings."""
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+  width = config.model_width if width == -1 else width
+  extra = {"width": width} if width != 1.0 else {}  # only the SimpleCNN models take one
   return models.create_model(
     name,
     DATASETS[config.dataset].num_classes,
-    act=config.model_act,
+    act=act or config.model_act,
     dtype=dtype,
     per_channel=config.quant.per_channel,
     weight_quantizer=config.quant.weight_quantizer,
     act_quantizer=config.quant.act_quantizer,
+    **extra,
   )
+
+
+def teacher_act(config: ml_collections.ConfigDict) -> str:
+  """The teacher's `act`: the student's (`distill.teacher_act='clip'`) or a plain ReLU
+  network (`'relu'`, the authors' released teacher)."""
+  return "relu" if config.distill.teacher_act == "relu" else config.model_act
 
 
 def clip_decays(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -121,8 +137,10 @@ def clip_decays(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:
-  """What a checkpoint must agree on with the config that resumes it."""
-  return {
+  """What a checkpoint must agree on with the config that resumes it (`model_width` only when
+  it is not 1, so checkpoints written before the field existed still resume)."""
+  widths = {"model_width": config.model_width} if config.model_width != 1.0 else {}
+  return widths | {
     "dataset": config.dataset,
     "model": config.model,
     "batch_size": config.batch_size,
@@ -161,12 +179,16 @@ def compile_steps(
   return p_train, p_eval
 
 
-def distill_spec(config: ml_collections.ConfigDict) -> joint.DistillSpec | None:
-  """The loss weights of `config.distill`, or None without distillation."""
+def distill_spec(
+  config: ml_collections.ConfigDict, total_steps: int = 0
+) -> joint.DistillSpec | None:
+  """The loss weights of `config.distill`, or None without distillation. `total_steps`
+  turns `distill.kd_warmup` (a fraction) into steps."""
   if not config.distill.enabled:
     return None
   d = config.distill
   return joint.DistillSpec(
+    kd_warmup_steps=int(round(d.kd_warmup * total_steps)),
     temperature=d.temperature,
     student_ce=d.student_ce,
     student_kl=d.student_kl,

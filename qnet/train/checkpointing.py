@@ -98,7 +98,7 @@ def check_compatible(saved: dict, current: dict) -> None:
   """Raises `IncompatibleCheckpointError` naming every field that differs."""
   diffs = [
     f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
-    for k in sorted(current)
+    for k in sorted(set(current) | set(saved))
     if saved.get(k) != current.get(k)
   ]
   if diffs:

@@ -127,10 +127,12 @@ def validate(
   _choice(config, "dataset", sorted(DATASETS))
   _choice(config, "model", sorted(models.MODELS))
   _choice(config, "model_act", ("quant", "relu"))
+  _width(config, "model_width", config.model)
   _choice(config, "dtype", ("float32", "bfloat16"))
   if not isinstance(config.data_dir, str):
     _fail("data_dir", config.data_dir, "a path string ('' for TFDS's default)")
   _bool(config, "augment")
+  _int(config, "train_examples", 1, allow=(-1,))
   _int(config, "image_size", 0)
   batch = _int(config, "batch_size", 1)
   if batch % device_count or batch % process_count:
@@ -253,6 +255,16 @@ def _validate_schedule(config) -> None:
   _bool(config, "schedule.sp_separate")
 
 
+def _width(config, field: str, model: str, allow: tuple = ()) -> None:
+  value = _get(config, field)
+  if value in allow:
+    return
+  _num(config, field, 0.0, 64.0, lo_open=True)
+  if value != 1.0 and not models.takes_width(model):
+    takes = [m for m in sorted(models.MODELS) if models.takes_width(m)]
+    _fail(field, value, f"1.0 for model {model!r}; other widths only for {', '.join(takes)}")
+
+
 def _validate_distill(config) -> None:
   _bool(config, "distill.enabled")
   _num(config, "distill.temperature", 0.0, float("inf"), lo_open=True)
@@ -260,6 +272,9 @@ def _validate_distill(config) -> None:
     _num(config, f"distill.{field}", 0.0, float("inf"))
   if config.distill.teacher_model:
     _choice(config, "distill.teacher_model", sorted(models.MODELS))
+  _width(config, "distill.teacher_width", config.distill.teacher_model or config.model, (-1,))
+  _choice(config, "distill.teacher_act", ("clip", "relu"))
+  _num(config, "distill.kd_warmup", 0.0, 1.0, hi_open=True)
   lr = config.distill.teacher_learning_rate
   if not (isinstance(lr, (int, float)) and (lr == -1 or lr > 0)):
     _fail("distill.teacher_learning_rate", lr, "-1 (same as learning_rate) or a number > 0")

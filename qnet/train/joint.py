@@ -77,6 +77,9 @@ class DistillSpec:
   teacher_ce: float = 1.0
   teacher_kl: float = 0.5
   hint_weight: float = 0.0
+  # Steps with CE only (no KL, no hint) before the distillation terms start (QKD's first
+  # stage). Compared with the traced step inside the one compiled step: no recompile.
+  kd_warmup_steps: int = 0
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -263,7 +266,8 @@ def student_loss(
 ) -> NetLoss:
   """One student's training loss at this step's (sampled) precision, and its metrics.
 
-  Alone: CE. With a teacher: `a_s CE + b_s T^2 KL(p_s || sg(p_t)) [+ beta ||f_t - f_s||^2]`.
+  Alone: CE. With a teacher: `a_s CE + b_s T^2 KL(p_s || sg(p_t)) [+ beta ||f_t - f_s||^2]`,
+  or plain CE while `step < d.kd_warmup_steps`.
   """
   prec, fraction = spec.schedule.sample(spec.layout, step, key)
   hint = teacher_out is not None and d.hint_weight > 0
@@ -287,14 +291,22 @@ def student_loss(
       h = jnp.mean(jnp.square(out.features.astype(jnp.float32) - target))
       loss = loss + d.hint_weight * h
       metrics["hint_loss"] = h
+    if d.kd_warmup_steps:
+      loss = jnp.where(step < d.kd_warmup_steps, ce, loss)
   metrics["train_loss"] = loss
   return NetLoss(loss, out.batch_stats, metrics, out.logits)
 
 
 def teacher_loss(
-  out: Forward, labels: jax.Array, student_logits: list[jax.Array], d: DistillSpec, trains: bool
+  out: Forward,
+  labels: jax.Array,
+  student_logits: list[jax.Array],
+  d: DistillSpec,
+  trains: bool,
+  step: jax.Array | int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The teacher's loss `a_t CE + b_t mean_s T^2 KL(p_t || sg(p_s))` (0 when frozen), metrics."""
+  """The teacher's loss `a_t CE + b_t mean_s T^2 KL(p_t || sg(p_s))` (0 when frozen; plain CE
+  while `step < d.kd_warmup_steps`), and its metrics."""
   ce = cross_entropy(out.logits, labels)
   kl = jnp.mean(jnp.stack([distill_kl(out.logits, s, d.temperature) for s in student_logits]))
   metrics = {
@@ -305,6 +317,8 @@ def teacher_loss(
   if not trains:
     return jnp.float32(0.0), metrics
   loss = d.teacher_ce * ce + d.teacher_kl * kl
+  if d.kd_warmup_steps:
+    loss = jnp.where(step < d.kd_warmup_steps, ce, loss)
   return loss, metrics | {"teacher_train_loss": loss}
 
 
@@ -355,7 +369,7 @@ def joint_loss(
   if t_out is None:
     return total, ([o.batch_stats for o in outs], None, metrics)
   logits = [o.logits for o in outs]
-  t_loss, t_metrics = teacher_loss(t_out, batch["label"], logits, d, teacher_trains)
+  t_loss, t_metrics = teacher_loss(t_out, batch["label"], logits, d, teacher_trains, state.step)
   return total + t_loss, ([o.batch_stats for o in outs], t_out.batch_stats, metrics | t_metrics)
 
 

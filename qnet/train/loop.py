@@ -38,7 +38,7 @@ from qnet.quant import schedule as schedule_lib
 def total_train_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(total steps, steps per epoch)."""
   per_epoch = input_pipeline.steps_per_epoch(
-    config.dataset, config.batch_size, config.data_dir or None
+    config.dataset, config.batch_size, config.data_dir or None, config.train_examples
   )
   if config.num_train_steps > 0:
     return config.num_train_steps, per_epoch
@@ -204,6 +204,7 @@ def train_batches(
     data_dir=config.data_dir or None,
     augment=config.augment,
     image_size=config.image_size or None,
+    train_examples=config.train_examples,
   )
   return device_batches(batches, sharding)
 
@@ -274,7 +275,7 @@ def train_and_evaluate(
   mesh = build.create_mesh()
   data_sharding = NamedSharding(mesh, P("data"))
   manager, state, resumed = initial_state(config, workdir, students, teacher, mesh, meta)
-  p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
+  p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config, total_steps))
   is_chief = jax.process_index() == 0
   writer = metrics_io.create_writer(workdir, is_chief)
   if is_chief:  # what `qnet.export` / `qnet.evaluate` read back
