@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment = True
   c.train_examples = -1  # -1: the whole training split; N: only its first N examples (a fixed subset; epochs count over it).
   c.image_size = 0  # 0: the dataset's native size (224 for imagenet2012).
-  # Model: a name from qnet.models.MODELS.
+  # Model: a name from qnet.models.MODELS, or a user's flax.linen class PACKAGE.MODULE:ClassName
+  # (built as ClassName(num_classes=N), called as model(x, train=...)), quantized by quant.rules.
   c.model = "fmnist_cnn"
   c.model_act = "quant"  # quant: DoReFa activation quantizer (clip-ReLU at 32 bits); relu: plain FP network (ReLU, unquantized weights, no quantizer op; bits must be 32).
   c.model_width = 1.0  # channel multiplier of the SimpleCNN models (fmnist_cnn, tiny_cnn): a narrower student or a wider teacher.
@@ -48,6 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.keep_first_last_fp = True
   # Weights: per-output-channel max (DoReFa's normalisation) or step (LSQ); per tensor if False.
   c.quant.per_channel = False
+  # A user's model (model=PACKAGE.MODULE:ClassName): '' quantizes every nn.Conv / nn.Dense with
+  # the quantizers below, the first conv's input never and, with keep_first_last_fp, neither
+  # the first conv nor the last dense (qnet.models.rules.default_rules); or PACKAGE.MODULE:NAME,
+  # a sequence of qnet.models.Rule (first match wins).
+  c.quant.rules = ""
   # Quantizers (docs/results.md, "Learned quantizers (LSQ, PACT)"): weights dorefa | lsq; activations
   # dorefa | pact | lsq. LSQ and PACT learn a clip level per layer (LSQ weights: per channel
   # with per_channel), initialised from the first batch.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save
 
-from qnet.deploy import export, integer, onnx_graph
+from qnet.deploy import export, integer, lowering, onnx_graph
 from qnet import models
 from qnet.quant import precision as precision_lib
 from qnet.data.datasets import DATASETS
@@ -46,7 +46,7 @@ def measure(name: str, dataset: str, w: int, a: int) -> dict:
   layout = precision_lib.layout_of(model, sample)
   wv, av = precision_lib.layer_bits(layout, w, a, keep_first_last_fp=True)
   bits = {"/".join(p): (int(wv[i]), int(av[i])) for i, p in enumerate(layout.paths)}
-  program = integer.build_program(params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
+  program = lowering.build_program(model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
   tensors, _ = export.stored_tensors(program)
   sizes = export.size_report(program, tensors, integer.fp32_bytes(params, stats))
   sizes["weights_safetensors_bytes"] = len(save(tensors))

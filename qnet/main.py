@@ -98,8 +98,15 @@ ONE_LINE_ERRORS = (
 )
 
 
+def one_line_errors() -> tuple:
+  """`ONE_LINE_ERRORS` plus a user model's rule errors (imported late: flax loads with it)."""
+  from qnet.models.rules import RuleError
+
+  return (*ONE_LINE_ERRORS, (RuleError, "model error", 2))
+
+
 def _exit_with_one_line(e: Exception) -> None:
-  for kind, label, status in ONE_LINE_ERRORS:
+  for kind, label, status in one_line_errors():
     if isinstance(e, kind):
       print(f"qnet: {label}: {e}", file=sys.stderr, flush=True)
       if isinstance(e, faults.PeerLostError):
@@ -144,7 +151,7 @@ def main(argv: list[str]) -> None:
       from qnet.train import loop
 
       loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except tuple(kind for kind, _, _ in ONE_LINE_ERRORS) as e:
+  except tuple(kind for kind, _, _ in one_line_errors()) as e:
     _exit_with_one_line(e)
 
 

@@ -95,6 +95,23 @@ def _documented_commands() -> list[tuple[str, str]]:
 _COMMANDS = _documented_commands()
 
 
+def readme_module(name: str) -> str:
+  """The README's Python block that starts with `# NAME.py` (a user's file the README shows)."""
+  text = (_ROOT / "README.md").read_text()
+  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+  found = [b for b in blocks if b.startswith(f"# {name}.py\n")]
+  assert len(found) == 1, f"README has {len(found)} blocks starting with # {name}.py"
+  return found[0]
+
+
+def _provide_readme_modules(command: str, tmp_path, monkeypatch) -> None:
+  # A command that names a user's model from the README (`--config.model=my_cnn:Net`) gets
+  # the README's own file for it, as a user who copied it would.
+  for name in re.findall(r"--config\.model=(\w+):", command):
+    (tmp_path / f"{name}.py").write_text(readme_module(name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
 def test_the_design_card_command_is_documented():
   commands = [c for _, c in _COMMANDS]
   assert any(c.startswith("python -m qnet.main --config=configs/imagenet_w4a4.py ") for c in commands)
@@ -108,6 +125,7 @@ def test_documented_command_parses_validates_and_traces(where, command, tmp_path
   from qnet import main
 
   monkeypatch.chdir(_ROOT)
+  _provide_readme_modules(command, tmp_path, monkeypatch)
   run = tmp_path / "run"  # stands for a trained run's workdir wherever a command names one
   (run / "checkpoints").mkdir(parents=True)
   args = shlex.split(command)[3:]  # after `python -m qnet.main`

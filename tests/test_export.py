@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from configs import default
-from qnet.deploy import export, integer, packing
+from qnet.deploy import export, integer, lowering, packing
 from qnet.train import loop
 from qnet import models
+from qnet.models import rules
 from qnet.quant import quantizers as quant
 from qnet.quant import precision as precision_lib
 from qnet.data.datasets import DATASETS
@@ -191,6 +192,8 @@ def per_channel_weights(monkeypatch):
   monkeypatch.setattr(quant, "quantize_weights", lambda w, b, per_channel=False: original(w, b, True))
 
 
+USER_MODEL = "test_rules:UserResNet"  # importable: pytest puts tests/ on sys.path
+
 CASES = [
   ("fmnist_cnn", 4, 4, True, False, False),
   ("fmnist_cnn", 2, 2, False, True, False),
@@ -198,6 +201,13 @@ CASES = [
   ("fmnist_cnn", 0, 0, False, False, True),  # per-layer mixed bits 2..8
   ("resnet20", 2, 2, False, False, False),
   ("tiny_resnet", 4, 4, True, True, True),
+  # A user's unmodified Flax ResNet quantized by rules (tests/test_rules.py), exported from
+  # its own traced forward like every model.
+  (USER_MODEL, 4, 4, True, False, False),
+  (USER_MODEL, 2, 2, True, True, False),
+  (USER_MODEL, 3, 3, True, False, True),
+  ("alexnet_bn", 3, 3, True, False, False),
+  ("alexnet_bn", 2, 2, False, True, False),
 ]
 
 
@@ -206,14 +216,15 @@ def test_integer_layers_equal_fake_quant_layer_by_layer(request, name, w, a, kee
   if per_channel:
     request.getfixturevalue("per_channel_weights")
   ds = DATASETS["fashion_mnist" if "cnn" in name else "cifar10"]
-  shape = (28, 28, 1) if "cnn" in name else (32, 32, 3)
+  shape = (28, 28, 1) if "cnn" in name else (67, 67, 3) if "alexnet" in name else (32, 32, 3)
   model, params, stats = random_net(name, shape)
   bits, tree = bits_for(model, shape, w or 4, a or 4, keep_fp, mixed)
-  program = integer.build_program(
-    params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel
+  program = lowering.build_program(
+    model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel
   )
   check_against_fake_quant(
-    program, model, params, stats, tree, ds, shape, require_requant=not keep_fp or "resnet" in name
+    program, model, params, stats, tree, ds, shape,
+    require_requant=not keep_fp or "resnet" in name.lower(),
   )
 
 
@@ -236,8 +247,8 @@ def test_learned_quantizers_integer_program_equals_fake_quant_on_every_path(
   # A float head on quantized codes (dequantized by the activation quantizer's formula).
   override = {"head": (32, a)} if not keep_fp else None
   bits, tree = bits_for(model, shape, w, a, keep_fp, mixed, override)
-  program = integer.build_program(
-    params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel,
+  program = lowering.build_program(
+    model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel,
     weight_quantizer=wq, act_quantizer=aq,
   )
   assert program.quantizers == {"weight": wq, "act": aq}
@@ -385,7 +396,7 @@ def test_resnet18_program_shapes_and_sizes():
   stats = jax.tree.map(lambda s: np.ones(s.shape, np.float32), v["batch_stats"])
   bits, _ = bits_for(model, shape, 2, 2, True)
   ds = DATASETS["imagenet2012"]
-  program = integer.build_program(params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
+  program = lowering.build_program(model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
   out = jax.eval_shape(integer.make_apply(program), jax.ShapeDtypeStruct((2, *shape), jnp.uint8))
   assert out.shape == (2, 1000) and out.dtype == jnp.float32
   tensors, _ = export.stored_tensors(program)
@@ -647,3 +658,35 @@ def test_midway_progressive_checkpoint_exports_the_phase_precision(tiny_run, tmp
   assert (p["phase"], p["num_phases"], p["phase_bits"], p["target_bits"]) == (1, 4, [8.0, 8.0], [2, 2])
   assert not p["final_phase"]
   assert {(v["weight_bits"], v["act_bits"]) for v in program.layers.values()} == {(8, 8), (8, 32)}
+
+
+def test_an_op_the_lowering_cannot_handle_is_one_line_naming_it_and_the_layer():
+  import flax.linen as nn
+
+  class Gelu(nn.Module):
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train=True):
+      x = nn.Conv(4, (3, 3), use_bias=False)(x)
+      x = nn.BatchNorm(use_running_average=not train)(x)
+      x = nn.gelu(nn.Conv(4, (3, 3), use_bias=False)(nn.relu(x)))
+      return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+  model = rules.quantize(Gelu())
+  shape = (16, 16, 1)
+  v = model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
+  bits, _ = bits_for(model, shape, 4, 4, True)
+  ds = DATASETS["fashion_mnist"]
+  with pytest.raises(integer.UnsupportedModel, match=r"^op (erf|tanh|integer_pow|mul|pow)\b.* \(after layer Conv_1\) has no integer lowering"):
+    lowering.build_program(model, v["params"], v["batch_stats"], bits, input_shape=shape, mean=ds.mean, std=ds.std)
+
+
+def test_a_quantized_dense_after_a_mean_is_refused_naming_the_layer():
+  model = models.create_model(USER_MODEL, 10, keep_first_last_fp=False)
+  shape = (16, 16, 1)
+  v = model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
+  bits, _ = bits_for(model, shape, 4, 4, False)
+  ds = DATASETS["fashion_mnist"]
+  with pytest.raises(integer.UnsupportedModel, match="layer Dense_0: a quantized dense input after a mean"):
+    lowering.build_program(model, v["params"], v["batch_stats"], bits, input_shape=shape, mean=ds.mean, std=ds.std)

@@ -131,6 +131,8 @@ def check_bits(bits: dict[str, tuple[int, int]], config) -> None:
 
 def program_from_run(workdir: str, step: int | None = None):
   """(program, info) of a run's checkpoint; `info` feeds the manifest."""
+  from qnet import models
+  from qnet.deploy import lowering
   from qnet.train import build, checkpointing, run_config
   from qnet.data.datasets import DATASETS
 
@@ -155,7 +157,9 @@ def program_from_run(workdir: str, step: int | None = None):
   check_bits(bits, config)
   params, batch_stats = checkpointing.read_first_student(workdir, step)
   try:
-    program = integer.build_program(
+    model = build.build_specs(config, total_steps)[0][0].model
+    program = lowering.build_program(
+      model,
       params,
       batch_stats,
       bits,
@@ -166,7 +170,7 @@ def program_from_run(workdir: str, step: int | None = None):
       weight_quantizer=config.quant.weight_quantizer,
       act_quantizer=config.quant.act_quantizer,
     )
-  except integer.UnsupportedModel as e:
+  except (integer.UnsupportedModel, models.RuleError) as e:
     raise ExportError(f"config.model={config.model!r}: {e}") from e
   info = {
     "model": config.model,

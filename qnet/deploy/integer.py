@@ -26,15 +26,12 @@ stream (its BatchNorms `bn1`/`final_bn`, the additions, the stem's BN/ReLU/max-p
 dequantization `acc / (n_w n_a)` of a quantized layer whose output goes there.
 
 A `Program` is that network as data: a list of ops (JSON, stored in the export's
-manifest) and named arrays. `build_program` makes it from a trained network's parameter
-and batch-statistics trees and its per-layer bits; `make_apply` turns it into a pure JAX
-function of raw `uint8` images `[B, H, W, C]` returning float32 logits, which is what
-`qnet.export` serializes with `jax.export`. `qnet.deploy.onnx_graph` emits the same ops as ONNX.
+manifest) and named arrays. `qnet.deploy.lowering.build_program` makes it from the model's
+own traced evaluation function, driving the `Builder` here layer by layer; `make_apply`
+turns it into a pure JAX function of raw `uint8` images `[B, H, W, C]` returning float32
+logits, which is what `qnet.export` serializes with `jax.export`. `qnet.deploy.onnx_graph`
+emits the same ops as ONNX.
 
-The structure (which BatchNorm follows which conv, pools, residuals) is read from the
-parameter tree's names: `stem`, `conv{s}_{c}`, `fc`, `head` (SimpleCNN); `stem`,
-`stage{i}_block{j}/{conv1,conv2,conv3,shortcut,bn1,...}`, `final_bn` (PreActResNet, the
-first block of every stage after the first has stride 2, as in `qnet.models.resnet`).
 LSQ and PACT (`weight_quantizer` / `act_quantizer`) have the same integer form with a learned
 step. An LSQ weight is `q s` with the signed code `q = round(clip(w / s, -Q_n, Q_p))`, `Q_n =
 2**(k-1)`, `Q_p = Q_n - 1` (int8 for k <= 8, so never split), `s = weight_clip / sqrt(Q_p)` float32,
@@ -51,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any, Callable
 
 import jax
@@ -200,7 +196,7 @@ def thresholds(scale: np.ndarray, shift: np.ndarray, bits: int) -> tuple[np.ndar
 
 
 class UnsupportedModel(ValueError):
-  """The parameter tree is not one the exporter can build (architecture, clip levels)."""
+  """The model has an op or layer with no integer form, or bad clip levels; the message says which."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +264,9 @@ class _Acc:
   layer: str
   bias: str | None = None
   bn: str | None = None
+  # A ReLU after the BatchNorm: the next quantizer clamps at 0 anyway (so thresholds ignore
+  # it), a float consumer gets it applied.
+  relu: bool = False
   pools: list = dataclasses.field(default_factory=list)
 
 
@@ -279,7 +278,7 @@ class _Val:
   act: ActQuant | None = None  # the quantizer that made the codes
 
 
-def _window(size, window, strides, padding) -> tuple[tuple[int, int], list[list[int]]]:
+def window_of(size, window, strides, padding) -> tuple[tuple[int, int], list[list[int]]]:
   """Output size and explicit `[[lo, hi], [lo, hi]]` pads of a 2-D window op (XLA's SAME)."""
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(tuple(size), tuple(window), tuple(strides), padding)
@@ -288,7 +287,7 @@ def _window(size, window, strides, padding) -> tuple[tuple[int, int], list[list[
   return out, pads
 
 
-class _Builder:
+class Builder:
   def __init__(
     self, params, batch_stats, bits: dict[str, tuple[int, int]], per_channel: bool, quantizers
   ):
@@ -334,6 +333,8 @@ class _Builder:
     val = _Val(out, v.shape)
     if v.bn:
       val = self._batchnorm_float(val, v.bn)
+    if v.relu:  # commutes with the max-pools
+      val = _Val(self._emit("relu", [val.name], "relu"), val.shape)
     for pool in v.pools:
       val = self._pool(val, **pool)
     return val
@@ -430,12 +431,12 @@ class _Builder:
     return _Val(self._emit("batchnorm", [v.name], path, eps=1e-5, **names), v.shape)
 
   def batchnorm(self, v, path: str):
-    if isinstance(v, _Acc) and v.bn is None and not v.pools:
+    if isinstance(v, _Acc) and v.bn is None and not v.pools and not v.relu:
       return dataclasses.replace(v, bn=path)
     return self._batchnorm_float(self._materialize(v), path)
 
   def _pool(self, v: _Val, window, strides, padding) -> _Val:
-    (oh, ow), pads = _window(v.shape[:2], window, strides, padding)
+    (oh, ow), pads = window_of(v.shape[:2], window, strides, padding)
     out = self._emit(
       "maxpool", [v.name], "pool", window=list(window), strides=list(strides), padding=pads
     )
@@ -447,7 +448,9 @@ class _Builder:
       return v
     return self._pool(self._materialize(v), window, strides, padding)
 
-  def relu(self, v) -> _Val:
+  def relu(self, v):
+    if isinstance(v, _Acc):  # every activation quantizer clamps at 0: fold it (`_Acc.relu`)
+      return dataclasses.replace(v, relu=True)
     v = self._materialize(v)
     return _Val(self._emit("relu", [v.name], "relu"), v.shape)
 
@@ -522,7 +525,7 @@ class _Builder:
     w_bits, a_bits = self._layer_bits(path, quantize_input)
     kernel = self._node(path, self.params)["kernel"]
     x = self.act(v, a_bits, path) if quantize_input else self._materialize(v)
-    (oh, ow), pads = _window(x.shape[:2], kernel.shape[:2], strides, padding)
+    (oh, ow), pads = window_of(x.shape[:2], kernel.shape[:2], strides, padding)
     tensors, w_step = self._weights(path, w_bits)
     out, factor = self._layer(
       "conv", x, path, (w_bits, a_bits), kernel.shape, tensors, w_step,
@@ -533,13 +536,14 @@ class _Builder:
       return _Acc(out, shape, factor, path)
     return _Val(out, shape)
 
-  def dense(self, v, path: str, reduce: str):
-    w_bits, a_bits = self._layer_bits(path, True)
-    x = self.act(v, a_bits, path)
+  def dense(self, v, path: str, reduce: str, quantize_input: bool = True, bias: bool = True):
+    w_bits, a_bits = self._layer_bits(path, quantize_input)
+    x = self.act(v, a_bits, path) if quantize_input else self._materialize(v)
     node = self._node(path, self.params)
     tensors, w_step = self._weights(path, w_bits)
+    bias_values = node["bias"] if bias else np.zeros(node["kernel"].shape[-1], np.float32)
     bias = f"{path}.bias"
-    self.arrays[bias] = np.asarray(node["bias"], np.float32)
+    self.arrays[bias] = np.asarray(bias_values, np.float32)
     integer = x.bits != FP and w_bits != FP
     pooled = x.shape[0] * x.shape[1] if reduce == "mean" and len(x.shape) == 3 else 1
     out, factor = self._layer(
@@ -564,87 +568,10 @@ class _Builder:
     self.ops.append({"op": "output", "in": [v.name], "out": "logits"})
 
 
-def _simple_cnn(b: _Builder, params) -> None:
-  convs = sorted(
-    (int(m[1]), int(m[2]), k) for k in params if (m := re.fullmatch(r"conv(\d+)_(\d+)", k))
-  )
-  stages: dict[int, list[str]] = {1: ["stem"]}
-  for s, _, name in convs:
-    stages.setdefault(s, []).append(name)
-  x = b.start
-  for s in sorted(stages):
-    for name in stages[s]:
-      x = b.conv(x, name, quantize_input=name != "stem")
-      x = b.batchnorm(x, f"{name}_bn")
-    x = b.maxpool(x, (2, 2), (2, 2))
-  if "fc" in params:
-    x = b.dense(x, "fc", reduce="flatten")
-    x = b.batchnorm(x, "fc_bn")
-  b.output(b.dense(x, "head", reduce="flatten"))
-
-
-def _preact_resnet(b: _Builder, params) -> None:
-  x = b.start
-  if "stem_bn" in params:  # ImageNet stem: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool
-    x = b.conv(x, "stem", (2, 2), [(3, 3), (3, 3)], quantize_input=False)
-    x = b.relu(b.batchnorm(x, "stem_bn"))
-    x = b.maxpool(x, (3, 3), (2, 2), [(1, 1), (1, 1)])
-  else:
-    x = b.conv(x, "stem", quantize_input=False)
-  blocks = sorted(
-    (int(m[1]), int(m[2]), k) for k in params if (m := re.fullmatch(r"stage(\d+)_block(\d+)", k))
-  )
-  for i, j, name in blocks:
-    stride = (2, 2) if i > 1 and j == 1 else (1, 1)
-    block = params[name]
-    pre = b.batchnorm(x, f"{name}/bn1")
-    if "conv3" in block:  # bottleneck
-      y = b.conv(pre, f"{name}/conv1")
-      y = b.conv(b.batchnorm(y, f"{name}/bn2"), f"{name}/conv2", stride)
-      y = b.conv(b.batchnorm(y, f"{name}/bn3"), f"{name}/conv3")
-    else:
-      y = b.conv(pre, f"{name}/conv1", stride)
-      y = b.conv(b.batchnorm(y, f"{name}/bn2"), f"{name}/conv2")
-    if "shortcut" in block:
-      x = b.conv(pre, f"{name}/shortcut", stride)
-    x = b.add(x, y)
-  x = b.batchnorm(x, "final_bn")
-  b.output(b.dense(x, "head", reduce="mean"))
-
-
-def architecture(params: PyTree) -> str:
-  """`simple_cnn` or `preact_resnet`, read off the parameter tree's names."""
-  keys = set(params)
-  if "stem" in keys and "head" in keys:
-    if any(re.fullmatch(r"stage\d+_block\d+", k) for k in keys):
-      return "preact_resnet"
-    if all(k in ("stem", "head", "fc") or re.fullmatch(r"conv\d+_\d+(_bn)?|stem_bn|fc_bn", k) for k in keys):
-      return "simple_cnn"
-  raise UnsupportedModel(
-    "the exporter knows the SimpleCNN (fmnist_cnn, tiny_cnn) and pre-activation ResNet "
-    f"(resnet*, tiny_resnet) parameter trees; got top-level names {sorted(keys)}"
-  )
-
-
-def build_program(
-  params: PyTree,
-  batch_stats: PyTree,
-  bits: dict[str, tuple[int, int]],
-  *,
-  input_shape: tuple[int, int, int],
-  mean: tuple[float, ...],
-  std: tuple[float, ...],
-  per_channel: bool = False,
-  weight_quantizer: str = "dorefa",
-  act_quantizer: str = "dorefa",
-) -> Program:
-  """The integer program of a trained SimpleCNN or PreActResNet.
-
-  `bits` maps each quantizable layer path (`'stage1_block1/conv1'`) to its
-  `(weight_bits, act_bits)`, each 1..8 or 32; `mean`/`std` are the dataset's
-  normalisation (pixels in [0, 1]). The quantizers are the run's `config.quant` kinds; LSQ
-  and PACT read their clip levels (`weight_clip`, `act_clip`) from `params`.
-  """
+def check_quantizers_and_bits(
+  bits: dict[str, tuple[int, int]], weight_quantizer: str, act_quantizer: str
+) -> None:
+  """`ValueError` unless the quantizers are known and every layer's bits are 1..8 or 32."""
   for name, value, allowed in (
     ("weight_quantizer", weight_quantizer, WEIGHT_QUANTIZERS),
     ("act_quantizer", act_quantizer, ACT_QUANTIZERS),
@@ -656,21 +583,6 @@ def build_program(
     for kind, k, lo in (("weight_bits", w, low), ("act_bits", a, 1)):
       if not (lo <= k <= MAX_BITS or k == FP):
         raise ValueError(f"{path} {kind}={k}; allowed: {lo}..{MAX_BITS} or 32 (full precision)")
-  params = jax.tree.map(np.asarray, params)
-  batch_stats = jax.tree.map(np.asarray, batch_stats)
-  kind = architecture(params)
-  b = _Builder(
-    params,
-    batch_stats,
-    {p: (int(w), int(a)) for p, (w, a) in bits.items()},
-    per_channel,
-    (weight_quantizer, act_quantizer),
-  )
-  b.start = b.preprocess(input_shape, mean, std)
-  (_simple_cnn if kind == "simple_cnn" else _preact_resnet)(b, params)
-  num_classes = int(np.asarray(params["head"]["kernel"]).shape[-1])
-  quantizers = {"weight": weight_quantizer, "act": act_quantizer}
-  return Program(b.ops, b.arrays, tuple(input_shape), num_classes, b.layers, quantizers)
 
 
 # ----------------------------------------------------------------------------- JAX

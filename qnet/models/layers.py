@@ -31,6 +31,11 @@ from qnet.quant.precision import HEAD, PRECISION, STEM
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def bits(module: nn.Module) -> tuple[jax.Array, jax.Array]:
+  """`module`'s `(weight_bits, act_bits)` from the `precision` collection (created at init)."""
+  return _bits(module)
+
+
 def _bits(module: nn.Module) -> tuple[jax.Array, jax.Array]:
   # Initialised to full precision by `init`; in `apply` the caller must pass the
   # collection (flax raises if it is missing and immutable), so no layer silently runs FP.
@@ -55,7 +60,15 @@ def activation(module: nn.Module, x: jax.Array, act_bits: jax.Array) -> jax.Arra
   `act_quantizer` (`dorefa` clip-and-quantize; `pact` / `lsq` with a learned clip level)."""
   if module.act == "relu":
     return nn.relu(x)
-  quantizer = module.act_quantizer
+  return quantize_input(module, x, act_bits, module.act_quantizer)
+
+
+def quantize_input(
+  module: nn.Module, x: jax.Array, act_bits: jax.Array, quantizer: str, signed: bool = False
+) -> jax.Array:
+  """A layer's input activation fake-quantized by `quantizer` (`dorefa`, `pact`, `lsq`; `lsq`
+  also `signed`) at `act_bits`; PACT's and LSQ's clip levels are parameters of `module`.
+  Used by qnet's layers and by rule-quantized foreign layers alike (`qnet.models.rules`)."""
   if quantizer == "dorefa":
     return quant.quantize_activations(x, act_bits)
   ones = lambda: jnp.ones(())
@@ -63,8 +76,9 @@ def activation(module: nn.Module, x: jax.Array, act_bits: jax.Array) -> jax.Arra
     init = lambda: quant.pact_init_alpha(x, act_bits)
     alpha = _clip_level(module, ACT_CLIP, act_bits, ones, init)
     return quant.pact_quantize(x, alpha, act_bits)
-  t = _clip_level(module, ACT_CLIP, act_bits, ones, lambda: quant.lsq_init_clip(x, signed=False))
-  return quant.lsq_quantize(x, t, act_bits, signed=False)
+  init = lambda: quant.lsq_init_clip(x, signed=signed)
+  t = _clip_level(module, ACT_CLIP, act_bits, ones, init)
+  return quant.lsq_quantize(x, t, act_bits, signed=signed)
 
 
 def _clip_level(module, name, bits, default, init) -> jax.Array:
@@ -84,9 +98,18 @@ def _weights(kernel: jax.Array, weight_bits: jax.Array, module: nn.Module) -> ja
   # reference for the fake-quant overhead (validation keeps its bit-widths at 32).
   if module.act == "relu":
     return kernel
-  if module.weight_quantizer == "dorefa":
-    return quant.quantize_weights(kernel, weight_bits, module.per_channel)
-  axes = tuple(range(kernel.ndim - 1)) if module.per_channel else None
+  return quantize_kernel(module, kernel, weight_bits, module.weight_quantizer, module.per_channel)
+
+
+def quantize_kernel(
+  module: nn.Module, kernel: jax.Array, weight_bits: jax.Array, quantizer: str, per_channel: bool
+) -> jax.Array:
+  """A layer's kernel (output channels last) fake-quantized by `quantizer` (`dorefa`, `lsq`)
+  at `weight_bits`, per output channel if `per_channel`; LSQ's step is a parameter of
+  `module`. Used by qnet's layers and by rule-quantized foreign layers alike."""
+  if quantizer == "dorefa":
+    return quant.quantize_weights(kernel, weight_bits, per_channel)
+  axes = tuple(range(kernel.ndim - 1)) if per_channel else None
   init = lambda: quant.lsq_init_clip(kernel, True, axes)
   clip = _clip_level(module, WEIGHT_CLIP, weight_bits, init, init)
   return quant.lsq_quantize(kernel, clip, weight_bits, signed=True)

@@ -107,6 +107,8 @@ def _make_model(
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   width = config.model_width if width == -1 else width
   extra = {"width": width} if width != 1.0 else {}  # only the SimpleCNN models take one
+  if models.is_foreign(name):  # a user's model: quantized by rules (`qnet.models.rules`)
+    extra = {"rules": config.quant.rules, "keep_first_last_fp": config.quant.keep_first_last_fp}
   return models.create_model(
     name,
     DATASETS[config.dataset].num_classes,

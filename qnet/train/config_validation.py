@@ -125,7 +125,7 @@ def validate(
   if reference is not None:
     check_known_fields(config, reference)
   _choice(config, "dataset", sorted(DATASETS))
-  _choice(config, "model", sorted(models.MODELS))
+  _model(config, "model")
   _choice(config, "model_act", ("quant", "relu"))
   _width(config, "model_width", config.model)
   _choice(config, "dtype", ("float32", "bfloat16"))
@@ -255,6 +255,19 @@ def _validate_schedule(config) -> None:
   _bool(config, "schedule.sp_separate")
 
 
+def _model(config, field: str) -> None:
+  name = _get(config, field)
+  if not (isinstance(name, str) and models.is_foreign(name)):
+    _choice(config, field, sorted(models.MODELS) + ["PACKAGE.MODULE:ClassName"])
+    return
+  try:
+    models.foreign_class(name)
+    if field == "model":
+      models.foreign_rules(config.quant.rules, True)
+  except models.RuleError as e:
+    raise ConfigError(str(e)) from None
+
+
 def _width(config, field: str, model: str, allow: tuple = ()) -> None:
   value = _get(config, field)
   if value in allow:
@@ -271,7 +284,7 @@ def _validate_distill(config) -> None:
   for field in ("student_ce", "student_kl", "teacher_ce", "teacher_kl", "hint_weight"):
     _num(config, f"distill.{field}", 0.0, float("inf"))
   if config.distill.teacher_model:
-    _choice(config, "distill.teacher_model", sorted(models.MODELS))
+    _model(config, "distill.teacher_model")
   _width(config, "distill.teacher_width", config.distill.teacher_model or config.model, (-1,))
   _choice(config, "distill.teacher_act", ("clip", "relu"))
   _num(config, "distill.kd_warmup", 0.0, 1.0, hi_open=True)

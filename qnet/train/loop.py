@@ -28,6 +28,8 @@ import numpy as np
 from qnet.train import build, calibration, checkpointing, config_validation, joint
 from qnet.data import input_pipeline
 from qnet.train import faults, metrics_io, run_config
+from qnet.models import rules
+from qnet.quant import precision as precision_lib
 from qnet.quant import schedule as schedule_lib
 
 
@@ -221,6 +223,29 @@ def calibrate_if_fresh(
   return state, itertools.chain([first], batches)
 
 
+def check_rule_inputs(state: joint.TrainState, batches: Iterator, students) -> Iterator:
+  """For a user's model quantized by rules: logs what the rules did, and stops with one line
+  (`RuleError`) if a quantized layer's input is negative on the first batch while its rule
+  does not say how to treat that (`qnet.models.rules.check_inputs`)."""
+  if not isinstance(students[0].model, rules.QuantizedModel):
+    return batches
+  first = next(batches)
+  images = np.asarray(first["image"].addressable_data(0))  # this process's first device shard
+  model, net = students[0].model, state.students[0]
+  found = rules.report(model, images)
+  logging.info(
+    "quantization rules: %d layers quantized, %d kept FP, unmatched (FP): %s, unused rules: %s",
+    sum(1 for i in found["layers"].values() if i is not None and not model.rules[i].keep_fp),
+    sum(1 for i in found["layers"].values() if i is None or model.rules[i].keep_fp),
+    found["unmatched"] or "none",
+    found["unused_rules"] or "none",
+  )
+  variables = jax.device_get({"params": net.params, "batch_stats": net.batch_stats})
+  variables["precision"] = precision_lib.full_precision(students[0].layout)
+  rules.check_inputs(model, variables, images)
+  return itertools.chain([first], batches)
+
+
 class TrainLog:
   """Buffers the train step's metrics on device; `flush` fetches them (the only host sync in
   the loop), stops on a non-finite value, writes their mean and the console line."""
@@ -285,6 +310,7 @@ def train_and_evaluate(
     writer.write_hparams({k: str(v) for k, v in config_validation.flatten(config).items()})
   batches = train_batches(config, step, data_sharding)
   state, batches = calibrate_if_fresh(config, state, batches, mesh, students)
+  batches = check_rule_inputs(state, batches, students)
   log = TrainLog(writer, step, total_steps)
   eval_metrics: dict[str, float] = {}
   if step >= total_steps and resumed:
