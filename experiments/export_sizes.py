@@ -4,7 +4,7 @@
 
 Sizes do not depend on trained values, so each model is initialised (random weights, unit
 BN statistics; no training) and exported in memory exactly as `qnet.export` does:
-`weights.safetensors` (serialized with the `safetensors` package) and `model.onnx`. Uniform
+`weights.safetensors` (serialized with the `safetensors` package) and `model.onnx` (QDQ). Uniform
 precision with the stem and classifier kept at 32 bits (`keep_first_last_fp`, the default).
 """
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save
 
-from qnet.deploy import export, integer, lowering, onnx_graph
+from qnet.deploy import export, integer, lowering, qdq_onnx
 from qnet import models
 from qnet.quant import precision as precision_lib
 from qnet.data.datasets import DATASETS
@@ -50,7 +50,7 @@ def measure(name: str, dataset: str, w: int, a: int) -> dict:
   tensors, _ = export.stored_tensors(program)
   sizes = export.size_report(program, tensors, integer.fp32_bytes(params, stats))
   sizes["weights_safetensors_bytes"] = len(save(tensors))
-  sizes["onnx_bytes"] = onnx_graph.to_onnx(program).ByteSize()
+  sizes["onnx_bytes"] = qdq_onnx.to_onnx(program).ByteSize()
   return {"model": name, "dataset": dataset, "weight_bits": w, "act_bits": a, **sizes}
 
 

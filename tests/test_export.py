@@ -1,5 +1,6 @@
 """Integer export: packing, exact weight levels, per-layer integer arithmetic vs fake quant,
-the three inference paths (qnet, StableHLO without qnet, ONNX Runtime), the CLIs' errors."""
+the inference paths (qnet, StableHLO without qnet, the QDQ ONNX on ONNX Runtime and OpenVINO),
+the CLIs' errors. The QDQ graph's fusions and its codes layer by layer: test_qdq_onnx.py."""
 
 import json
 import os
@@ -271,18 +272,20 @@ def test_learned_quantizers_integer_program_equals_fake_quant_on_every_path(
   images, logits = check_against_fake_quant(
     program, model, params, stats, tree, ds, shape, require_requant=True
   )
-  # The same program through StableHLO and ONNX Runtime.
+  # The same program through StableHLO and the QDQ ONNX on ONNX Runtime.
   from jax import export as jax_export
   import onnxruntime as ort
 
-  from qnet.deploy import onnx_graph
+  from qnet.deploy import qdq_onnx
 
   hlo = jax_export.deserialize(bytearray(export.stablehlo_bytes(program))).call(images)
   sess = ort.InferenceSession(
-    onnx_graph.to_onnx(program).SerializeToString(), providers=["CPUExecutionProvider"]
+    qdq_onnx.to_onnx(program).SerializeToString(), providers=["CPUExecutionProvider"]
   )
   np.testing.assert_allclose(np.asarray(hlo), logits, rtol=0, atol=1e-5)
-  np.testing.assert_allclose(sess.run(["logits"], {"image": images})[0], logits, rtol=1e-5, atol=1e-4)
+  onnx_logits = sess.run(["logits"], {"image": images})[0]
+  np.testing.assert_array_equal(np.argmax(onnx_logits, -1), np.argmax(logits, -1))
+  np.testing.assert_allclose(onnx_logits, logits, rtol=1e-5, atol=1e-4)
 
 
 def _code_units(program, op):
@@ -546,6 +549,7 @@ def check_export_paths(exported, fake_data_dir, tmp_path):
     assert row["top1_differs_from_fake_quant"] == 0, (name, row)
     assert row["accuracy"] == result["paths"]["fake_quant"]["accuracy"]
   assert result["paths"]["fake_quant"]["accuracy"] == pytest.approx(manifest["source"]["eval_accuracy"])
+  assert set(result["paths"]) == {"fake_quant", *evaluate.PATHS, *evaluate.FLOAT_PATHS}
   return program, manifest
 
 
@@ -566,7 +570,9 @@ def _site_without_qnet() -> str:
 
 def test_manifest_records_sizes_hashes_and_layers(exported):
   _, manifest = export.load_export(exported)
-  assert set(manifest["files"]) == {"weights.safetensors", "model.stablehlo", "model.onnx"}
+  assert set(manifest["files"]) == {"weights.safetensors", "model.stablehlo", "model.onnx", "model_fp32.onnx"}
+  forms = manifest["files"]["model.onnx"]["layer_forms"]
+  assert forms["conv2_1"]["form"] == "QLinearConv"  # integer to integer: the int8 kernel
   s = manifest["sizes"]
   # k/32 of the FP32 bytes (3 bits here), up to one padding byte a layer; requant < 2%.
   slack = s["quantized_weights_packed_bytes"] - s["quantized_weights_k_over_32_bytes"]

@@ -1,8 +1,10 @@
 """Evaluate an export: `python -m qnet.evaluate --export=OUT [--config.data_dir=DIR]`.
 
 Runs the test split through each path of the export (qnet's integer JAX function, the
-deserialized `model.stablehlo`, `model.onnx` on onnxruntime's CPU provider) and the
-fake-quant evaluation of the source checkpoint (the model, its saved config and the
+deserialized `model.stablehlo`, the QDQ `model.onnx` on onnxruntime's CPU provider and on
+OpenVINO's CPU plugin, and the float twin `model_fp32.onnx` on onnxruntime, which is not
+exact to the integer program: it is there for speed) and the fake-quant evaluation of the
+source checkpoint (the model, its saved config and the
 checkpoint named in the manifest, at the exported precision), and prints per path: test
 accuracy, images/s (after a warm-up batch, so compilation is excluded) and the number of
 test images whose top-1 class differs from the fake-quant evaluation's. `--json=PATH`
@@ -22,7 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-PATHS = ("qnet_integer", "stablehlo", "onnxruntime")
+# The paths that compute the integer program (top-1 equal to fake quant, up to rounding
+# ties), and the float twin (reported for speed; its activations are not rounded).
+PATHS = ("qnet_integer", "stablehlo", "onnxruntime", "openvino")
+FLOAT_PATHS = ("onnxruntime_fp32",)
 
 
 def raw_test_batches(
@@ -83,8 +88,18 @@ def fake_quant_fn(manifest: dict) -> Callable[[np.ndarray], np.ndarray]:
   return lambda x: np.asarray(apply(variables, x))
 
 
+def openvino_fn(path: str) -> Callable[[np.ndarray], np.ndarray]:
+  """An ONNX file on OpenVINO's CPU plugin (f32 precision hint, so its float parts are not
+  run in bf16 on CPUs that have it; the Q/DQ layers run int8)."""
+  import openvino as ov
+
+  compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+  request = compiled.create_infer_request()
+  return lambda x: np.array(request.infer({0: x})[0])
+
+
 def path_fns(out: str, program) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-  """The three export paths as `uint8 images -> logits` functions."""
+  """The export's paths (`PATHS`, `FLOAT_PATHS`) as `uint8 images -> logits` functions."""
   import jax
   from jax import export as jax_export
 
@@ -99,11 +114,17 @@ def path_fns(out: str, program) -> dict[str, Callable[[np.ndarray], np.ndarray]]
   sess = ort.InferenceSession(
     os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"]
   )
-  return {
+  fns = {
     "qnet_integer": lambda x: np.asarray(f_int(x)),
     "stablehlo": lambda x: np.asarray(f_hlo(x)),
     "onnxruntime": lambda x: sess.run(["logits"], {"image": x})[0],
+    "openvino": openvino_fn(os.path.join(out, "model.onnx")),
   }
+  fp32 = os.path.join(out, "model_fp32.onnx")
+  if os.path.isfile(fp32):  # exports written before the QDQ graph have none
+    s32 = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"])
+    fns["onnxruntime_fp32"] = lambda x: s32.run(["logits"], {"image": x})[0]
+  return fns
 
 
 def evaluate(out: str, data_dir: str | None, batch_size: int, limit: int = 0) -> dict:
@@ -115,7 +136,7 @@ def evaluate(out: str, data_dir: str | None, batch_size: int, limit: int = 0) ->
   top1 = {k: [] for k in fns}
   seconds = {k: 0.0 for k in fns}
   timed = {k: 0 for k in fns}
-  max_logit_diff = {k: 0.0 for k in PATHS}
+  max_logit_diff = {k: 0.0 for k in fns if k != "fake_quant"}
   labels = []
   for b, (raw, norm, label) in enumerate(raw_test_batches(manifest["dataset"], batch_size, data_dir, limit)):
     logits = {}
@@ -129,7 +150,7 @@ def evaluate(out: str, data_dir: str | None, batch_size: int, limit: int = 0) ->
         seconds[name] += time.perf_counter() - t
         timed[name] += len(label)
       top1[name].append(np.argmax(logits[name], -1))
-    for name in PATHS:
+    for name in max_logit_diff:
       diff = float(np.max(np.abs(logits[name] - logits["qnet_integer"])))
       max_logit_diff[name] = max(max_logit_diff[name], diff)
     labels.append(label)
@@ -140,7 +161,7 @@ def evaluate(out: str, data_dir: str | None, batch_size: int, limit: int = 0) ->
       "accuracy": float(np.mean(top1[name] == labels)),
       "images_per_sec": timed[name] / seconds[name] if seconds[name] else float("nan"),
       "top1_differs_from_fake_quant": int(np.sum(top1[name] != top1["fake_quant"])),
-      **({"max_abs_logit_diff_vs_qnet_integer": max_logit_diff[name]} if name in PATHS else {}),
+      **({"max_abs_logit_diff_vs_qnet_integer": max_logit_diff[name]} if name != "fake_quant" else {}),
     }
     for name in fns
   }
@@ -162,11 +183,11 @@ def format_report(result: dict) -> str:
     f"{result['model']} on {result['dataset']} test ({result['test_images']} images, batch "
     f"{result['batch_size']}); checkpoint step {result['source']['step']}, recorded "
     f"eval_accuracy {result['source']['eval_accuracy']}",
-    f"{'path':<14} {'accuracy':>9} {'images/s':>10} {'top-1 != fake-quant':>20}",
+    f"{'path':<17} {'accuracy':>9} {'images/s':>10} {'top-1 != fake-quant':>20}",
   ]
   for name, r in result["paths"].items():
     lines.append(
-      f"{name:<14} {r['accuracy']:>9.4f} {r['images_per_sec']:>10.0f} "
+      f"{name:<17} {r['accuracy']:>9.4f} {r['images_per_sec']:>10.0f} "
       f"{r['top1_differs_from_fake_quant']:>20d}"
     )
   return "\n".join(lines)

@@ -20,7 +20,12 @@ an existing OUT is refused unless `--overwrite`):
 * `model.stablehlo`: `jax.export` of the integer inference function (batch symbolic):
   `jax.export.deserialize(open(f, 'rb').read()).call(images)` with `uint8 [B, H, W, C]`
   images gives float32 logits, in a Python that has jax but not qnet;
-* `model.onnx`: the same network with ONNX integer operators (`qnet.deploy.onnx_graph`).
+* `model.onnx`: the same network as a QDQ graph (`qnet.deploy.qdq_onnx`): uint8 codes, int8
+  per-channel weights, int32 biases, which ONNX Runtime fuses into `QLinearConv` (its int8
+  kernels) and OpenVINO runs as int8; the codes equal qnet's integer ones;
+* `model_fp32.onnx`: the float twin (`qnet.deploy.onnx_graph.to_fp32_onnx`): the same
+  layers in float32 with the quantizers' clips, what one would deploy without qnet (for
+  speed comparisons in one runtime; not exact to the integer program).
 
 The exported network is the run's first student (with distillation: not the teacher,
 nor `extra_students`), in float32 whatever `config.dtype` trained it. The exported
@@ -50,6 +55,8 @@ from qnet.deploy import integer, packing
 FORMAT = "qnet-integer-export/2"
 FORMATS = ("qnet-integer-export/1", FORMAT)
 WEIGHTS, MANIFEST, STABLEHLO, ONNX = "weights.safetensors", "manifest.json", "model.stablehlo", "model.onnx"
+ONNX_FP32 = "model_fp32.onnx"
+MODEL_FILES = (WEIGHTS, STABLEHLO, ONNX, ONNX_FP32)
 
 
 class ExportError(ValueError):
@@ -266,7 +273,7 @@ def stablehlo_bytes(program: integer.Program) -> bytes:
 
 
 def write_export(out: str, program: integer.Program, info: dict, overwrite: bool = False) -> dict:
-  """Writes the four files into a temporary sibling of `out`, then renames it to `out`."""
+  """Writes the five files into a temporary sibling of `out`, then renames it to `out`."""
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise ExportError(f"--out={out} exists; choose a new directory or pass --overwrite")
@@ -281,7 +288,7 @@ def write_export(out: str, program: integer.Program, info: dict, overwrite: bool
     manifest = _manifest(program, info, tensors, desc, files)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
-    for name in (WEIGHTS, MANIFEST, STABLEHLO, ONNX):
+    for name in (MANIFEST, *MODEL_FILES):
       os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     _swap_in(tmp, out)
   except BaseException:
@@ -291,22 +298,26 @@ def write_export(out: str, program: integer.Program, info: dict, overwrite: bool
 
 
 def _write_model_files(tmp: str, program: integer.Program) -> tuple[dict, dict, dict]:
-  """Writes weights, StableHLO and ONNX into `tmp`; (tensors, their descriptions, files' sizes
-  and sha256)."""
+  """Writes weights, StableHLO and the two ONNX files into `tmp`; (tensors, their
+  descriptions, files' sizes and sha256; the QDQ graph's form per integer layer)."""
   from safetensors.numpy import save_file
 
-  from qnet.deploy import onnx_graph
+  from qnet.deploy import onnx_graph, qdq_onnx
 
   tensors, desc = stored_tensors(program)
   save_file(tensors, os.path.join(tmp, WEIGHTS))
   with open(os.path.join(tmp, STABLEHLO), "wb") as f:
     f.write(stablehlo_bytes(program))
+  forms: dict = {}
   with open(os.path.join(tmp, ONNX), "wb") as f:
-    f.write(onnx_graph.to_onnx(program).SerializeToString())
+    f.write(qdq_onnx.to_onnx(program, report=forms).SerializeToString())
+  with open(os.path.join(tmp, ONNX_FP32), "wb") as f:
+    f.write(onnx_graph.to_fp32_onnx(program).SerializeToString())
   files = {
     name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
-    for name in (WEIGHTS, STABLEHLO, ONNX)
+    for name in MODEL_FILES
   }
+  files[ONNX]["layer_forms"] = forms
   return tensors, desc, files
 
 

@@ -1,14 +1,18 @@
-"""ONNX form of an integer `Program` (qnet.deploy.integer), built with the `onnx` helper API.
+"""ONNX graphs of an integer `Program` (qnet.deploy.integer): the shared builder and the float
+ops, and the plain FP32 network (`to_fp32_onnx`).
 
-Same input and output as the StableHLO export: raw `uint8` images `[B, H, W, C]` (batch
-symbolic) in, float32 logits `[B, classes]` out. Inside, the network runs NCHW (ONNX's
-layout). Integer layers are `ConvInteger` / `MatMulInteger` with `uint8` activation codes
-and `int8` weight codes (DoReFa `2i - n`, LSQ `i - 2**(k-1)`; int32 accumulators); 8-bit
-DoReFa weights, whose codes do not fit int8, are split exactly as `2 ((c - 1) / 2) + 1`
-into two integer ops. Activation codes are made and read by the program's quantizer
-(DoReFa, PACT, LSQ) with the same float32 operations as `qnet.deploy.integer`. The requant
-step is the integer thresholds of `qnet.deploy.integer.thresholds` (`GreaterOrEqual` on int32,
-summed). Opset 17; runs on onnxruntime's CPU provider.
+Every graph has the StableHLO export's input and output: raw `uint8` images `[B, H, W, C]`
+(batch symbolic) in, float32 logits `[B, classes]` out. Inside, the network runs NCHW
+(ONNX's layout). The quantized graph that `qnet.export` writes as `model.onnx` is
+`qnet.deploy.qdq_onnx`; it emits its float parts (preprocessing, BatchNorm, pools, float
+layers) with the functions here.
+
+`to_fp32_onnx` is the network a user would deploy without qnet, for speed comparisons in one
+runtime: the same layers in float32, on the quantized weights' values (`2 i / n - 1`, `q s`),
+with every activation quantizer replaced by its clip range (DoReFa `[0, 1]`, PACT `[0,
+alpha]`, LSQ `[0, n s]`) and the BatchNorm and bias before a quantizer folded into the
+conv's weights and bias (`Conv` + `Clip`, as an FP32 deployment fuses them). It is not
+exact to the integer program (its activations are not rounded); it is its float twin.
 """
 
 from __future__ import annotations
@@ -20,19 +24,22 @@ from qnet.deploy import integer
 OPSET = 17
 
 
-def _onnx():
+def onnx_module():
+  """The `onnx` package (an optional extra)."""
   try:
     import onnx
-  except ImportError as e:  # optional extra
+  except ImportError as e:
     raise ImportError("ONNX export needs the `onnx` package: pip install 'qnet[export]'") from e
   return onnx
 
 
-class _Graph:
+class Graph:
+  """Nodes and initializers under construction, with fresh names."""
+
   def __init__(self):
-    onnx = _onnx()
+    onnx = onnx_module()
     self.helper, self.numpy_helper, self.TensorProto = onnx.helper, onnx.numpy_helper, onnx.TensorProto
-    self.nodes, self.inits = [], []
+    self.nodes, self.inits, self.outputs = [], [], []
     self._count = 0
 
   def const(self, array: np.ndarray, hint: str = "c") -> str:
@@ -41,156 +48,193 @@ class _Graph:
     self.inits.append(self.numpy_helper.from_array(np.asarray(array), name))
     return name
 
-  def node(self, op: str, ins: list[str], hint: str = "t", **attrs) -> str:
+  def node(self, op: str, ins: list[str], hint: str = "t", domain: str = "", **attrs) -> str:
     self._count += 1
     out = f"{hint}_{self._count}"
-    self.nodes.append(self.helper.make_node(op, ins, [out], **attrs))
+    self.nodes.append(self.helper.make_node(op, ins, [out], domain=domain or None, **attrs))
     return out
 
+  def model(self, program: integer.Program, name: str, opset: int = OPSET):
+    """The checked model: uint8 NHWC images in, float logits (and any extra outputs) out."""
+    onnx, tp = onnx_module(), self.TensorProto
+    h, w, c = program.input_shape
+    outputs = [self.helper.make_tensor_value_info("logits", tp.FLOAT, ["batch", program.num_classes])]
+    outputs += [
+      self.helper.make_tensor_value_info(n, t, [f"{n}_{i}" for i in range(r)]) for n, t, r in self.outputs
+    ]
+    graph = self.helper.make_graph(
+      self.nodes,
+      name,
+      [self.helper.make_tensor_value_info("image", tp.UINT8, ["batch", h, w, c])],
+      outputs,
+      self.inits,
+    )
+    model = self.helper.make_model(
+      graph, opset_imports=[self.helper.make_opsetid("", opset)], producer_name="qnet"
+    )
+    onnx.checker.check_model(model)
+    return model
 
-def _pads(padding) -> list[int]:
+
+def pads(padding) -> list[int]:
+  """ONNX `pads` of explicit `[[top, bottom], [left, right]]`."""
   (t, b), (l, r) = padding
   return [int(t), int(l), int(b), int(r)]
 
 
-def to_onnx(program: integer.Program, opset: int = OPSET):
-  """The `onnx.ModelProto` of `program` (checked with `onnx.checker`)."""
-  onnx = _onnx()
-  g = _Graph()
-  env: dict[str, tuple[str, int]] = {}  # value name -> (onnx name, rank)
-  for op in program.ops:
-    x, rank = env.get(op["in"][0], ("image", 4))
-    env[op["out"]] = _op(g, op, x, rank, program.arrays, env)
-  model = _model(g, program, opset)
-  onnx.checker.check_model(model)
-  return model
-
-
-def _chw(vec: np.ndarray, rank: int) -> np.ndarray:
+def chw(vec: np.ndarray, rank: int) -> np.ndarray:
   """A per-channel vector shaped to broadcast over NCHW (rank 4) or NC (rank 2)."""
-  return vec.reshape((-1, 1, 1) if rank == 4 else (-1,))
+  return np.asarray(vec).reshape((-1, 1, 1) if rank == 4 else (-1,))
 
 
-def _op(g: _Graph, op: dict, x: str, rank: int, arrays, env) -> tuple[str, int]:
-  """Emits one program op reading `x` (of `rank`); its output name and rank."""
+def oihw(kernel: np.ndarray) -> np.ndarray:
+  """An HWIO kernel in ONNX's OIHW order."""
+  return np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1))
+
+
+def chw_rows(kernel: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """A flatten-dense kernel's rows reordered from the model's NHWC flatten order to NCHW's,
+  so the graph flattens its NCHW tensor without a transpose. `shape` is the input's (H, W, C)."""
+  if len(shape) != 3:
+    return kernel
+  h, w, c = shape
+  k = np.asarray(kernel)
+  return np.ascontiguousarray(k.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(h * w * c, -1))
+
+
+def float_op(g: Graph, op: dict, x: str, rank: int, arrays, env) -> tuple[str, int] | None:
+  """Emits a program op that is float in every graph; None if `op` is not one."""
   kind = op["op"]
-  if kind in ("conv", "dense"):
-    return _layer(g, op, x, rank, arrays)
-  if kind in ("preprocess", "quantize", "clip", "dequant_codes", "dequant", "requant"):
-    return _codes_op(g, op, x, rank, arrays), rank
+  tp = g.TensorProto
+  if kind == "preprocess":
+    y = g.node("Cast", [x], to=tp.FLOAT)
+    y = g.node("Div", [y, g.const(np.float32(255.0))])
+    y = g.node("Sub", [y, g.const(np.asarray(op["mean"], np.float32))])
+    y = g.node("Div", [y, g.const(np.asarray(op["std"], np.float32))])
+    return g.node("Transpose", [y], perm=[0, 3, 1, 2]), 4
   if kind == "batchnorm":
     var, scale = arrays[op["var"]], arrays[op["scale"]]
     mul = (np.float32(1.0) / np.sqrt(var + np.float32(op["eps"]))) * scale
-    y = g.node("Sub", [x, g.const(_chw(arrays[op["mean"]], rank))])
-    y = g.node("Mul", [y, g.const(_chw(mul.astype(np.float32), rank))])
-    return g.node("Add", [y, g.const(_chw(arrays[op["bias"]], rank))]), rank
-  if kind == "maxpool":
-    attrs = dict(kernel_shape=op["window"], strides=op["strides"], pads=_pads(op["padding"]))
+    y = g.node("Sub", [x, g.const(chw(arrays[op["mean"]], rank))])
+    y = g.node("Mul", [y, g.const(chw(mul.astype(np.float32), rank))])
+    return g.node("Add", [y, g.const(chw(arrays[op["bias"]], rank))]), rank
+  if kind == "maxpool":  # on floats or on uint8 codes alike
+    attrs = dict(kernel_shape=op["window"], strides=op["strides"], pads=pads(op["padding"]))
     return g.node("MaxPool", [x], **attrs), rank
   if kind == "relu":
     return g.node("Relu", [x]), rank
+  if kind == "clip":
+    return g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))]), rank
   if kind == "add":
     return g.node("Add", [x, env[op["in"][1]][0]]), rank
   if kind == "output":
     g.node("Identity", [x])
     g.nodes[-1].output[0] = "logits"
     return "logits", rank
-  raise ValueError(f"unknown op {kind!r}")
+  return None
 
 
-def _codes_op(g: _Graph, op: dict, x: str, rank: int, arrays) -> str:
-  """Emits an op that moves between float values and integer activation codes."""
-  tp = g.TensorProto
-  kind = op["op"]
-  if kind == "preprocess":
-    y = g.node("Cast", [x], to=tp.FLOAT)
-    y = g.node("Div", [y, g.const(np.float32(255.0))])
-    y = g.node("Sub", [y, g.const(np.asarray(op["mean"], np.float32))])
-    y = g.node("Div", [y, g.const(np.asarray(op["std"], np.float32))])
-    return g.node("Transpose", [y], perm=[0, 3, 1, 2])
-  if kind == "clip":
-    return g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))])
-  if kind == "dequant":
-    factor = op["factor"]  # a number, or a per-channel tensor's name
-    f = _chw(arrays[factor], rank) if isinstance(factor, str) else np.float32(factor)
-    y = g.node("Mul", [g.node("Cast", [x], to=tp.FLOAT), g.const(np.asarray(f, np.float32))])
-    return g.node("Add", [y, g.const(_chw(arrays[op["bias"]], rank))]) if op["bias"] else y
-  n = np.float32(integer.levels(op["bits"]))
-  quantizer = op.get("quantizer", "dorefa")
-  if kind == "quantize":  # the float32 operations of integer.quantize_codes
-    if quantizer == "lsq":
-      y = g.node("Div", [x, g.const(np.float32(op["step"]))])
-      y = g.node("Round", [g.node("Clip", [y, g.const(np.float32(0)), g.const(n)])])
-    else:
-      a = np.float32(op["clip"]) if quantizer == "pact" else np.float32(1)
-      y = g.node("Mul", [g.node("Clip", [x, g.const(np.float32(0)), g.const(a)]), g.const(n)])
-      y = g.node("Round", [g.node("Div", [y, g.const(a)]) if quantizer == "pact" else y])
-    return g.node("Cast", [y], to=tp.UINT8)
-  if kind == "dequant_codes":  # integer.dequantize_codes
-    y = g.node("Cast", [x], to=tp.FLOAT)
-    if quantizer == "lsq":
-      return g.node("Mul", [y, g.const(np.float32(op["step"]))])
-    if quantizer == "pact":
-      y = g.node("Mul", [y, g.const(np.float32(op["clip"]))])
-    return g.node("Div", [y, g.const(n)])
-  # requant
-  sign, u = integer.thresholds(arrays[op["scale"]], arrays[op["shift"]], op["bits"])
-  y = g.node("Mul", [x, g.const(_chw(sign, rank))])
-  y = g.node("Unsqueeze", [y, g.const(np.array([-1], np.int64))])
-  u = u.reshape(u.shape[0], 1, 1, u.shape[1]) if rank == 4 else u
-  y = g.node("Cast", [g.node("GreaterOrEqual", [y, g.const(u)])], to=tp.INT32)
-  y = g.node("ReduceSum", [y, g.const(np.array([-1], np.int64))], keepdims=0)
-  return g.node("Cast", [y], to=tp.UINT8)
-
-
-def _model(g: _Graph, program: integer.Program, opset: int):
-  """The model around the emitted nodes: uint8 NHWC images in, float logits out."""
-  tp = g.TensorProto
-  h, w, c = program.input_shape
-  graph = g.helper.make_graph(
-    g.nodes,
-    "qnet_integer",
-    [g.helper.make_tensor_value_info("image", tp.UINT8, ["batch", h, w, c])],
-    [g.helper.make_tensor_value_info("logits", tp.FLOAT, ["batch", program.num_classes])],
-    g.inits,
-  )
-  return g.helper.make_model(
-    graph, opset_imports=[g.helper.make_opsetid("", opset)], producer_name="qnet"
-  )
-
-
-def _layer(g: _Graph, op: dict, x: str, rank: int, arrays) -> tuple[str, int]:
-  tp = g.TensorProto
-  w_bits, in_bits = op["weight_bits"], op["in_bits"]
-  integer_layer = w_bits != integer.FP and in_bits != integer.FP
-  parts = integer.layer_weights(op, arrays)
-
-  def combine(terms):
-    out = None
-    for k, t in terms:
-      t = t if k == 1 else g.node("Mul", [t, g.const(np.int32(k))])
-      out = t if out is None else g.node("Add", [out, t])
-    return out
-
+def float_layer(g: Graph, op: dict, x: str, rank: int, kernel: np.ndarray, bias, in_shape) -> tuple[str, int]:
+  """A float conv or dense on the float32 `kernel` (HWIO / [in, out]) plus `bias` (float32
+  or None). `in_shape` is the program's (H, W, C) or (C,) of the input."""
   if op["op"] == "conv":
-    attrs = dict(strides=op["strides"], pads=_pads(op["padding"]))
-    oihw = lambda w: np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-    if integer_layer:
-      return combine([(k, g.node("ConvInteger", [x, g.const(oihw(w), "w")], **attrs)) for k, w in parts]), 4
-    return g.node("Conv", [x, g.const(oihw(parts[0][1]), "w")], **attrs), 4
-  # dense
-  reduce = op["reduce"]
-  if rank == 4 and (reduce == "flatten" or integer_layer):
-    x = g.node("Transpose", [x], perm=[0, 2, 3, 1])  # NHWC: the model's flatten order
-    if reduce == "flatten":
-      x = g.node("Flatten", [x], axis=1)
+    ins = [x, g.const(oihw(kernel), "w")] + ([g.const(bias.astype(np.float32), "b")] if bias is not None else [])
+    return g.node("Conv", ins, strides=op["strides"], pads=pads(op["padding"])), 4
+  if rank == 4 and op["reduce"] == "mean":
+    x = g.node("GlobalAveragePool", [x])
   elif rank == 4:
-    x = g.node("ReduceMean", [x], axes=[2, 3], keepdims=0)
-  if integer_layer:
-    terms = [(k, g.node("MatMulInteger", [x, g.const(w, "w")])) for k, w in parts]
-    out = combine(terms)
-    if rank == 4 and reduce == "mean":  # per-position products, summed in int32
-      out = g.node("ReduceSum", [out, g.const(np.array([1, 2], np.int64))], keepdims=0)
-    return out, 2
-  y = g.node("MatMul", [x, g.const(parts[0][1], "w")])
-  return g.node("Add", [y, g.const(arrays[op["bias"]].astype(np.float32))]), 2
+    kernel = chw_rows(kernel, in_shape)
+  if rank == 4:
+    x = g.node("Flatten", [x], axis=1)
+  ins = [x, g.const(np.asarray(kernel, np.float32), "w")]
+  if bias is None:
+    return g.node("MatMul", ins), 2
+  return g.node("Gemm", ins + [g.const(np.asarray(bias, np.float32), "b")]), 2
+
+
+def value_shapes(program: integer.Program) -> dict[str, tuple[int, ...]]:
+  """Each program value's NHWC shape without the batch (`(H, W, C)` or `(C,)`), by name."""
+  import jax
+
+  spec = jax.ShapeDtypeStruct((1, *program.input_shape), np.uint8)
+  arrays = integer.runtime_arrays(program)
+  _, values = jax.eval_shape(lambda x: integer.interpret(program.ops, arrays, x, True), spec)
+  return {k: tuple(v.shape[1:]) for k, v in values.items()}
+
+
+def float_weights(op: dict, arrays) -> np.ndarray:
+  """A conv/dense op's weights as float32 values (dequantized levels, or the 32-bit kernel)."""
+  w, bits = arrays[op["weight"]], op["weight_bits"]
+  if bits == integer.FP:
+    return np.asarray(w, np.float32)
+  quantizer = integer.weight_quantizer_of(op)
+  step = arrays[op["weight_step"]] if quantizer == "lsq" else None
+  return integer.dequantize_weights(w, bits, quantizer, step)
+
+
+def code_unit(op: dict, arrays) -> np.ndarray:
+  """What one accumulator unit of an integer layer is worth (float64, scalar or `[C_out]`):
+  the weight code's value times the input code's (`w_unit * in_step`)."""
+  if integer.weight_quantizer_of(op) == "lsq":
+    w_unit = np.asarray(arrays[op["weight_step"]], np.float64)
+  else:
+    w_unit = 1.0 / integer.levels(op["weight_bits"])
+  return w_unit * float(op["in_step"])
+
+
+def act_range(op: dict) -> float:
+  """The top of a quantizer's range: the value of code n."""
+  return integer.levels(op["bits"]) * float(op["step"]) if op.get("quantizer") == "lsq" else (
+    float(op["clip"]) if op.get("quantizer") == "pact" else 1.0
+  )
+
+
+def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
+  """The program's network in float32 (see the module docstring), as an `onnx.ModelProto`."""
+  g = Graph()
+  shapes = value_shapes(program)
+  consumers = {}
+  for op in program.ops:
+    for name in op["in"]:
+      consumers.setdefault(name, []).append(op)
+  env: dict[str, tuple[str, int]] = {}
+  done = set()
+  for op in program.ops:
+    if op["out"] in done:
+      continue
+    x, rank = env.get(op["in"][0], ("image", 4))
+    kind = op["op"]
+    emitted = float_op(g, op, x, rank, program.arrays, env)
+    if emitted is not None:
+      env[op["out"]] = emitted
+    elif kind in ("quantize", "dequant_codes"):  # values stay float: the quantizer's clip
+      top = np.float32(act_range(op))
+      env[op["out"]] = (
+        g.node("Clip", [x, g.const(np.float32(0)), g.const(top)]) if kind == "quantize" else x
+      ), rank
+    elif kind in ("conv", "dense"):
+      kernel, bias = float_weights(op, program.arrays), None
+      integer_layer = op["weight_bits"] != integer.FP and op["in_bits"] != integer.FP
+      (nxt,) = consumers[op["out"]] if integer_layer else [None]
+      if nxt is not None and nxt["op"] == "requant":
+        # acc * unit is the float conv's output; the requant's affine map in code units,
+        # times the next step, folds into the kernel and bias; then the quantizer's clip.
+        scale, shift = program.arrays[nxt["scale"]], program.arrays[nxt["shift"]]
+        step = float(nxt["step"])
+        unit = code_unit(op, program.arrays) / op.get("pooled", 1)
+        kernel = (kernel * (scale * step / unit)).astype(np.float32)
+        bias = (shift * step).astype(np.float32)
+      elif nxt is not None:  # dequant: acc * factor + bias is the float layer plus its bias
+        bias = program.arrays[nxt["bias"]] if nxt["bias"] else None
+      elif op["op"] == "dense":
+        bias = program.arrays[op["bias"]]
+      y, r = float_layer(g, op, x, rank, kernel, bias, shapes[op["in"][0]])
+      if nxt is not None:
+        if nxt["op"] == "requant":
+          y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(act_range(nxt)))])
+        env[nxt["out"]] = (y, r)
+        done.add(nxt["out"])
+      env[op["out"]] = (y, r)
+    else:
+      raise ValueError(f"unknown op {kind!r}")
+  return g.model(program, "qnet_fp32", opset)

@@ -1,0 +1,239 @@
+"""Deployment speed: images/s of one network on each runtime path, measured side by side.
+
+  PYTHONPATH=. python experiments/deploy_speed.py [--models fmnist_cnn,resnet20,resnet18]
+      [--bits 4,2] [--batches 1,64] [--rounds 3] [--seconds 1.0] [--out FILE.json]
+
+Per network (initialised weights with non-trivial BatchNorm statistics: speed does not depend
+on trained values; stem and classifier at 32 bits, the default) and bits it builds the
+integer program and its files in memory, then times, in alternating rounds (the order flips
+each round), every path at every batch size and thread count (1, and all cores):
+
+* `ort_fp32`: `qnet.deploy.onnx_graph.to_fp32_onnx`, the float network a user would deploy;
+* `ort_qdq`: qnet's `model.onnx` (`qnet.deploy.qdq_onnx`);
+* `ort_peer_int8`: ONNX Runtime's own `quantize_static` (QDQ, uint8 activations, int8
+  per-channel weights, MinMax calibration on random images) applied to `ort_fp32`'s file:
+  the peer the issue names, on exactly the same network;
+* `ov_fp32`, `ov_int8`: OpenVINO's CPU plugin on the FP32 file and on the QDQ file
+  (`INFERENCE_PRECISION_HINT=f32`, one stream, static batch);
+* `stablehlo`: `model.stablehlo` through `jax.export` (all cores only: XLA's CPU thread pool
+  is fixed per process).
+
+Speed ratios are each path's images/s over `ort_fp32`'s in the same round; the report
+gives their medians. The load (`/proc/loadavg`) before and after each network and the CPU's
+flags are recorded with the figures (the machines differ; the 2 cores are shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qnet import models
+from qnet.data.datasets import DATASETS
+from qnet.deploy import export, integer, lowering, onnx_graph, qdq_onnx
+from qnet.quant import precision as precision_lib
+
+NETWORKS = {"fmnist_cnn": "fashion_mnist", "resnet20": "cifar10", "resnet18": "imagenet2012"}
+FLAGS = ("avx512_vnni", "avx_vnni", "avx512f", "avx512_bf16", "amx_int8", "avx2", "fma")
+
+
+def cpu_flags() -> list[str]:
+  """The CPU flags that decide which int8/float kernels run (from /proc/cpuinfo)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      line = next(l for l in f if l.startswith("flags"))
+  except (OSError, StopIteration):
+    return []
+  have = set(line.split(":", 1)[1].split())
+  return [f for f in FLAGS if f in have]
+
+
+def load() -> list[float]:
+  return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+
+
+def initialised_program(name: str, w: int, a: int, seed: int = 0) -> integer.Program:
+  """The program of an initialised `name` at WwAa with BatchNorm statistics and affine
+  parameters away from their defaults (so thresholds are spread as in a trained net)."""
+  ds = DATASETS[NETWORKS[name]]
+  shape = (ds.image_size, ds.image_size, ds.channels)
+  model = models.create_model(name, ds.num_classes)
+  sample = jnp.zeros((1, *shape))
+  v = model.init(jax.random.key(seed), sample, train=False)
+  rng = np.random.default_rng(seed)
+  stats = jax.tree.map(lambda x: np.asarray(x) + rng.uniform(0.05, 0.5, x.shape).astype(np.float32), v["batch_stats"])
+  params = jax.tree_util.tree_map_with_path(
+    lambda p, x: np.asarray(x) + rng.normal(0, 0.3, x.shape).astype(np.float32)
+    if jax.tree_util.keystr(p).endswith(("['bias']", "['scale']"))
+    else np.asarray(x),
+    v["params"],
+  )
+  layout = precision_lib.layout_of(model, sample)
+  wv, av = precision_lib.layer_bits(layout, w, a, keep_first_last_fp=True)
+  bits = {"/".join(p): (int(wv[i]), int(av[i])) for i, p in enumerate(layout.paths)}
+  return lowering.build_program(model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
+
+
+def peer_int8(fp32_path: str, out_path: str, shape, batches: int = 4) -> None:
+  """ONNX Runtime's `quantize_static` on the FP32 file (the issue's peer settings)."""
+  from onnxruntime import quantization as q
+
+  rng = np.random.default_rng(1)
+
+  class Reader(q.CalibrationDataReader):
+    def __init__(self):
+      self.batches = iter(
+        [{"image": rng.integers(0, 256, (8, *shape)).astype(np.uint8)} for _ in range(batches)]
+      )
+
+    def get_next(self):
+      return next(self.batches, None)
+
+  q.quantize_static(
+    fp32_path, out_path, Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+    activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+  )
+
+
+def ort_fn(path: str, threads: int):
+  import onnxruntime as ort
+
+  so = ort.SessionOptions()
+  so.intra_op_num_threads = threads
+  so.inter_op_num_threads = 1
+  so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+  s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+  return lambda x: s.run(None, {"image": x})[0]
+
+
+def ov_fns(path: str, threads: int, batches, shape) -> dict:
+  """Per batch size an OpenVINO CPU function (static shapes, one stream, f32 precision)."""
+  import openvino as ov
+
+  core = ov.Core()
+  fns = {}
+  for b in batches:
+    model = core.read_model(path)
+    model.reshape({"image": [b, *shape]})
+    compiled = core.compile_model(
+      model, "CPU",
+      {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"},
+    )
+    request = compiled.create_infer_request()
+    fns[b] = lambda x, r=request: r.infer({0: x})[0]
+  return fns
+
+
+def time_fn(fn, x, seconds: float) -> float:
+  """images/s: calls until `seconds` have passed (at least 3), after one warm-up call."""
+  fn(x)
+  calls, start = 0, time.perf_counter()
+  while calls < 3 or time.perf_counter() - start < seconds:
+    fn(x)
+    calls += 1
+  return calls * len(x) / (time.perf_counter() - start)
+
+
+def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp: str) -> dict:
+  program = initialised_program(name, w, a)
+  shape = program.input_shape
+  report: dict = {}
+  files = {
+    "fp32": onnx_graph.to_fp32_onnx(program),
+    "qdq": qdq_onnx.to_onnx(program, report=report),
+  }
+  paths = {}
+  for key, model in files.items():
+    paths[key] = os.path.join(tmp, f"{name}_w{w}a{a}_{key}.onnx")
+    with open(paths[key], "wb") as f:
+      f.write(model.SerializeToString())
+  paths["peer"] = os.path.join(tmp, f"{name}_w{w}a{a}_peer.onnx")
+  peer_int8(paths["fp32"], paths["peer"], shape)
+  hlo = jax.jit(jax.export.deserialize(bytearray(export.stablehlo_bytes(program))).call)
+  all_cores = os.cpu_count() or 1
+  threads = sorted({1, all_cores})
+  fns = {}  # (path, threads) -> {batch: fn}
+  for t in threads:
+    for key, label in (("fp32", "ort_fp32"), ("qdq", "ort_qdq"), ("peer", "ort_peer_int8")):
+      f = ort_fn(paths[key], t)
+      fns[(label, t)] = {b: f for b in batches}
+    fns[("ov_fp32", t)] = ov_fns(paths["fp32"], t, batches, shape)
+    fns[("ov_int8", t)] = ov_fns(paths["qdq"], t, batches, shape)
+  fns[("stablehlo", all_cores)] = {b: (lambda x: np.asarray(hlo(x))) for b in batches}
+  rng = np.random.default_rng(0)
+  images = {b: rng.integers(0, 256, (b, *shape)).astype(np.uint8) for b in batches}
+  load_before = load()
+  rows: dict = {}
+  for r in range(rounds):
+    order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+    for b in batches:
+      for key in order:
+        ips = time_fn(fns[key][b], images[b], seconds)
+        rows.setdefault(f"{key[0]}|threads={key[1]}|batch={b}", []).append(ips)
+  result = {
+    "model": name, "bits": [w, a], "input_shape": list(shape), "forms": report,
+    "load_before": load_before, "load_after": load(), "rounds": rows, "median_images_per_s": {},
+    "median_ratio_vs_ort_fp32": {},
+  }
+  for key, values in rows.items():
+    path, t, b = key.split("|")
+    base = rows.get(f"ort_fp32|{t}|{b}")
+    result["median_images_per_s"][key] = statistics.median(values)
+    if base:
+      result["median_ratio_vs_ort_fp32"][key] = statistics.median(v / u for v, u in zip(values, base))
+  return result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--models", default="fmnist_cnn,resnet20,resnet18")
+  parser.add_argument("--bits", default="4,2")
+  parser.add_argument("--batches", default="1,64")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--seconds", type=float, default=1.0)
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  import onnxruntime
+  import openvino
+
+  meta = {
+    "cpu_flags": cpu_flags(), "cpu": platform.processor() or platform.machine(),
+    "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+    "openvino": openvino.__version__, "jax": jax.__version__,
+    "command": "PYTHONPATH=. python experiments/deploy_speed.py " + " ".join(
+      f"--{k}={v}" for k, v in vars(args).items() if v != ""
+    ),
+  }
+  print(json.dumps(meta))
+  results = []
+  batches = [int(b) for b in args.batches.split(",")]
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in args.models.split(","):
+      for bits in args.bits.split(","):
+        k = int(bits)
+        res = measure(name, k, k, batches, args.rounds, args.seconds, tmp)
+        results.append(res)
+        print(f"== {name} W{k}A{k}  load {res['load_before']} -> {res['load_after']}  flags {meta['cpu_flags']}")
+        forms = sorted({v['form'] for v in res['forms'].values()})
+        print(f"   integer layers' forms: {forms}")
+        for key, ips in res["median_images_per_s"].items():
+          ratio = res["median_ratio_vs_ort_fp32"].get(key)
+          print(f"   {key:<36} {ips:>9.0f} images/s" + (f"  x{ratio:.2f} vs ort_fp32" if ratio else ""))
+        if args.out:
+          with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,325 @@
+"""QDQ ONNX of an integer `Program`: the form ONNX Runtime runs on its int8 kernels.
+
+ONNX Runtime fuses `DequantizeLinear -> Conv -> QuantizeLinear` into `QLinearConv` (MLAS,
+VNNI), `DequantizeLinear -> Gemm -> QuantizeLinear` into `QGemm` and `DequantizeLinear ->
+MatMul` into `MatMulIntegerToFloat`; OpenVINO reads the same graph as FakeQuantize and runs
+int8. What each program op becomes (NCHW inside; uint8 NHWC images in, float32 logits out):
+
+* `quantize` (float to codes): the program's own float32 operations (`integer.quantize_codes`)
+  and a `QuantizeLinear` with scale 1 as the round (half to even) and cast.
+* activation codes `j` are `uint8` tensors (zero point 0) whose DQ scale is 1: the graph's
+  float values between a DQ and a Q are in code units, so every multiplier is explicit.
+* `conv`/`dense` -> `requant` (integer to integer): DQ(codes) -> `Conv`/`Gemm` with int8
+  weights `w = sign K c` (per output channel: the weight codes `c` times an integer `K`, so
+  `acc' = sign K acc` in int32), DQ weight scale `M` per channel, an int32 bias `B` -> Q
+  (scale 1) -> an integer `Clip` to `[0, n]` on the uint8 codes (the fusion keeps it: it
+  lies between the Q and the next DQ). The fused kernel computes `round(float(acc' + B) M)`;
+  `fit_requant` picks `K`, `B`, `M` per channel so that this equals qnet's thresholds for
+  every reachable accumulator (proved by checking both sides of every threshold, the map
+  being monotone), which is why the codes are exact, not merely close. A negative scale
+  (BatchNorm) is the sign folded into the weights.
+* `dense` -> `dequant` (integer to float): DQ(codes) -> `MatMul` with DQ(int8 codes), both
+  scale 1 (`MatMulIntegerToFloat`: the exact int32 accumulator), then `* factor + bias`.
+* `conv` -> `dequant` (into the float residual stream: ONNX Runtime has no int8 conv with a
+  float output): DQ(codes) -> a float `Conv` whose weights are the codes times the
+  accumulator's factor, a float32 sum like the fake-quant network's own.
+* layers that cannot take the fused form (DoReFa 8-bit weight codes, odd numbers up to 255,
+  do not fit int8; a `mean` dense; a channel `fit_requant` cannot fit) run a float conv on
+  the integer codes and the requant as float `scale * acc + shift` -> Q -> Clip.
+* so a code differs from qnet's only at a rounding tie of a float32 sum or map (the fused
+  layers: never).
+* max-pools on codes run on the uint8 tensor; the float parts (preprocessing, BatchNorm,
+  the residual stream, 32-bit layers) are `qnet.deploy.onnx_graph`'s float ops.
+
+`to_onnx(program, report=...)` records per integer layer which form it took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from qnet.deploy import integer
+from qnet.deploy.onnx_graph import OPSET, Graph, chw, chw_rows, float_layer, float_op, float_weights
+from qnet.deploy.onnx_graph import oihw, value_shapes
+
+_I32 = np.iinfo(np.int32)
+
+
+@dataclasses.dataclass
+class RequantFit:
+  """Per output channel: int8 weight multiplier `k` (signed: the threshold sign folded in; 0
+  for a constant channel), int32 bias `b`, float32 multiplier `m`; `margin` (accumulator
+  units) is the least distance of a code boundary from a reachable accumulator; `ok`."""
+
+  k: np.ndarray
+  b: np.ndarray
+  m: np.ndarray
+  margin: np.ndarray
+  ok: np.ndarray
+
+
+def requant_codes(acc2: np.ndarray, b: np.ndarray, m: np.ndarray, n: int) -> np.ndarray:
+  """The fused kernels' requantization, emulated: `min(n, clip(round(float32(float32(acc2 +
+  b) * m)), 0, 255))`, round half to even (MLAS's float multiply and magic-number round)."""
+  z = (acc2 + b).astype(np.float32) * np.asarray(m, np.float32)
+  return np.minimum(np.clip(np.rint(z), 0, 255), n).astype(np.int64)
+
+
+def fit_requant(
+  scale: np.ndarray, shift: np.ndarray, bits: int, max_abs_w: np.ndarray, acc_max: np.ndarray,
+  in_bits: int,
+) -> RequantFit:
+  """`k`, `b`, `m` per channel with `requant_codes(k acc, b, m, n)` equal to qnet's threshold
+  codes of `acc` (`integer.thresholds(scale, shift, bits)`) for every `|acc| <= acc_max`.
+
+  With `t = sign acc` and `a = |k| t`, code `>= j` must hold exactly for `t >= U_j`: the
+  boundary `(j - 1/2) / m - b` of the fused map must lie in `(|k| (U_j - 1), |k| U_j]`. `|k|`
+  is as large as int8 allows (`127 // max|c|`; 64 with 8-bit inputs, where AVX2's 16-bit pair
+  sums would saturate), which widens those intervals; for each integer `b` near the
+  program's own map the best `1/m` (largest margin) is found by bisection, and the fit is
+  then checked with `requant_codes` on both sides of every threshold.
+  """
+  n = integer.levels(bits)
+  sign, u = integer.thresholds(scale, shift, bits)
+  limit = 64 if in_bits >= 8 else 127
+  max_abs_w = np.asarray(max_abs_w, np.int64)
+  a_max = np.asarray(acc_max, np.int64)
+  kk = np.where(max_abs_w > 0, limit // np.maximum(max_abs_w, 1), 1).astype(np.int64)
+  uu = u.astype(np.int64)
+  always, never = uu <= -a_max[:, None], uu > a_max[:, None]
+  const = np.all(always | never, axis=1)
+  kf = kk[:, None].astype(np.float64)
+  lo = np.where(always, -np.inf, np.where(never, kf * a_max[:, None], kf * (uu - 1)))
+  hi = np.where(never, np.inf, np.where(always, -kf * a_max[:, None], kf * uu))
+  half = np.arange(1, n + 1, dtype=np.float64) - 0.5
+  c = len(scale)
+  b = np.zeros(c, np.int64)
+  p = np.ones(c, np.float64)
+  margin = np.full(c, np.inf)
+  absscale = np.abs(np.asarray(scale, np.float64))
+  for ch in np.flatnonzero(~const):  # per channel: arrays [candidates, n]
+    p0 = kf[ch, 0] / absscale[ch]
+    b0 = kf[ch, 0] * np.asarray(shift, np.float64)[ch] / absscale[ch]
+    radius = int(min(kk[ch], 48)) + 2
+    cand = np.round(b0) + np.arange(-radius, radius + 1, dtype=np.float64)
+    fin_lo, fin_hi = np.isfinite(lo[ch]), np.isfinite(hi[ch])
+
+    def gaps(pp):
+      bound = half[None, :] * pp[:, None] - cand[:, None]  # the boundaries, [cand, n]
+      g = np.where(fin_lo, bound - lo[ch], np.inf).min(axis=1)
+      h = np.where(fin_hi, hi[ch] - bound, np.inf).min(axis=1)
+      return g, h
+
+    lo_p, hi_p = np.full(len(cand), p0 / 16), np.full(len(cand), p0 * 16)
+    for _ in range(80):  # g - h increases with p: bisect for g = h
+      mid = np.sqrt(lo_p * hi_p)
+      g, h = gaps(mid)
+      up = g < h
+      lo_p, hi_p = np.where(up, mid, lo_p), np.where(up, hi_p, mid)
+    g, h = gaps(lo_p)
+    best = int(np.argmax(np.minimum(g, h)))
+    b[ch], p[ch], margin[ch] = int(cand[best]), lo_p[best], min(g[best], h[best]) / kk[ch]
+  m = (1.0 / p).astype(np.float32)
+  b = np.where(const, np.sum(always, axis=1), b)
+  m = np.where(const, np.float32(1), m).astype(np.float32)
+  kk = np.where(const, 0, kk * sign)
+  # The proof: just below and at every threshold that a reachable accumulator can meet.
+  ok = const | (margin > 0)
+  ok &= (np.abs(b) + np.abs(kk) * a_max) < _I32.max
+  with np.errstate(invalid="ignore"):
+    for j in range(n):
+      for point, need_at_least in ((lo[:, j], False), (hi[:, j], True)):
+        fin = np.isfinite(point) & ~const & ok
+        a = np.where(fin, point, 0).astype(np.int64)
+        code = requant_codes(a, b, m, n)
+        ok &= ~fin | ((code >= j + 1) if need_at_least else (code <= j))
+  return RequantFit(kk, b.astype(np.int64), m, margin, ok)
+
+
+def _dq(g: Graph, x: str, scale, zero, axis: int | None = None) -> str:
+  attrs = {} if axis is None else {"axis": axis}
+  return g.node("DequantizeLinear", [x, g.const(scale, "s"), g.const(zero, "z")], "dq", **attrs)
+
+
+def _q_codes(g: Graph, y: str, n: int) -> str:
+  """Q (scale 1, uint8, round half to even, saturating at 0) and the clip to `n` on the codes."""
+  q = g.node("QuantizeLinear", [y, g.const(np.float32(1), "s"), g.const(np.uint8(0), "z")], "q")
+  if n < 255:
+    q = g.node("Clip", [q, g.const(np.uint8(0), "lo"), g.const(np.uint8(n), "hi")], "codes")
+  return q
+
+
+def _quantize(g: Graph, op: dict, x: str) -> str:
+  """`integer.quantize_codes`' float32 operations, then Q as its round and cast."""
+  n = np.float32(integer.levels(op["bits"]))
+  quantizer = op.get("quantizer", "dorefa")
+  zero = g.const(np.float32(0))
+  if quantizer == "lsq":
+    y = g.node("Div", [x, g.const(np.float32(op["step"]))])
+    y = g.node("Clip", [y, zero, g.const(n)])
+  else:
+    a = np.float32(op["clip"]) if quantizer == "pact" else np.float32(1)
+    y = g.node("Mul", [g.node("Clip", [x, zero, g.const(a)]), g.const(n)])
+    y = g.node("Div", [y, g.const(a)]) if quantizer == "pact" else y
+  return _q_codes(g, y, 255)  # already within [0, n]
+
+
+def _dequantize_codes(g: Graph, op: dict, x: str) -> str:
+  """`integer.dequantize_codes`' float32 operations."""
+  y = g.node("Cast", [x], to=g.TensorProto.FLOAT)
+  quantizer = op.get("quantizer", "dorefa")
+  if quantizer == "lsq":
+    return g.node("Mul", [y, g.const(np.float32(op["step"]))])
+  if quantizer == "pact":
+    y = g.node("Mul", [y, g.const(np.float32(op["clip"]))])
+  return g.node("Div", [y, g.const(np.float32(integer.levels(op["bits"])))])
+
+
+def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_shape, report):
+  """An integer conv/dense with its consumer (`requant` or `dequant`); (output, rank)."""
+  quantizer = integer.weight_quantizer_of(op)
+  codes = integer.signed_codes(arrays[op["weight"]], op["weight_bits"], quantizer).astype(np.int64)
+  dense, mean = op["op"] == "dense", op["op"] == "dense" and rank == 4 and op["reduce"] == "mean"
+  if dense and rank == 4 and not mean:
+    codes = chw_rows(codes, in_shape)
+    x = g.node("Flatten", [x], axis=1)  # uint8, NCHW order (the rows were reordered)
+  axes = tuple(range(codes.ndim - 1))
+  max_abs = np.abs(codes).max(axis=axes)
+  acc_max = integer.levels(op["in_bits"]) * np.abs(codes).sum(axis=axes)
+  fit = None
+  if nxt["op"] == "requant" and not mean:
+    scale, shift = arrays[nxt["scale"]], arrays[nxt["shift"]]
+    fit = fit_requant(scale, shift, nxt["bits"], max_abs, acc_max, op["in_bits"])
+    if not fit.ok.all():
+      fit = None
+  n_out = integer.levels(nxt["bits"]) if nxt["op"] == "requant" else None
+  if fit is not None:
+    w = (codes * fit.k).astype(np.int8)
+    xdq = _dq(g, x, np.float32(1), np.uint8(0))
+    c = len(fit.k)
+    if dense:
+      wdq = _dq(g, g.const(w, "w"), fit.m, np.zeros(c, np.int8), axis=1)
+    else:
+      wdq = _dq(g, g.const(oihw(w), "w"), fit.m, np.zeros(c, np.int8), axis=0)
+    bdq = _dq(g, g.const(fit.b.astype(np.int32), "b"), fit.m, np.zeros(c, np.int32), axis=0)
+    if dense:
+      y = g.node("Gemm", [xdq, wdq, bdq])
+    else:
+      y = g.node("Conv", [xdq, wdq, bdq], strides=op["strides"], pads=_pads(op))
+    finite = fit.margin[np.isfinite(fit.margin)]
+    report[op["layer"]] = {
+      "form": "QGemm" if dense else "QLinearConv",
+      "min_margin_acc_units": float(finite.min()) if finite.size else None,
+      "k": [int(v) for v in np.unique(np.abs(fit.k))],
+    }
+    return _q_codes(g, y, n_out), (2 if dense else 4)
+  # Not fused: a float layer on the codes (ONNX Runtime has no int8 conv with a float
+  # output; a DQ'd weight would keep it off its fast float kernels: measured 262 vs 467
+  # images/s on resnet20). Into the float stream (`dequant`) the weights are the codes times
+  # the accumulator's factor, one rounding each, the fake-quant network's own kind of float
+  # sum; before a requant they are the integer codes and the map is float.
+  out_rank = 2 if dense else 4
+  factor = None
+  if nxt["op"] == "dequant":
+    factor = nxt["factor"]  # a number, or a per-channel tensor's name
+    factor = np.asarray(arrays[factor] if isinstance(factor, str) else factor, np.float64)
+  if dense and not mean and nxt["op"] == "dequant":  # DQ -> MatMul: MatMulIntegerToFloat
+    xdq = _dq(g, x, np.float32(1), np.uint8(0))
+    if max_abs.max() <= 127:
+      w = _dq(g, g.const(codes.astype(np.int8), "w"), np.float32(1), np.int8(0))
+    else:
+      w = g.const(codes.astype(np.float32), "w")
+    y = g.node("Mul", [g.node("MatMul", [xdq, w]), g.const(chw(factor, 2).astype(np.float32))])
+    form = "MatMulIntegerToFloat"
+  else:
+    w = codes.astype(np.float64) * (factor if factor is not None else 1.0)
+    w = w.astype(np.float32)
+    if mean:
+      xf = g.node("Cast", [x], to=g.TensorProto.FLOAT)
+      xf = g.node("ReduceSum", [xf, g.const(np.array([2, 3], np.int64))], keepdims=0)
+      y = g.node("MatMul", [xf, g.const(w, "w")])
+    else:
+      xdq = _dq(g, x, np.float32(1), np.uint8(0))
+      if dense:
+        y = g.node("MatMul", [xdq, g.const(w, "w")])
+      else:
+        y = g.node("Conv", [xdq, g.const(oihw(w), "w")], strides=op["strides"], pads=_pads(op))
+    form = "float"
+  if nxt["op"] == "dequant":
+    if nxt["bias"]:
+      y = g.node("Add", [y, g.const(chw(arrays[nxt["bias"]], out_rank).astype(np.float32))])
+    report[op["layer"]] = {"form": form}
+    return y, out_rank
+  scale = chw(arrays[nxt["scale"]].astype(np.float32), out_rank)
+  shift = chw(arrays[nxt["shift"]].astype(np.float32), out_rank)
+  y = g.node("Add", [g.node("Mul", [y, g.const(scale)]), g.const(shift)])
+  report[op["layer"]] = {"form": "float requant"}
+  return _q_codes(g, y, n_out), out_rank
+
+
+def _pads(op: dict) -> list[int]:
+  (t, b), (l, r) = op["padding"]
+  return [int(t), int(l), int(b), int(r)]
+
+
+def to_onnx(program: integer.Program, opset: int = OPSET, *, debug_outputs: bool = False, report=None):
+  """The QDQ `onnx.ModelProto` of `program` (checked with `onnx.checker`).
+
+  `debug_outputs` adds every code tensor and every float input of a `quantize` as an extra
+  output named after its program value (tests compare layer by layer); `report`, a dict,
+  receives per integer layer the form it took."""
+  g = Graph()
+  report = {} if report is None else report
+  shapes = value_shapes(program)
+  consumers: dict[str, list[dict]] = {}
+  for op in program.ops:
+    for name in op["in"]:
+      consumers.setdefault(name, []).append(op)
+  env: dict[str, tuple[str, int]] = {}
+  done: set[str] = set()
+  codes: set[str] = set()  # program values held as uint8 codes
+
+  def expose(value: str) -> None:
+    if debug_outputs and value not in [o[0] for o in g.outputs]:
+      tp = g.TensorProto.UINT8 if value in codes else g.TensorProto.FLOAT
+      g.node("Identity", [env[value][0]])
+      g.nodes[-1].output[0] = value
+      g.outputs.append((value, tp, env[value][1]))
+
+  for op in program.ops:
+    kind = op["op"]
+    if op["out"] in done:
+      continue
+    x, rank = env.get(op["in"][0], ("image", 4))
+    emitted = float_op(g, op, x, rank, program.arrays, env)
+    if emitted is not None:
+      env[op["out"]] = emitted
+      if kind == "maxpool" and op["in"][0] in codes:
+        codes.add(op["out"])
+        expose(op["out"])
+    elif kind == "quantize":
+      expose(op["in"][0])
+      env[op["out"]] = _quantize(g, op, x), rank
+      codes.add(op["out"])
+      expose(op["out"])
+    elif kind == "dequant_codes":
+      env[op["out"]] = _dequantize_codes(g, op, x), rank
+    elif kind in ("conv", "dense"):
+      if op["weight_bits"] == integer.FP or op["in_bits"] == integer.FP:
+        bias = program.arrays[op["bias"]] if kind == "dense" else None
+        env[op["out"]] = float_layer(
+          g, op, x, rank, float_weights(op, program.arrays), bias, shapes[op["in"][0]]
+        )
+        continue
+      (nxt,) = consumers[op["out"]]
+      y = _integer_layer(g, op, nxt, x, rank, program.arrays, shapes[op["in"][0]], report)
+      env[nxt["out"]] = y
+      done.add(nxt["out"])
+      if nxt["op"] == "requant":
+        codes.add(nxt["out"])
+        expose(nxt["out"])
+    else:
+      raise ValueError(f"op {kind!r} outside an integer layer's pattern")
+  return g.model(program, "qnet_qdq", opset)

@@ -1,0 +1,182 @@
+"""The QDQ ONNX graph (`qnet.deploy.qdq_onnx`) and the FP32 twin (`onnx_graph.to_fp32_onnx`):
+ONNX Runtime's fusions, and the codes of ONNX Runtime and OpenVINO against qnet's integer
+path layer by layer (equal in the fused layers; elsewhere any difference a rounding tie)."""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qnet.data.datasets import DATASETS
+from qnet.deploy import integer, lowering, onnx_graph, qdq_onnx
+from test_export import bits_for, random_net
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def test_fit_requant_equals_the_thresholds_on_every_reachable_accumulator():
+  rng = np.random.default_rng(0)
+  for bits, in_bits, max_w in ((2, 2, 3), (4, 4, 15), (3, 8, 7), (4, 4, 8)):
+    c = 40
+    scale = rng.uniform(0.01, 0.3, c) * rng.choice([-1, 1], c)
+    scale[0] = 0.0  # a constant channel
+    shift = rng.uniform(-3, integer.levels(bits) + 3, c)
+    a_max = np.full(c, 300)
+    fit = qdq_onnx.fit_requant(scale, shift, bits, np.full(c, max_w), a_max, in_bits)
+    assert fit.ok.mean() > 0.8, (bits, fit.ok.mean())
+    acc = np.arange(-300, 301)[:, None]
+    sign, u = integer.thresholds(scale, shift, bits)
+    want = np.sum((acc * sign)[..., None] >= u, axis=-1)
+    got = qdq_onnx.requant_codes(acc * fit.k, fit.b, fit.m, integer.levels(bits))
+    np.testing.assert_array_equal(got[:, fit.ok], want[:, fit.ok])
+    assert np.all(np.abs(fit.k[fit.ok][1:]) * max_w <= (64 if in_bits == 8 else 127))
+
+
+CASES = [  # name, w, a, keep_fp, quantizers
+  ("fmnist_cnn", 2, 2, True, ("dorefa", "dorefa")),
+  ("fmnist_cnn", 4, 4, False, ("lsq", "lsq")),  # integer fc -> requant -> integer head
+  ("tiny_cnn", 3, 3, False, ("dorefa", "pact")),
+  ("tiny_resnet", 2, 2, True, ("dorefa", "dorefa")),  # float residual stream
+]
+
+
+def _program(name, w, a, keep_fp, quantizers):
+  ds = DATASETS["fashion_mnist" if "cnn" in name else "cifar10"]
+  shape = (28, 28, 1) if "cnn" in name else (32, 32, 3)
+  wq, aq = quantizers
+  model, params, stats = random_net(name, shape, weight_quantizer=wq, act_quantizer=aq)
+  bits, tree = bits_for(model, shape, w, a, keep_fp)
+  program = lowering.build_program(
+    model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, weight_quantizer=wq,
+    act_quantizer=aq,
+  )
+  return program, model, params, stats, tree, ds, shape
+
+
+def _optimized_ops(model_bytes, tmp_path) -> collections.Counter:
+  so = ort.SessionOptions()
+  so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+  ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+  return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def _nhwc(v):
+  return np.transpose(v, (0, 2, 3, 1)) if v.ndim == 4 else v
+
+
+def check_codes(program, values, theirs, report, exact_fused: bool):
+  """Per code tensor of the program: disagreements of `theirs` (a runtime's debug outputs)
+  with qnet's `values`, each shown to be a rounding tie given the runtime's own inputs; fused
+  layers (with `exact_fused`) must equal qnet's thresholds on the runtime's input codes.
+  Returns {value: number of differing codes}."""
+  layer_of = {op["out"]: op for op in program.ops}
+  counts = {}
+  for op in program.ops:
+    if op["out"] not in theirs:
+      continue
+    got = _nhwc(theirs[op["out"]]).astype(np.int64)
+    ours = np.asarray(values[op["out"]]).astype(np.int64)
+    counts[op["out"]] = int(np.sum(got != ours))
+    if op["op"] == "quantize":  # the runtime's own float input, rounded by qnet's formula
+      x = _nhwc(theirs[op["in"][0]])
+      z = np.asarray(jax.jit(lambda v: integer.quantize_codes(v, op))(jnp.asarray(x))).astype(np.int64)
+      differ = got != z
+      if differ.any():  # Q's round of the same float32 ops: only an exact half can differ
+        assert np.abs(got - z)[differ].max() == 1
+      continue
+    if op["op"] != "requant":
+      continue
+    conv = layer_of[op["in"][0]]
+    j = _nhwc(theirs[conv["in"][0]]).astype(np.int32) if conv["in"][0] in theirs else None
+    if j is None:
+      continue
+    c = integer.signed_codes(program.arrays[conv["weight"]], conv["weight_bits"], integer.weight_quantizer_of(conv))
+    c = c.astype(np.int32)
+    if conv["op"] == "conv":
+      acc = np.asarray(integer._conv(j, c, conv, jnp.int32))
+    else:
+      acc = np.asarray(integer._dot(j.reshape(len(j), -1), c, jnp.int32))
+    scale, shift = program.arrays[op["scale"]], program.arrays[op["shift"]]
+    sign, u = integer.thresholds(scale, shift, op["bits"])
+    want = np.sum((acc * sign)[..., None] >= u, axis=-1)
+    differ = got != want
+    fused = report[conv["layer"]]["form"] in ("QLinearConv", "QGemm")
+    if fused and exact_fused:
+      assert not differ.any(), (conv["layer"], int(differ.sum()))
+    z = scale * acc.astype(np.float64) + shift  # the unrounded code
+    distance = np.abs(z - (np.floor(z) + 0.5))
+    # A tie: the float32 map (or a runtime's float requant) meets qnet's exact one within
+    # float32 error of a boundary m - 1/2.
+    tol = 1e-5 * (np.abs(scale * acc) + np.abs(shift) + 1)
+    assert np.all(np.abs(got - want)[differ] == 1), conv["layer"]
+    assert np.all(distance[differ] <= tol[differ]), (conv["layer"], distance[differ])
+  return counts
+
+
+@pytest.mark.parametrize("name,w,a,keep_fp,quantizers", CASES)
+def test_qdq_graph_fuses_into_int8_kernels_and_its_codes_equal_qnets(tmp_path, name, w, a, keep_fp, quantizers):
+  program, *_ = _program(name, w, a, keep_fp, quantizers)
+  report = {}
+  plain = qdq_onnx.to_onnx(program, report=report).SerializeToString()
+  debug = qdq_onnx.to_onnx(program, debug_outputs=True).SerializeToString()
+  forms = collections.Counter(v["form"] for v in report.values())
+  ops = _optimized_ops(plain, tmp_path)
+  # Every integer-to-integer conv became QLinearConv, every such dense QGemm, every dense into
+  # float MatMulIntegerToFloat; no ConvInteger/MatMulInteger is left.
+  assert forms["QLinearConv"] and ops["QLinearConv"] == forms["QLinearConv"], (forms, ops)
+  assert ops.get("QGemm", 0) == forms["QGemm"]
+  assert ops.get("MatMulIntegerToFloat", 0) == forms["MatMulIntegerToFloat"]
+  assert not ops.get("ConvInteger") and not ops.get("MatMulInteger")
+  if not keep_fp:  # an integer head: a dense into float
+    assert forms["MatMulIntegerToFloat"] == 1
+  if name == "fmnist_cnn" and not keep_fp:  # fc -> requant (these weights fit; see fit_requant)
+    assert forms["QGemm"] == 1
+  assert _optimized_ops(debug, tmp_path)["QLinearConv"] == forms["QLinearConv"]  # same kernels
+
+  images = np.random.default_rng(2).integers(0, 256, (6, *program.input_shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  sess = ort.InferenceSession(debug, providers=["CPUExecutionProvider"])
+  names = [o.name for o in sess.get_outputs()]
+  theirs = dict(zip(names, sess.run(None, {"image": images})))
+  counts = check_codes(program, values, theirs, report, exact_fused=True)
+  assert counts and sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
+  np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
+  np.testing.assert_allclose(theirs["logits"], logits, atol=0.05 * float(np.abs(logits).max()))
+
+
+@pytest.mark.parametrize("name,w,a,keep_fp,quantizers", CASES[:2] + CASES[3:])
+def test_openvino_runs_the_qdq_file_with_qnets_codes(name, w, a, keep_fp, quantizers):
+  ov = pytest.importorskip("openvino")
+  program, *_ = _program(name, w, a, keep_fp, quantizers)
+  report = {}
+  debug = qdq_onnx.to_onnx(program, debug_outputs=True, report=report)
+  images = np.random.default_rng(2).integers(0, 256, (6, *program.input_shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  core = ov.Core()
+  model = core.read_model(debug.SerializeToString(), b"")
+  compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+  out = compiled.create_infer_request().infer({0: images})
+  theirs = {k.get_any_name(): np.asarray(v) for k, v in out.items()}
+  counts = check_codes(program, values, theirs, report, exact_fused=False)
+  assert counts and sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
+  np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
+  np.testing.assert_allclose(theirs["logits"], logits, atol=0.05 * float(np.abs(logits).max()))
+
+
+def test_fp32_twin_is_the_network_with_float_activations():
+  """DoReFa's 32-bit activation is the quantizer's clip, so the FP32 twin equals the
+  fake-quant network at (w, 32) bits: quantized weights, unrounded activations."""
+  program, model, params, stats, _, ds, shape = _program("tiny_resnet", 2, 2, False, ("dorefa", "dorefa"))
+  _, tree = bits_for(model, shape, 2, 32, False)
+  fp32 = onnx_graph.to_fp32_onnx(program)
+  kinds = {n.op_type for n in fp32.graph.node}
+  assert not kinds & {"QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger"}
+  images = np.random.default_rng(3).integers(0, 256, (5, *shape)).astype(np.uint8)
+  sess = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
+  got = sess.run(["logits"], {"image": images})[0]
+  x = (images.astype(np.float32) / 255.0 - np.float32(ds.mean)) / np.float32(ds.std)
+  want = model.apply({"params": params, "batch_stats": stats, "precision": tree}, x, train=False)
+  np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
