@@ -374,8 +374,14 @@ def test_short_training_with_each_quantizer_reduces_the_loss(weight_quantizer, a
 
 
 @pytest.mark.slow
-def test_loop_calibrates_fresh_runs_only_and_resumes_exactly(tmp_path):
+def test_loop_calibrates_fresh_runs_only_and_resumes_exactly(tmp_path, monkeypatch):
   from test_loop import mock_config, run, saved_state
+
+  calls = []  # the loop's calibrations: one per fresh run, none on resuming
+  compile_calibrate = calibration.compile_calibrate
+  monkeypatch.setattr(
+    calibration, "compile_calibrate", lambda *a: calls.append(a) or compile_calibrate(*a)
+  )
 
   c = mock_config(
     **{
@@ -385,8 +391,11 @@ def test_loop_calibrates_fresh_runs_only_and_resumes_exactly(tmp_path):
     }
   )
   run(c, tmp_path / "full")
+  assert len(calls) == 1
   run(c, tmp_path / "split", stop_at_step=5)
+  assert len(calls) == 2
   run(c, tmp_path / "split")  # resumed: no second calibration
+  assert len(calls) == 2
   (_, a), (_, b) = saved_state(c, tmp_path / "full"), saved_state(c, tmp_path / "split")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -416,3 +425,32 @@ def test_init_from_a_dorefa_checkpoint_keeps_fresh_clip_levels(tmp_path):
     np.testing.assert_array_equal(
       loaded["conv2_1"][name], fresh.students[0].params["conv2_1"][name]
     )
+
+
+def test_calibrate_if_fresh_calibrates_a_fresh_run_on_its_first_batch_only():
+  from qnet.train import loop
+
+  c = _config(act_quantizer="pact")
+  students, _ = build.build_specs(c, 10)
+  state = joint.init_state(students, None, 0, jnp.zeros((1, 28, 28, 1)))
+  mesh = build.create_mesh()
+  batches = [_batch(16, seed=s) for s in range(3)]
+  want = calibration.calibrate(state, batches[0], students=students).students[0].params
+
+  fresh, rest = loop.calibrate_if_fresh(c, state, iter(batches), mesh, students)
+  got = fresh.students[0].params
+  # Every level is the first batch's calibration (not the placeholder, not another batch's),
+  # and that batch is still the first one trained on.
+  for name in ("act_clip", "weight_clip"):  # conv2_1: tiny_cnn's one quantized layer
+    np.testing.assert_allclose(got["conv2_1"][name], want["conv2_1"][name], rtol=1e-6)
+  # (LSQ's weight step is data-free, already right at init; PACT's alpha is data's.)
+  placeholder = state.students[0].params["conv2_1"]["act_clip"]
+  assert not np.allclose(want["conv2_1"]["act_clip"], placeholder)
+  assert [id(b) for b in rest] == [id(b) for b in batches]
+
+  # A resumed run (step > 0) and a DoReFa run keep their state and consume no batch.
+  resumed = state.replace(step=jnp.int32(5))
+  for config, start in ((c, resumed), (_config("dorefa", "dorefa"), state)):
+    kept, rest = loop.calibrate_if_fresh(config, start, iter(batches), mesh, students)
+    assert kept is start
+    assert [id(b) for b in rest] == [id(b) for b in batches]

@@ -200,3 +200,69 @@ def test_eval_step_runs_batchnorm_on_running_statistics_and_masks_padding():
   np.testing.assert_allclose(sums["eval_loss"], jnp.sum(losses), rtol=1e-5)
   correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"][:5])
   assert float(sums["eval_accuracy"]) == float(correct)
+
+
+def test_topk_counts_a_label_ranked_2nd_to_5th_in_top5_only():
+  # Row i's logits rank the classes 0, 1, 2, ... (class 0 highest); label r is ranked r+1.
+  logits = jnp.tile(-jnp.arange(10, dtype=jnp.float32), (7, 1))
+  labels = jnp.asarray([0, 1, 2, 3, 4, 5, 9], jnp.int32)
+  assert joint.topk_correct(logits, labels, 1).tolist() == [1, 0, 0, 0, 0, 0, 0]
+  assert joint.topk_correct(logits, labels, 5).tolist() == [1, 1, 1, 1, 1, 0, 0]
+  # A permutation per row: the rank, not the class index, decides.
+  perm = jnp.asarray(np.random.default_rng(0).permutation(10))
+  shuffled = jnp.zeros_like(logits).at[:, perm].set(logits)
+  assert joint.topk_correct(shuffled, perm[labels], 5).tolist() == [1, 1, 1, 1, 1, 0, 0]
+
+
+def test_eval_step_top5_counts_labels_ranked_2nd_to_5th_and_masks_padding():
+  c = _config()
+  students, _, state = _state(c)
+  spec, net = students[0], state.students[0]
+  batch = _batch(n=8, seed=3, masked=1)
+  prec = spec.schedule.deterministic(spec.layout, state.step)
+  variables = {"params": net.params, "batch_stats": net.batch_stats, "precision": prec}
+  logits = np.asarray(spec.model.apply(variables, batch["image"], train=False))
+  order = np.argsort(-logits, axis=-1)
+  assert all(len(set(np.round(row, 6))) == 10 for row in logits)  # no ties: ranks are defined
+  ranks = [0, 1, 2, 3, 4, 5, 9, 1]  # 0-based rank of each row's label; the last row is padding
+  batch["label"] = jnp.asarray([order[i, r] for i, r in enumerate(ranks)], jnp.int32)
+  sums = jax.jit(functools.partial(joint.eval_step, students=students))(state, batch)
+  assert float(sums["eval_count"]) == 7
+  assert float(sums["eval_accuracy"]) == 1  # rank 0 only
+  assert float(sums["eval_top5_accuracy"]) == 5  # ranks 0-4 among the 7 real rows
+
+
+def test_teacher_learning_rate_sets_the_teachers_rate_and_update_only():
+  # The paper's ImageNet recipe: teacher 0.001, students 0.005 (cosine over 20 steps).
+  over = {"distill.enabled": True, "learning_rate": 0.005, "num_train_steps": 20}
+  c = _config(model="tiny_cnn", **over, **{"distill.teacher_learning_rate": 0.001})
+  students, teacher, state = _state(c)
+  cos = lambda base, s: base * 0.5 * (1 + np.cos(np.pi * s / 20))
+  for s in (0, 5, 10, 19):
+    np.testing.assert_allclose(teacher.lr_fn(jnp.int32(s)), cos(0.001, s), rtol=1e-5)
+    np.testing.assert_allclose(students[0].lr_fn(jnp.int32(s)), cos(0.005, s), rtol=1e-5)
+  # -1 (the default): the teacher follows learning_rate.
+  _, same, _ = _state(_config(model="tiny_cnn", **over))
+  np.testing.assert_allclose(same.lr_fn(jnp.int32(5)), cos(0.005, 5), rtol=1e-5)
+
+  def one_step(students, teacher):
+    step = functools.partial(
+      joint.train_step, students=students, teacher=teacher, distill=build.distill_spec(c)
+    )
+    return jax.jit(step)(state, _batch())
+
+  new, m = one_step(students, teacher)
+  np.testing.assert_allclose(m["learning_rate"], 0.005, rtol=1e-6)
+  np.testing.assert_allclose(m["teacher_learning_rate"], 0.001, rtol=1e-6)
+  # The update itself: from one state and batch, the teacher's step is 1/5 of what it takes
+  # at the students' rate, and the students' step does not change.
+  new5, _ = one_step(students, same)
+  move = lambda a, b: jax.tree.map(lambda x, y: np.asarray(x) - np.asarray(y), a, b)
+  t1 = move(new.teacher.params, state.teacher.params)
+  t5 = move(new5.teacher.params, state.teacher.params)
+  # atol: float32 rounding of `p - lr * u` (|p| <= ~1); the steps themselves are ~1e-3.
+  for x, y in zip(jax.tree.leaves(t1), jax.tree.leaves(t5)):
+    np.testing.assert_allclose(5 * x, y, rtol=1e-4, atol=5e-7)
+  assert max(np.abs(x).max() for x in jax.tree.leaves(t5)) > 1e-4
+  for x, y in zip(jax.tree.leaves(new.students), jax.tree.leaves(new5.students)):
+    np.testing.assert_array_equal(x, y)
