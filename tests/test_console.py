@@ -78,3 +78,11 @@ def test_console_lines_name_every_network():
     "eval 30/100  accuracy 0.8000  top-5 0.9900  loss 0.6000  student1 0.8500  teacher 0.9000"
     "  (100 examples)"
   )
+
+
+def test_steps_per_second_and_eta_are_steps_over_the_interval(monkeypatch):
+  clock = iter([100.0, 104.0, 105.0])
+  monkeypatch.setattr(metrics_io.time, "perf_counter", lambda: next(clock))
+  progress = metrics_io.Progress(start_step=10, total_steps=50)
+  assert progress.update(20) == (2.5, 12.0)  # 10 steps in 4 s; 30 left
+  assert progress.update(25) == (5.0, 5.0)

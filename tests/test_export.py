@@ -50,6 +50,14 @@ def test_packing_layout_is_a_dense_lsb_first_bitstream():
     packing.pack(np.array([4]), 9)
 
 
+def test_unpack_gives_uint8_codes_and_names_a_wrong_stream_length():
+  codes = packing.unpack(np.array([0x5A, 0x03], np.uint8), 4, (3,))
+  assert codes.dtype == np.uint8 and codes.tolist() == [0xA, 0x5, 0x3]
+  for n in (2, 4):  # 5 codes of 4 bits take ceil(20 / 8) = 3 bytes
+    with pytest.raises(ValueError, match=rf"^stream has {n} bytes; 5 codes of 4 bits need 3$"):
+      packing.unpack(np.zeros(n, np.uint8), 4, (5,))
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_unpacked_levels_times_scale_equal_fake_quantized_weights_exactly(per_channel):
   kernel = np.random.default_rng(0).normal(0, 0.1, (3, 3, 5, 7)).astype(np.float32)

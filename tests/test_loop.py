@@ -130,6 +130,9 @@ def test_full_schedule_run_compiles_train_and_eval_once(tmp_path):
     *rows
   )
   assert len({r["weight_bits"] for r in rows if "weight_bits" in r}) >= 3
+  # The compile counts the run writes for benchmarks are these same single compiles.
+  compiles = [r for r in rows if "train_step_compiles" in r]
+  assert compiles == [{"step": 16, "train_step_compiles": 1.0, "eval_step_compiles": 1.0}]
 
 
 def test_init_from_loads_weights_with_a_fresh_optimizer_and_rejects_other_shapes(tmp_path):

@@ -215,8 +215,8 @@ def test_topk_counts_a_label_ranked_2nd_to_5th_in_top5_only():
 
 
 def test_eval_step_top5_counts_labels_ranked_2nd_to_5th_and_masks_padding():
-  c = _config()
-  students, _, state = _state(c)
+  c = _config(**{"distill.enabled": True})
+  students, teacher, state = _state(c)
   spec, net = students[0], state.students[0]
   batch = _batch(n=8, seed=3, masked=1)
   prec = spec.schedule.deterministic(spec.layout, state.step)
@@ -226,10 +226,74 @@ def test_eval_step_top5_counts_labels_ranked_2nd_to_5th_and_masks_padding():
   assert all(len(set(np.round(row, 6))) == 10 for row in logits)  # no ties: ranks are defined
   ranks = [0, 1, 2, 3, 4, 5, 9, 1]  # 0-based rank of each row's label; the last row is padding
   batch["label"] = jnp.asarray([order[i, r] for i, r in enumerate(ranks)], jnp.int32)
-  sums = jax.jit(functools.partial(joint.eval_step, students=students))(state, batch)
+  step = functools.partial(joint.eval_step, students=students, teacher=teacher)
+  sums = jax.jit(step)(state, batch)
   assert float(sums["eval_count"]) == 7
   assert float(sums["eval_accuracy"]) == 1  # rank 0 only
   assert float(sums["eval_top5_accuracy"]) == 5  # ranks 0-4 among the 7 real rows
+  # The teacher's sums, at full precision, over the same 7 rows.
+  t_vars = {
+    "params": state.teacher.params,
+    "batch_stats": state.teacher.batch_stats,
+    "precision": precision.full_precision(teacher.layout),
+  }
+  t_logits = np.asarray(teacher.model.apply(t_vars, batch["image"], train=False))[:7]
+  labels = np.asarray(batch["label"])[:7]
+  t_order = np.argsort(-t_logits, axis=-1)
+  assert float(sums["teacher_eval_accuracy"]) == np.sum(t_order[:, 0] == labels)
+  top5 = np.sum([label in row[:5] for row, label in zip(t_order, labels)])
+  assert float(sums["teacher_eval_top5_accuracy"]) == top5
+  t_loss = optax.softmax_cross_entropy_with_integer_labels(t_logits, labels).sum()
+  np.testing.assert_allclose(sums["teacher_eval_loss"], t_loss, rtol=1e-5)
+
+
+def test_train_step_metrics_are_their_values():
+  """Every metric of a distilling train step, recomputed from the step's own inputs."""
+  over = {
+    "distill.enabled": True,
+    "distill.hint_weight": 0.3,
+    "distill.temperature": 2.0,
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "learning_rate": 0.5,
+  }
+  c = _config(model="tiny_cnn", **over)
+  students, teacher, state = _state(c)
+  spec, batch, d = students[0], _batch(), build.distill_spec(c)
+  step = functools.partial(joint.train_step, students=students, teacher=teacher, distill=d)
+  new, m = jax.jit(step)(state, batch)
+  images, labels = batch["image"], batch["label"]
+  prec = spec.schedule.deterministic(spec.layout, 0)  # direct: every step fully quantized
+  net, t_net = state.students[0], state.teacher
+  s = joint.forward(spec, net.params, net.batch_stats, prec, images, True, True)
+  t_prec = precision.full_precision(teacher.layout)
+  t = joint.forward(teacher, t_net.params, t_net.batch_stats, t_prec, images, True, True)
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  acc = lambda logits: np.mean(np.argmax(logits, -1) == np.asarray(labels))
+  kl_s, kl_t = joint.distill_kl(s.logits, t.logits, 2.0), joint.distill_kl(t.logits, s.logits, 2.0)
+  hint = jnp.mean(jnp.square(s.features - t.features))
+  want = {
+    "train_ce": ce(s.logits),
+    "train_accuracy": acc(s.logits),
+    "kl_student": kl_s,
+    "hint_loss": hint,
+    "train_loss": d.student_ce * ce(s.logits) + d.student_kl * kl_s + 0.3 * hint,
+    "weight_bits": 2.0,  # _config: W2A2
+    "act_bits": 2.0,
+    "quantized_fraction": 1.0,
+    "learning_rate": 0.5 * 0.5 * (1 + np.cos(0.0)),
+    "teacher_train_ce": ce(t.logits),
+    "teacher_train_accuracy": acc(t.logits),
+    "kl_teacher": kl_t,
+    "teacher_train_loss": d.teacher_ce * ce(t.logits) + d.teacher_kl * kl_t,
+    "teacher_learning_rate": 0.5,
+  }
+  # Plain SGD (no momentum, no decay): the gradient is the step taken over the rate.
+  grads = jax.tree.map(lambda a, b: (a - b) / 0.5, net.params, new.students[0].params)
+  want["l2_grads"] = optax.global_norm(grads)
+  assert set(m) == set(want)
+  for k, v in want.items():
+    np.testing.assert_allclose(m[k], v, rtol=2e-4, atol=1e-6, err_msg=k)
 
 
 def test_teacher_learning_rate_sets_the_teachers_rate_and_update_only():

@@ -47,6 +47,11 @@ def total_train_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return max(1, int(math.ceil(config.num_epochs * per_epoch))), per_epoch
 
 
+def eval_interval(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """Steps between evaluations: `eval_every_steps`, or once per epoch when it is -1."""
+  return config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -292,7 +297,7 @@ def train_and_evaluate(
   config_validation.validate(config, jax.device_count(), jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   total_steps, per_epoch = total_train_steps(config)
-  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else per_epoch
+  eval_every = eval_interval(config, per_epoch)
   students, teacher = build.build_specs(config, total_steps)
   for i, s in enumerate(students):
     logging.info("student %d precision schedule: %s", i, schedule_lib.describe(s.schedule))
