@@ -118,6 +118,12 @@ def test_keep_checkpoints_and_init_from_reach_the_run(tmp_path):
   want = _leaf(state.students[0].params, kernel)
   np.testing.assert_array_equal(_leaf(fresh.students[0].params, kernel), want)
   assert not np.array_equal(_leaf(unloaded.students[0].params, kernel), want)
+  # distill.teacher_from: the frozen teacher is that run's first student; students stay fresh.
+  d = _config(seed=2, **{"distill.enabled": True, "distill.teacher_from": str(tmp_path / "a")})
+  d_students, d_teacher = build.build_specs(d, 10)
+  _, distilled, _ = loop.initial_state(d, str(tmp_path / "d"), d_students, d_teacher, mesh, {})
+  np.testing.assert_array_equal(_leaf(distilled.teacher.params, kernel), want)
+  assert not np.array_equal(_leaf(distilled.students[0].params, kernel), want)
 
 
 # ----------------------------------------------------------------------------- model
