@@ -43,7 +43,13 @@ def test_data_fields_reach_the_train_and_eval_iterators(monkeypatch):
   monkeypatch.setattr(input_pipeline, "create_train_iterator", fake("train"))
   monkeypatch.setattr(input_pipeline, "create_eval_iterator", fake("eval"))
   c = _config(
-    dataset="cifar10", data_dir="/d", augment=False, image_size=8, seed=7, batch_size=4
+    dataset="cifar10",
+    data_dir="/d",
+    augment=False,
+    image_size=8,
+    seed=7,
+    batch_size=4,
+    train_examples=20,
   )
   sharding = NamedSharding(build.create_mesh(), P("data"))
   next(loop.train_batches(c, 5, sharding))
@@ -55,6 +61,7 @@ def test_data_fields_reach_the_train_and_eval_iterators(monkeypatch):
     "data_dir": "/d",
     "augment": False,
     "image_size": 8,
+    "train_examples": 20,
   }
   # Evaluation: the same data fields; the metrics are the batch sums over the count.
   sums = lambda state, batch: {"eval_count": jnp.float32(4), "eval_accuracy": jnp.float32(3)}
@@ -80,12 +87,11 @@ def test_dataset_and_image_size_set_the_input_shape_and_classes():
 
 def test_budget_fields_set_the_number_of_steps(monkeypatch):
   calls = []
-  monkeypatch.setattr(
-    input_pipeline, "steps_per_epoch", lambda *a: calls.append(a) or 10
-  )
+  monkeypatch.setattr(input_pipeline, "steps_per_epoch", lambda *a: calls.append(a) or 10)
   assert loop.total_train_steps(_config(num_epochs=2.5, batch_size=64)) == (25, 10)
-  assert calls[-1] == ("fashion_mnist", 64, None)
-  assert loop.total_train_steps(_config(num_train_steps=7)) == (7, 10)
+  assert calls[-1] == ("fashion_mnist", 64, None, -1)
+  assert loop.total_train_steps(_config(num_train_steps=7, train_examples=30)) == (7, 10)
+  assert calls[-1] == ("fashion_mnist", 128, None, 30)  # epochs over the subset
 
 
 def test_periodic_fields_decide_what_each_step_does():

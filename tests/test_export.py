@@ -485,6 +485,7 @@ np.save({result!r}, np.asarray(f.call(images)))
 """
 
 
+@pytest.mark.slow
 def test_three_paths_agree_and_match_fake_quant_top1(exported, fake_data_dir, tmp_path):
   check_export_paths(exported, fake_data_dir, tmp_path)
 
@@ -502,6 +503,7 @@ def lsq_exported(tmp_path_factory, fake_data_dir):
   return out
 
 
+@pytest.mark.slow
 def test_lsq_run_exports_and_its_three_paths_match_fake_quant(lsq_exported, fake_data_dir, tmp_path):
   program, manifest = check_export_paths(lsq_exported, fake_data_dir, tmp_path)
   assert manifest["format"] == export.FORMAT
@@ -576,6 +578,7 @@ def _site_without_qnet() -> str:
   )
 
 
+@pytest.mark.slow
 def test_manifest_records_sizes_hashes_and_layers(exported):
   _, manifest = export.load_export(exported)
   assert set(manifest["files"]) == {"weights.safetensors", "model.stablehlo", "model.onnx", "model_fp32.onnx"}
@@ -611,6 +614,7 @@ def _edited_run(tiny_run, tmp_path, edit):
   return str(workdir)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_exit_2_and_leave_no_out(tiny_run, exported, tmp_path):
   out = tmp_path / "out"
   r = cli("export", f"--workdir={tmp_path}", f"--out={out}")
@@ -660,6 +664,7 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_no_out(tiny_run, exported, tmp
   _one_line_exit_2(r, "sha256")
 
 
+@pytest.mark.slow
 def test_midway_progressive_checkpoint_exports_the_phase_precision(tiny_run, tmp_path):
   def progressive(s):
     s["config"]["schedule"]["kind"] = "progressive"

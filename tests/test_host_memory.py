@@ -9,6 +9,8 @@ import platform
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
@@ -50,6 +52,7 @@ def _run(code: str, *args: str, **env: str) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_keep_freed_memory_stops_the_per_call_page_faults():
   default = _run(_FAULTS, "default")
   kept = _run(_FAULTS, "keep")
@@ -63,6 +66,7 @@ def test_keep_freed_memory_stops_the_per_call_page_faults():
   assert kept["faults"] < 100, kept
 
 
+@pytest.mark.slow
 def test_switches_and_accelerator_hosts():
   code = """
 import json

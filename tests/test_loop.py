@@ -135,6 +135,7 @@ def test_full_schedule_run_compiles_train_and_eval_once(tmp_path):
   assert compiles == [{"step": 16, "train_step_compiles": 1.0, "eval_step_compiles": 1.0}]
 
 
+@pytest.mark.slow
 def test_init_from_loads_weights_with_a_fresh_optimizer_and_rejects_other_shapes(tmp_path):
   c = mock_config(num_train_steps=6)
   run(c, tmp_path / "a")

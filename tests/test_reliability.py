@@ -190,6 +190,7 @@ def test_incompatible_config_stops_with_what_differs(tmp_path):
   assert sorted(os.listdir(_ckpt_dir(tmp_path))) == before
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_writes_no_poisoned_checkpoint(tmp_path):
   c = mock_config(learning_rate=1e9, checkpoint_every_steps=1, log_every_steps=50)
   with pytest.raises(FloatingPointError, match=r"non-finite \w+=\w+ at step (\d+)") as info:
@@ -265,6 +266,7 @@ def test_unknown_field_suggests_the_nearest():
     config_validation.validate(c, 4, reference=default.get_config())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "args,message",
   [
@@ -282,6 +284,7 @@ def test_cli_rejects_bad_input_before_compiling_and_keeps_checkpoints(tmp_path, 
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "config", ["configs/imagenet_w4a4.py", "configs/paper_recipes.py:imagenet_resnet50_w4"]
 )
@@ -297,6 +300,7 @@ def test_cli_missing_dataset_is_one_line_and_keeps_checkpoints(tmp_path, config)
   )
 
 
+@pytest.mark.slow
 def test_cli_missing_config_file_is_one_line_listing_the_configs(tmp_path):
   _assert_cli_refuses(
     tmp_path,
