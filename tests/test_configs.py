@@ -34,6 +34,7 @@ def _load(name: str, variant: str | None):
   return module.get_config() if variant is None else module.get_config(variant)
 
 
+@pytest.mark.slow  # traces every shipped config at full size (ResNet-50 included)
 @pytest.mark.parametrize("name,variant", _CASES, ids=[v or f for f, v in _CASES])
 def test_config_validates_and_its_train_step_traces(name, variant):
   c = _load(name, variant)
@@ -118,6 +119,7 @@ def test_the_design_card_command_is_documented():
   assert len(_COMMANDS) >= 5
 
 
+@pytest.mark.slow  # traces every shipped config at full size (ResNet-50 included)
 @pytest.mark.parametrize("where,command", _COMMANDS, ids=[w for w, _ in _COMMANDS])
 def test_documented_command_parses_validates_and_traces(where, command, tmp_path, monkeypatch):
   from absl import flags
