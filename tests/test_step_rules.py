@@ -212,6 +212,9 @@ def test_topk_counts_a_label_ranked_2nd_to_5th_in_top5_only():
   perm = jnp.asarray(np.random.default_rng(0).permutation(10))
   shuffled = jnp.zeros_like(logits).at[:, perm].set(logits)
   assert joint.topk_correct(shuffled, perm[labels], 5).tolist() == [1, 1, 1, 1, 1, 0, 0]
+  # k counts classes, not rows: a batch of 2 still gets its top 5; fewer classes than k: all.
+  assert joint.topk_correct(logits[:2], jnp.asarray([3, 4]), 5).tolist() == [1, 1]
+  assert joint.topk_correct(logits[:, :3], jnp.asarray([2] * 7), 5).tolist() == [1] * 7
 
 
 def test_eval_step_top5_counts_labels_ranked_2nd_to_5th_and_masks_padding():
