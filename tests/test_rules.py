@@ -300,3 +300,26 @@ def test_the_readme_example_trains_as_written(tmp_path, monkeypatch):
   rows = [r for r in __import__("qnet.train.metrics_io", fromlist=["x"]).read_jsonl(tmp_path / "run" / "metrics.jsonl") if "weight_bits" in r]
   assert {r["weight_bits"] for r in rows} == {32.0, 8.0, 4.0}  # the phases ran in one compile
   assert joint.TRACE_COUNTS["train_step"] == 1 and 0.0 <= result["eval_accuracy"] <= 1.0
+
+
+EDGES_FP_PACT = (  # for --config.quant.rules=test_rules:EDGES_FP_PACT
+  rules.Rule(select="first_conv", keep_fp=True),
+  rules.Rule(select="last_dense", keep_fp=True),
+  rules.Rule(pattern="UserBlock_0/Conv_1", keep_fp=True),
+  rules.Rule(act_quantizer="pact"),
+)
+
+
+def test_quant_rules_names_the_rules_the_users_model_is_quantized_by():
+  c = _user_config(**{"quant.rules": "test_rules:EDGES_FP_PACT"})
+  config_validation.validate(c, device_count=4, reference=default.get_config())
+  students, _ = build.build_specs(c, 10)
+  assert students[0].model.rules == EDGES_FP_PACT
+  assert students[0].layout.paths == (("UserBlock_0", "Conv_0"),)  # Conv_1 kept FP by rule 2
+  for bad, message in (
+    ("test_rules:USER_MODEL", "not a non-empty sequence of qnet Rule objects"),
+    ("test_rules:NOPE", "module 'test_rules' has no 'NOPE'"),
+  ):
+    c.quant.rules = bad
+    with pytest.raises(config_validation.ConfigError, match=message):
+      config_validation.validate(c, device_count=4, reference=default.get_config())
