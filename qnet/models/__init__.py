@@ -17,6 +17,7 @@ from qnet.models.alexnet import AlexNetBN
 from qnet.models.cnn import SimpleCNN
 from qnet.models.resnet import PreActResNet
 from qnet.models.rules import QuantizedModel, Rule, RuleError, default_rules, quantize
+from qnet.models.tv_resnet import TVResNet
 
 _CIFAR = dict(widths=(16, 32, 64))
 _IMAGENET = dict(widths=(64, 128, 256, 512), imagenet_stem=True)
@@ -33,6 +34,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     PreActResNet, stage_sizes=(3, 4, 6, 3), block="bottleneck", **_IMAGENET
   ),
   "alexnet_bn": AlexNetBN,
+  # torchvision / timm layout (post-activation v1.5), for their pretrained weights
+  # (`init_from=torchvision:PATH`, qnet.models.pretrained).
+  "tv_resnet18": functools.partial(TVResNet, arch="resnet18"),
+  "tv_resnet34": functools.partial(TVResNet, arch="resnet34"),
+  "tv_resnet50": functools.partial(TVResNet, arch="resnet50"),
   # Tiny variants, for tests only.
   "tiny_cnn": functools.partial(SimpleCNN, stages=((4,), (8,))),
   "tiny_resnet": functools.partial(PreActResNet, stage_sizes=(1, 1), widths=(4, 8)),
