@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Budget. batch_size is global (over all devices and hosts).
   c.batch_size = 128
   c.num_epochs = 5.0
-  c.num_train_steps = -1  # -1: derived from num_epochs.
+  c.num_train_steps = -1  # -1: derived from num_epochs; 0: only evaluate the starting network (eval_accuracy at step 0).
   c.eval_every_steps = -1  # -1: once per epoch and at the end.
   c.checkpoint_every_steps = 1000
   c.log_every_steps = 100
@@ -85,7 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.schedule.sp_unit = "layer"  # layer | block (a residual block, or a layer outside blocks).
   c.schedule.sp_separate = False  # sample weights and activations of a unit separately.
-  # Start from another run's latest checkpoint (weights and BN statistics, fresh optimizer).
+  # Start from another run's latest checkpoint (weights and BN statistics, fresh optimizer), or
+  # from a torchvision / timm ResNet state_dict: torchvision:PATH or timm:PATH (.safetensors, or
+  # .pth with torch installed) for model tv_resnet18/34/50 (qnet/models/pretrained.py).
   c.init_from = ""
   # Joint knowledge distillation (qnet/METHOD.md remedy 3).
   c.distill = ml_collections.ConfigDict()

@@ -228,7 +228,7 @@ BAD_CONFIGS = [
     "config.lr_schedule='linear' is invalid; allowed: cosine, step, constant",
   ),
   ({"init_from": "/nonexistent"}, "config.init_from='/nonexistent'"),
-  ({"num_train_steps": 0}, "config.num_train_steps=0"),
+  ({"num_train_steps": -2}, "config.num_train_steps=-2"),
   (
     {"model_act": "relu"},
     "config.quant.weight_bits=4 is invalid; allowed: 32 with model_act='relu'",

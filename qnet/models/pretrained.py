@@ -95,7 +95,9 @@ def key_table(model: str, in_channels: int, num_classes: int) -> list[Entry]:
   for i, (n, width) in enumerate(zip(stage_sizes, WIDTHS), start=1):
     for j in range(n):
       key, block = f"layer{i}.{j}", f"stage{i}_block{j + 1}"
-      shapes = [(width, 3), (width, 3)] if kind == "basic" else [(width, 1), (width, 3), (width * 4, 1)]
+      shapes = (
+        [(width, 3), (width, 3)] if kind == "basic" else [(width, 1), (width, 3), (width * 4, 1)]
+      )
       c = c_in
       for k, (o, size) in enumerate(shapes, start=1):
         conv(f"{key}.conv{k}", (block, f"conv{k}"), o, c, size)
@@ -204,6 +206,8 @@ def check(table: list[Entry], shapes: dict[str, tuple[int, ...]], model: str) ->
       break
   if problem is None:
     extra = [k for k in shapes if k not in expected and not k.endswith("." + _DROPPED)]
+    # Natural order: the same first key from a .pth (module order) and a .safetensors (sorted).
+    extra.sort(key=lambda k: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)])
     if extra:
       problem = f"{extra[0]}: unexpected key ({len(extra)} unused)"
   if problem:

@@ -150,6 +150,12 @@ def load_first_student(workdir: str, net: PyTree, what: str) -> PyTree:
   student, in `net`'s dtypes and shardings; its optimiser state is kept. `what` names the
   config field in the error raised when shapes differ."""
   params, batch_stats = read_first_student(workdir)
+  return with_variables(net, params, batch_stats, what)
+
+
+def with_variables(net: PyTree, params: PyTree, batch_stats: PyTree, what: str) -> PyTree:
+  """`net` with `params` and `batch_stats` (numpy trees; learned clip levels they lack are
+  `net`'s own), in `net`'s dtypes and shardings; every leaf must match in path and shape."""
   params = _keep_missing_clips(net.params, params)
   _check_shapes(net.params, params, f"{what}: params")
   _check_shapes(net.batch_stats, batch_stats, f"{what}: batch_stats")

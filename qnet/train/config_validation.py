@@ -14,7 +14,7 @@ import ml_collections
 from qnet import models
 from qnet.quant import precision, quantizers as quant, schedule
 from qnet.data.datasets import DATASETS
-from qnet.models import layers
+from qnet.models import layers, pretrained
 
 
 class ConfigError(ValueError):
@@ -142,7 +142,7 @@ def validate(
       f"a multiple of the device count {device_count} (and of the process count {process_count})",
     )
   _num(config, "num_epochs", 0.0, float("inf"), lo_open=True)
-  _int(config, "num_train_steps", 1, allow=(-1,))
+  _int(config, "num_train_steps", 0, allow=(-1,))
   for field in ("eval_every_steps", "checkpoint_every_steps", "log_every_steps"):
     _int(config, field, 1, allow=(-1,) if field == "eval_every_steps" else ())
   _int(config, "keep_checkpoints", 1)
@@ -162,10 +162,23 @@ def validate(
   _bool(config, "quant.keep_first_last_fp")
   _bool(config, "quant.per_channel")
   _validate_schedule(config)
-  _workdir_with_checkpoints(config, "init_from")
+  _validate_init_from(config)
   _validate_distill(config)
   _validate_quantizers(config)
   _validate_fp_baseline(config)
+
+
+def _validate_init_from(config) -> None:
+  # A pretrained file's keys and shapes are checked here, before any data or compute.
+  value = config.init_from
+  if not (isinstance(value, str) and pretrained.parse_init_from(value)):
+    _workdir_with_checkpoints(config, "init_from")
+    return
+  spec = DATASETS[config.dataset]
+  try:
+    pretrained.check_file(value, config.model, spec.channels, spec.num_classes)
+  except pretrained.PretrainedError as e:
+    raise ConfigError(f"config.init_from={value!r}: {e}") from None
 
 
 def _validate_quantizers(config) -> None:

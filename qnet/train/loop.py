@@ -27,6 +27,8 @@ import numpy as np
 
 from qnet.train import build, calibration, checkpointing, config_validation, joint
 from qnet.data import input_pipeline
+from qnet.data.datasets import DATASETS
+from qnet.models import pretrained
 from qnet.train import faults, metrics_io, run_config
 from qnet.models import rules
 from qnet.quant import precision as precision_lib
@@ -42,7 +44,7 @@ def total_train_steps(config: ml_collections.ConfigDict) -> tuple[int, int]:
   per_epoch = input_pipeline.steps_per_epoch(
     config.dataset, config.batch_size, config.data_dir or None, config.train_examples
   )
-  if config.num_train_steps > 0:
+  if config.num_train_steps >= 0:  # 0: evaluate the starting network only
     return config.num_train_steps, per_epoch
   return max(1, int(math.ceil(config.num_epochs * per_epoch))), per_epoch
 
@@ -88,6 +90,26 @@ def load_students_from(
   teacher = state.teacher
   if teacher_too:
     teacher = checkpointing.load_first_student(workdir, teacher, what)
+  return state.replace(students=students, teacher=teacher)
+
+
+def load_pretrained(
+  config: ml_collections.ConfigDict, state: joint.TrainState, teacher_too: bool
+) -> joint.TrainState:
+  """`config.init_from=torchvision:PATH` (or `timm:PATH`): every student (and with
+  `teacher_too` the trainable teacher) from one pretrained ResNet state_dict, read once
+  (`qnet.models.pretrained`); optimisers stay fresh, learned clip levels are calibrated."""
+  spec = DATASETS[config.dataset]
+  params, batch_stats = pretrained.load(
+    config.init_from, config.model, spec.channels, spec.num_classes
+  )
+  what = f"init_from={config.init_from}"
+  students = tuple(
+    checkpointing.with_variables(n, params, batch_stats, what) for n in state.students
+  )
+  teacher = state.teacher
+  if teacher_too:
+    teacher = checkpointing.with_variables(teacher, params, batch_stats, what)
   return state.replace(students=students, teacher=teacher)
 
 
@@ -173,7 +195,10 @@ def initial_state(
       and not teacher.frozen
       and (config.distill.teacher_model in ("", config.model))
     )
-    state = load_students_from(config.init_from, state, teacher_too=same_teacher)
+    if pretrained.parse_init_from(config.init_from):
+      state = load_pretrained(config, state, teacher_too=same_teacher)
+    else:
+      state = load_students_from(config.init_from, state, teacher_too=same_teacher)
     logging.info("students%s initialised from %s", " and teacher" * same_teacher, config.init_from)
   if config.distill.teacher_from:
     state = load_teacher_from(config.distill.teacher_from, state)
@@ -298,7 +323,8 @@ def train_and_evaluate(
   os.makedirs(workdir, exist_ok=True)
   total_steps, per_epoch = total_train_steps(config)
   eval_every = eval_interval(config, per_epoch)
-  students, teacher = build.build_specs(config, total_steps)
+  # Schedules need a positive length; an eval-only run (0 steps) never reaches step 1.
+  students, teacher = build.build_specs(config, max(total_steps, 1))
   for i, s in enumerate(students):
     logging.info("student %d precision schedule: %s", i, schedule_lib.describe(s.schedule))
   meta = build.run_meta(config, students, teacher)
@@ -318,8 +344,11 @@ def train_and_evaluate(
   batches = check_rule_inputs(state, batches, students)
   log = TrainLog(writer, step, total_steps)
   eval_metrics: dict[str, float] = {}
-  if step >= total_steps and resumed:
+  if step >= total_steps and (resumed or total_steps == 0):
     eval_metrics = evaluate(p_eval, state, config, data_sharding)
+    if not resumed:  # num_train_steps=0: the starting network's metrics, at step 0
+      writer.write_scalars(step, eval_metrics)
+      logging.info("%s", metrics_io.eval_line(step, total_steps, eval_metrics))
   with _Preemption() as preemption:
     while step < total_steps:
       state, metrics = p_train(state, next(batches))
