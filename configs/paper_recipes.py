@@ -2,7 +2,7 @@
 
   python -m qnet.main --config=configs/paper_recipes.py:cifar100_resnet20_kd --workdir=DIR
   python -m qnet.main --config=configs/paper_recipes.py:imagenet_resnet18_w4a4_kd \
-      --config.init_from=FP_RESNET18_WORKDIR --workdir=DIR
+      --config.init_from=torchvision:resnet18.safetensors --workdir=DIR
 
 Variants (settings: qnet/METHOD.md, "Settings the authors released"; multi-host: QNET_DISTRIBUTED=1):
   cifar100_resnet20_kd       pre-activation ResNet-20 teacher + students W2A2 and W4A4 sharing
@@ -10,9 +10,14 @@ Variants (settings: qnet/METHOD.md, "Settings the authors released"; multi-host:
                              batch 128, SGD 0.9, wd 1e-4, lr 0.1 (both) / 10 at epochs 80, 120.
   cifar100_resnet20_w{2,4}   the released baseline without distillation: lr / 10 at 60, 120.
   cifar100_resnet20_w2_pq_kd progressive 32 -> 8 -> 4 -> 2 plus the joint teacher.
-  imagenet_resnet18_w4a4_kd  both networks start from a pretrained FP ResNet-18 (--config.init_from,
+  imagenet_resnet18_w4a4_kd  both networks start from torchvision's pretrained ResNet-18, as the
+                             authors' code does (`tv_resnet18`, --config.init_from=torchvision:PATH,
                              which loads the teacher too), fine-tuned 30 epochs, batch 256,
                              lr 0.001 (teacher) / 0.005 (student), / 10 at 15 and 25, wd 1e-4.
+                             PATH: a state_dict saved from torchvision, e.g. in a torch venv
+                             `m = torchvision.models.resnet18(weights="IMAGENET1K_V1")` then
+                             `safetensors.torch.save_file(m.state_dict(), "resnet18.safetensors")`
+                             (or `torch.save(m.state_dict(), "resnet18.pth")`: needs torch here).
   imagenet_resnet18_w2a2_kd  the same at W2A2.
   imagenet_resnet50_w{4,2}   ResNet-50 from scratch, 90 epochs, batch 256, cosine, bf16 compute.
   imagenet_alexnet_w{4,2}    AlexNet with BN, from scratch, 90 epochs, batch 256.
@@ -77,7 +82,8 @@ def get_config(variant: str = "cifar100_resnet20_kd"):
     c = _cifar100(2, distill=True)
     c.schedule.kind = "progressive"
   elif variant in ("imagenet_resnet18_w4a4_kd", "imagenet_resnet18_w2a2_kd"):
-    c = _imagenet("resnet18", 4 if "w4a4" in variant else 2, 30.0, 0.005)
+    # torchvision's layout, so its pretrained weights load (qnet.models.pretrained).
+    c = _imagenet("tv_resnet18", 4 if "w4a4" in variant else 2, 30.0, 0.005)
     c.lr_schedule, c.lr_step_at = "step", (15 / 30, 25 / 30)
     c.distill.enabled = True
     c.distill.teacher_learning_rate = 0.001
