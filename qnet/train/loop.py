@@ -103,6 +103,13 @@ def load_pretrained(
   params, batch_stats = pretrained.load(
     config.init_from, config.model, spec.channels, spec.num_classes
   )
+  if config.model_act != "relu" and config.quant.act_quantizer == "dorefa":
+    logging.warning(
+      "init_from=%s under DoReFa: its 32-bit activation is clip(x, 0, 1), not the ReLU the "
+      "network was trained with; LSQ or PACT (ReLU at 32 bits) keep its function "
+      "(docs/results.md, 'Starting from torchvision')",
+      config.init_from,
+    )
   what = f"init_from={config.init_from}"
   students = tuple(
     checkpointing.with_variables(n, params, batch_stats, what) for n in state.students
