@@ -341,6 +341,7 @@ def test_zero_steps_evaluates_the_imported_network_at_step_0(tmp_path):
   assert result["eval_accuracy"] == evals[0]["eval_accuracy"]
 
 
+@pytest.mark.slow
 def test_w4a4_fine_tune_from_an_import_lowers_the_loss_with_one_compile(tmp_path):
   state_dict = synthetic_state_dict("tv_resnet18", 3, 10, seed=3)
   path = write(tmp_path, "r18", state_dict)
