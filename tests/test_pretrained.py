@@ -362,3 +362,29 @@ def test_w4a4_fine_tune_from_an_import_lowers_the_loss_with_one_compile(tmp_path
   assert len(losses) == 16  # the same 16 examples each step: W4A4 fits them
   assert np.mean(losses[-4:]) < 0.95 * np.mean(losses[:4]), losses
   assert [r["train_step_compiles"] for r in rows if "train_step_compiles" in r] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+  strict=True,
+  reason="issue 26: the traced export builds a program for tv_resnet18, but some accumulators of "
+  "stage1_block1/conv2 (after the explicit post-add ReLU and max-pool path) are outside the "
+  "fake-quant float error; not yet diagnosed",
+)
+def test_imported_network_exports_with_integer_layers_equal_to_fake_quant():
+  """The traced export (qnet.deploy.lowering) takes the imported post-activation network: its
+  integer program's layers, requants and logits equal the W4A4 fake-quant network's."""
+  from test_export import bits_for, check_against_fake_quant
+
+  from qnet.data.datasets import DATASETS
+  from qnet.deploy import lowering
+
+  ds, shape = DATASETS["fashion_mnist"], (28, 28, 1)
+  state_dict = synthetic_state_dict("tv_resnet18", 1, 10, seed=4)
+  params, stats = pretrained.to_variables(pretrained.key_table("tv_resnet18", 1, 10), state_dict)
+  model = models.create_model("tv_resnet18", 10)
+  bits, tree = bits_for(model, shape, 4, 4, True)
+  program = lowering.build_program(
+    model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std
+  )
+  check_against_fake_quant(program, model, params, stats, tree, ds, shape, require_requant=True)
