@@ -94,7 +94,6 @@ class _Tracer:
   def __init__(self, model: nn.Module, x_shape: tuple[int, ...], precision_bits: dict):
     self.bits = precision_bits
     self.plan: dict[str, rules.Rule | None] = {}
-    self.prefix = 0
     if isinstance(model, rules.QuantizedModel):
       calls = rules.layer_calls(model.inner, jnp.zeros(x_shape, jnp.float32))
       index = rules.assign(model.rules, calls)
@@ -223,7 +222,7 @@ class _Lowering:
     if name == "reduce_sum" and tuple(eqn.params["axes"]) == (1, 2):
       return [_Reduced(x, "mean")]
     if name == "div" and isinstance(x, _Reduced) and x.how == "mean" and not x.divided:
-      h, w = self._shape(x.value)[:2]
+      h, w = x.value.shape[:2]
       if np.ndim(ins[1]) == 0 and float(ins[1]) == h * w:
         return [dataclasses.replace(x, divided=True)]
     if name == "reshape" and len(eqn.params["new_sizes"]) == 2 and not isinstance(x, _Reduced):
@@ -231,9 +230,6 @@ class _Lowering:
     if name == "squeeze" and isinstance(x, _Reduced):
       return [x]
     self._fail(eqn)
-
-  def _shape(self, v):
-    return v.shape
 
   def layer(self, call: LayerCall, x):
     a = call.attrs
