@@ -215,6 +215,12 @@ CASES = [
   (USER_MODEL, 4, 4, True, False, False),
   (USER_MODEL, 2, 2, True, True, False),
   (USER_MODEL, 3, 3, True, False, True),
+  # keep_first_last_fp=False: the stem and the classifier quantized; the classifier quantizes
+  # the model's own global mean (a float `mean` op, then its quantizer).
+  (USER_MODEL, 4, 4, False, False, False),
+  (USER_MODEL, 2, 2, False, True, False),
+  ("test_rules:BiasCNN", 4, 4, True, False, False),  # nn.Conv's default bias
+  ("test_rules:BiasCNN", 3, 3, False, True, False),
   ("alexnet_bn", 3, 3, True, False, False),
   ("alexnet_bn", 2, 2, False, True, False),
 ]
@@ -226,11 +232,14 @@ def test_integer_layers_equal_fake_quant_layer_by_layer(request, name, w, a, kee
     request.getfixturevalue("per_channel_weights")
   ds = DATASETS["fashion_mnist" if "cnn" in name else "cifar10"]
   shape = (28, 28, 1) if "cnn" in name else (67, 67, 3) if "alexnet" in name else (32, 32, 3)
-  model, params, stats = random_net(name, shape)
+  settings = {} if ":" not in name else {"keep_first_last_fp": keep_fp}  # a user model's rules
+  model, params, stats = random_net(name, shape, **settings)
   bits, tree = bits_for(model, shape, w or 4, a or 4, keep_fp, mixed)
   program = lowering.build_program(
     model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel
   )
+  if name == USER_MODEL and not keep_fp:
+    assert program.layers["Dense_0"]["integer"] and "mean" in {op["op"] for op in program.ops}
   check_against_fake_quant(
     program, model, params, stats, tree, ds, shape,
     require_requant=not keep_fp or "resnet" in name.lower(),
@@ -363,10 +372,11 @@ def check_against_fake_quant(program, model, params, stats, tree, ds, shape, req
     else:
       total = integer._dot(j.reshape(j.shape[0], -1), c, jnp.int32)
     total = np.asarray(total).astype(np.float64)
-    if op["op"] == "dense":  # the fake-quant side added the bias: remove it (rounding included)
+    if "bias" in _node(params, op["layer"]):  # the fake-quant side added it: remove it (rounding included)
       bias = np.asarray(_node(params, op["layer"])["bias"]).astype(np.float64)
       total = total + 2 * np.abs(bias + y) * w_den * a_den / (w_num * a_num)
-      y = y - bias * (j.shape[1] * j.shape[2] if op["reduce"] == "mean" and j.ndim == 4 else 1)
+      mean = op["op"] == "dense" and op["reduce"] == "mean" and j.ndim == 4
+      y = y - bias * (j.shape[1] * j.shape[2] if mean else 1)
     # acc is exact; the fake-quant sum of K rounded products is within (K + 3) u sum|terms|.
     err = (fan_in + slack) * U * total
     assert np.all(np.abs(y * w_den * a_den / (w_num * a_num) - acc) <= err), op["layer"]
@@ -377,7 +387,9 @@ def check_against_fake_quant(program, model, params, stats, tree, ds, shape, req
   for op in requants:
     codes = np.asarray(values[op["out"]]).astype(np.int64)
     acc = np.asarray(values[op["in"][0]]).astype(np.float64)
-    z32 = np.asarray(_node(inter, op["bn"])["__call__"][0])
+    # The float value the fake quantizer rounds: the BatchNorm's output, or the layer's own.
+    source = op["bn"] or next(o["layer"] for o in program.ops if o["out"] == op["in"][0])
+    z32 = np.asarray(_node(inter, source)["__call__"][0])
     expected, inv_step = fake_codes(z32, op)
     z = z32.astype(np.float64) * inv_step  # the unrounded code
     differ = codes != expected
@@ -700,12 +712,3 @@ def test_an_op_the_lowering_cannot_handle_is_one_line_naming_it_and_the_layer():
   with pytest.raises(integer.UnsupportedModel, match=r"^op (erf|tanh|integer_pow|mul|pow)\b.* \(after layer Conv_1\) has no integer lowering"):
     lowering.build_program(model, v["params"], v["batch_stats"], bits, input_shape=shape, mean=ds.mean, std=ds.std)
 
-
-def test_a_quantized_dense_after_a_mean_is_refused_naming_the_layer():
-  model = models.create_model(USER_MODEL, 10, keep_first_last_fp=False)
-  shape = (16, 16, 1)
-  v = model.init(jax.random.key(0), jnp.zeros((1, *shape)), train=False)
-  bits, _ = bits_for(model, shape, 4, 4, False)
-  ds = DATASETS["fashion_mnist"]
-  with pytest.raises(integer.UnsupportedModel, match="layer Dense_0: a quantized dense input after a mean"):
-    lowering.build_program(model, v["params"], v["batch_stats"], bits, input_shape=shape, mean=ds.mean, std=ds.std)

@@ -11,7 +11,7 @@ import pytest
 
 from qnet.data.datasets import DATASETS
 from qnet.deploy import integer, lowering, onnx_graph, qdq_onnx
-from test_export import bits_for, random_net
+from test_export import USER_MODEL, bits_for, random_net
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -40,6 +40,9 @@ CASES = [  # name, w, a, keep_fp, quantizers
   ("fmnist_cnn", 4, 4, False, ("lsq", "lsq")),  # integer fc -> requant -> integer head
   ("tiny_cnn", 3, 3, False, ("dorefa", "pact")),
   ("tiny_resnet", 2, 2, True, ("dorefa", "dorefa")),  # float residual stream
+  # A user's Flax ResNet by rules, every layer quantized: its classifier quantizes a float mean.
+  (USER_MODEL, 4, 4, False, ("dorefa", "pact")),
+  ("test_rules:BiasCNN", 4, 4, True, ("dorefa", "dorefa")),  # biased convs (Flax's default)
 ]
 
 
@@ -47,7 +50,8 @@ def _program(name, w, a, keep_fp, quantizers):
   ds = DATASETS["fashion_mnist" if "cnn" in name else "cifar10"]
   shape = (28, 28, 1) if "cnn" in name else (32, 32, 3)
   wq, aq = quantizers
-  model, params, stats = random_net(name, shape, weight_quantizer=wq, act_quantizer=aq)
+  settings = {"keep_first_last_fp": keep_fp} if ":" in name else {}
+  model, params, stats = random_net(name, shape, weight_quantizer=wq, act_quantizer=aq, **settings)
   bits, tree = bits_for(model, shape, w, a, keep_fp)
   program = lowering.build_program(
     model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, weight_quantizer=wq,
@@ -103,7 +107,8 @@ def check_codes(program, values, theirs, report, exact_fused: bool):
     sign, u = integer.thresholds(scale, shift, op["bits"])
     want = np.sum((acc * sign)[..., None] >= u, axis=-1)
     differ = got != want
-    fused = report[conv["layer"]]["form"] in ("QLinearConv", "QGemm")
+    entry = report.get(conv["layer"]) or report[f"{conv['layer']} -> requant"]  # several consumers
+    fused = entry["form"] in ("QLinearConv", "QGemm")
     if fused and exact_fused:
       assert not differ.any(), (conv["layer"], int(differ.sum()))
     z = scale * acc.astype(np.float64) + shift  # the unrounded code

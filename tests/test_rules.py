@@ -52,6 +52,21 @@ class UserResNet(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+class BiasCNN(nn.Module):
+  """Flax's defaults: convs with a bias, one without a BatchNorm after it."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.relu(nn.Conv(8, (3, 3))(x))  # bias, no BatchNorm: into the next codes
+    x = nn.max_pool(nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x))), (2, 2), (2, 2))
+    y = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.Conv(8, (3, 3))(y) + x  # a biased conv into a float residual sum
+    return nn.Dense(self.num_classes)(nn.relu(x).mean((1, 2)))
+
+
 class NoNumClasses(nn.Module):
   @nn.compact
   def __call__(self, x, train=True):

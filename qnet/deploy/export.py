@@ -51,9 +51,10 @@ import numpy as np
 from qnet.deploy import integer, packing
 
 # /2 added the LSQ and PACT quantizers (`quantizers`, the ops' quantizer attributes); a /1
-# export is DoReFa throughout and reads as such.
-FORMAT = "qnet-integer-export/2"
-FORMATS = ("qnet-integer-export/1", FORMAT)
+# export is DoReFa throughout and reads as such. /3 added the float `mean` op (a model that
+# quantizes its global mean before the classifier); /1 and /2 programs are /3 programs.
+FORMAT = "qnet-integer-export/3"
+FORMATS = ("qnet-integer-export/1", "qnet-integer-export/2", FORMAT)
 WEIGHTS, MANIFEST, STABLEHLO, ONNX = "weights.safetensors", "manifest.json", "model.stablehlo", "model.onnx"
 ONNX_FP32 = "model_fp32.onnx"
 MODEL_FILES = (WEIGHTS, STABLEHLO, ONNX, ONNX_FP32)

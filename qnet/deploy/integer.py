@@ -454,6 +454,12 @@ class Builder:
     v = self._materialize(v)
     return _Val(self._emit("relu", [v.name], "relu"), v.shape)
 
+  def mean(self, v) -> _Val:
+    """The float mean over H, W (`[H, W, C] -> [C]`) of a value the model reduces before a
+    quantized dense (the dense then quantizes the mean, as the model does)."""
+    v = self._as_float(self._materialize(v))
+    return _Val(self._emit("mean", [v.name], "mean"), (v.shape[-1],))
+
   def add(self, a, b) -> _Val:
     a, b = self._materialize(a), self._materialize(b)
     return _Val(self._emit("add", [a.name, b.name], "add"), a.shape)
@@ -521,19 +527,26 @@ class Builder:
     pooled = attrs.get("pooled", 1)
     return out, (w_num * a_num) / (w_den * a_den * pooled)
 
-  def conv(self, v, path: str, strides=(1, 1), padding: Any = "SAME", quantize_input=True):
+  def conv(self, v, path: str, strides=(1, 1), padding: Any = "SAME", quantize_input=True, bias=False):
     w_bits, a_bits = self._layer_bits(path, quantize_input)
-    kernel = self._node(path, self.params)["kernel"]
+    node = self._node(path, self.params)
+    kernel = node["kernel"]
     x = self.act(v, a_bits, path) if quantize_input else self._materialize(v)
     (oh, ow), pads = window_of(x.shape[:2], kernel.shape[:2], strides, padding)
     tensors, w_step = self._weights(path, w_bits)
+    bias_name = None
+    if bias:  # like a dense's: folded into the next codes, or added in float
+      bias_name = f"{path}.bias"
+      self.arrays[bias_name] = np.asarray(node["bias"], np.float32)
+      tensors = [*tensors, bias_name]
+    integer = x.bits != FP and w_bits != FP
     out, factor = self._layer(
       "conv", x, path, (w_bits, a_bits), kernel.shape, tensors, w_step,
-      strides=list(strides), padding=pads,
+      strides=list(strides), padding=pads, bias=None if integer else bias_name,
     )
     shape = (oh, ow, kernel.shape[-1])
     if factor is not None:
-      return _Acc(out, shape, factor, path)
+      return _Acc(out, shape, factor, path, bias=bias_name)
     return _Val(out, shape)
 
   def dense(self, v, path: str, reduce: str, quantize_input: bool = True, bias: bool = True):
@@ -721,7 +734,8 @@ def _run_op(op: dict, env: dict, arrays: dict) -> jax.Array:
       return _int_sum(xs, ws, lambda a, b: _dot(_reduce(a, "flatten"), b, jnp.int32))
     w = arrays[op["weight"]]
     if kind == "conv":
-      return _conv(x, w, op, None)
+      y = _conv(x, w, op, None)
+      return y + arrays[op["bias"]] if op.get("bias") else y
     y = _dot(_reduce(x, op["reduce"]), w, None)
     return y + arrays[op["bias"]]
   if kind == "dequant":
@@ -743,6 +757,8 @@ def _run_op(op: dict, env: dict, arrays: dict) -> jax.Array:
     )
   if kind == "relu":
     return jnp.maximum(x, 0.0)
+  if kind == "mean":
+    return jnp.mean(x, axis=(1, 2))
   if kind == "add":
     return x + env[op["in"][1]]
   if kind == "output":

@@ -63,7 +63,6 @@ def _conv_call(m, path: str, x, quantize_input: bool, bits) -> LayerCall:
     bad = [
       f
       for f, ok in (
-        ("use_bias=True", not m.use_bias),
         ("feature_group_count", m.feature_group_count == 1),
         ("input_dilation", _pair(m.input_dilation, (1, 1)) == (1, 1)),
         ("kernel_dilation", _pair(m.kernel_dilation, (1, 1)) == (1, 1)),
@@ -84,7 +83,7 @@ def _conv_call(m, path: str, x, quantize_input: bool, bits) -> LayerCall:
   kernel = _pair(m.kernel_size, None)
   strides = _pair(m.strides, (1, 1))
   (oh, ow), pads = integer.window_of(x.shape[1:3], kernel, strides, padding)
-  attrs = dict(strides=strides, padding=pads, quantize_input=quantize_input, bits=bits)
+  attrs = dict(strides=strides, padding=pads, quantize_input=quantize_input, bits=bits, bias=m.use_bias)
   return LayerCall("conv", path, (x.shape[0], oh, ow, m.features), attrs)
 
 
@@ -242,17 +241,17 @@ class _Lowering:
     if call.kind == "conv":
       if isinstance(x, _Reduced):
         raise UnsupportedModel(f"layer {call.path}: a conv after a mean or flatten")
-      return self.b.conv(x, call.path, a["strides"], a["padding"], a["quantize_input"])
+      return self.b.conv(x, call.path, a["strides"], a["padding"], a["quantize_input"], a["bias"])
     reduce = a["reduce"]
     if isinstance(x, _Reduced):
       if not x.divided:
         raise UnsupportedModel(f"layer {call.path}: a sum over H, W that is not a mean")
       if x.how == "mean" and a["quantize_input"] and a["bits"][1] != FP:
-        raise UnsupportedModel(
-          f"layer {call.path}: a quantized dense input after a mean has no integer form yet "
-          "(keep this dense FP, or pool before the last conv)"
-        )
-      x, reduce = x.value, x.how
+        # The model quantizes the mean (qnet's QuantDense sums the codes instead): a float
+        # mean, then the dense's own quantizer.
+        x, reduce = self.b.mean(x.value), "flatten"
+      else:
+        x, reduce = x.value, x.how
     return self.b.dense(x, call.path, reduce, a["quantize_input"], bias=a["bias"])
 
 

@@ -123,6 +123,8 @@ def float_op(g: Graph, op: dict, x: str, rank: int, arrays, env) -> tuple[str, i
     return g.node("MaxPool", [x], **attrs), rank
   if kind == "relu":
     return g.node("Relu", [x]), rank
+  if kind == "mean":
+    return g.node("Flatten", [g.node("GlobalAveragePool", [x])], axis=1), 2
   if kind == "clip":
     return g.node("Clip", [x, g.const(np.float32(0)), g.const(np.float32(1))]), rank
   if kind == "add":
@@ -213,28 +215,29 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
         g.node("Clip", [x, g.const(np.float32(0)), g.const(top)]) if kind == "quantize" else x
       ), rank
     elif kind in ("conv", "dense"):
-      kernel, bias = float_weights(op, program.arrays), None
       integer_layer = op["weight_bits"] != integer.FP and op["in_bits"] != integer.FP
-      (nxt,) = consumers[op["out"]] if integer_layer else [None]
-      if nxt is not None and nxt["op"] == "requant":
-        # acc * unit is the float conv's output; the requant's affine map in code units,
-        # times the next step, folds into the kernel and bias; then the quantizer's clip.
-        scale, shift = program.arrays[nxt["scale"]], program.arrays[nxt["shift"]]
-        step = float(nxt["step"])
-        unit = code_unit(op, program.arrays) / op.get("pooled", 1)
-        kernel = (kernel * (scale * step / unit)).astype(np.float32)
-        bias = (shift * step).astype(np.float32)
-      elif nxt is not None:  # dequant: acc * factor + bias is the float layer plus its bias
-        bias = program.arrays[nxt["bias"]] if nxt["bias"] else None
-      elif op["op"] == "dense":
-        bias = program.arrays[op["bias"]]
-      y, r = float_layer(g, op, x, rank, kernel, bias, shapes[op["in"][0]])
-      if nxt is not None:
-        if nxt["op"] == "requant":
-          y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(act_range(nxt)))])
-        env[nxt["out"]] = (y, r)
-        done.add(nxt["out"])
-      env[op["out"]] = (y, r)
+      # An integer layer per consumer of its accumulator (requant or dequant), each folded.
+      for nxt in consumers[op["out"]] if integer_layer else [None]:
+        kernel, bias = float_weights(op, program.arrays), None
+        if nxt is not None and nxt["op"] == "requant":
+          # acc * unit is the float conv's output; the requant's affine map in code units,
+          # times the next step, folds into the kernel and bias; then the quantizer's clip.
+          scale, shift = program.arrays[nxt["scale"]], program.arrays[nxt["shift"]]
+          step = float(nxt["step"])
+          unit = code_unit(op, program.arrays) / op.get("pooled", 1)
+          kernel = (kernel * (scale * step / unit)).astype(np.float32)
+          bias = (shift * step).astype(np.float32)
+        elif nxt is not None:  # dequant: acc * factor + bias is the float layer plus its bias
+          bias = program.arrays[nxt["bias"]] if nxt["bias"] else None
+        elif op.get("bias"):
+          bias = program.arrays[op["bias"]]
+        y, r = float_layer(g, op, x, rank, kernel, bias, shapes[op["in"][0]])
+        if nxt is not None:
+          if nxt["op"] == "requant":
+            y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(act_range(nxt)))])
+          env[nxt["out"]] = (y, r)
+          done.add(nxt["out"])
+        env[op["out"]] = (y, r)
     else:
       raise ValueError(f"unknown op {kind!r}")
   return g.model(program, "qnet_fp32", opset)

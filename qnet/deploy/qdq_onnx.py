@@ -308,18 +308,24 @@ def to_onnx(program: integer.Program, opset: int = OPSET, *, debug_outputs: bool
       env[op["out"]] = _dequantize_codes(g, op, x), rank
     elif kind in ("conv", "dense"):
       if op["weight_bits"] == integer.FP or op["in_bits"] == integer.FP:
-        bias = program.arrays[op["bias"]] if kind == "dense" else None
+        bias = program.arrays[op["bias"]] if op.get("bias") else None
         env[op["out"]] = float_layer(
           g, op, x, rank, float_weights(op, program.arrays), bias, shapes[op["in"][0]]
         )
         continue
-      (nxt,) = consumers[op["out"]]
-      y = _integer_layer(g, op, nxt, x, rank, program.arrays, shapes[op["in"][0]], report)
-      env[nxt["out"]] = y
-      done.add(nxt["out"])
-      if nxt["op"] == "requant":
-        codes.add(nxt["out"])
-        expose(nxt["out"])
+      # An accumulator both requantized and dequantized (a value that feeds a quantized layer
+      # and a float residual sum): the layer once per consumer, each in its own fused form.
+      many = len(consumers[op["out"]]) > 1
+      for nxt in consumers[op["out"]]:
+        form: dict = {}
+        y = _integer_layer(g, op, nxt, x, rank, program.arrays, shapes[op["in"][0]], form)
+        for layer, entry in form.items():  # with several consumers, one entry each
+          report[f"{layer} -> {nxt['op']}" if many else layer] = entry
+        env[nxt["out"]] = y
+        done.add(nxt["out"])
+        if nxt["op"] == "requant":
+          codes.add(nxt["out"])
+          expose(nxt["out"])
     else:
       raise ValueError(f"op {kind!r} outside an integer layer's pattern")
   return g.model(program, "qnet_qdq", opset)
