@@ -104,7 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.teacher_act = "clip"
   c.distill.kd_warmup = 0.0  # fraction of training with CE only (no KL, no hint), as QKD's first stage.
   c.distill.teacher_learning_rate = -1.0  # -1: same as learning_rate.
-  c.distill.teacher_from = ""  # workdir of a trained run: frozen teacher loaded from it.
+  # Frozen teacher: the workdir of a trained run, or torchvision:PATH / timm:PATH (a ResNet
+  # state_dict for distill.teacher_model, else model; use distill.teacher_act=relu with it).
+  c.distill.teacher_from = ""
   c.distill.hint_weight = 0.0  # beta of the feature-hint L2 term (CVPR version), 0 = off.
   c.distill.extra_students = ()  # more students sharing the teacher: ((weight_bits, act_bits), ...).
   return c

@@ -302,6 +302,29 @@ def test_init_from_starts_student_and_teacher_bitwise_equal_to_the_file(tmp_path
   )
 
 
+def test_teacher_from_a_file_is_a_frozen_teacher_bitwise_equal_to_it(tmp_path):
+  import tensorflow_datasets as tfds
+
+  state_dict = synthetic_state_dict("tv_resnet18", 3, 10, seed=3)
+  path = write(tmp_path, "r18", state_dict)
+  c = mock_config(
+    model="tv_resnet18",
+    **{"distill.enabled": True, "distill.teacher_from": f"timm:{path}", "distill.teacher_act": "relu"},
+  )
+  config_validation.validate(c, jax.device_count())
+  with tfds.testing.mock_data(num_examples=64):
+    state = _fresh_state(c, tmp_path / "w")
+  want_p, want_b = pretrained.to_variables(pretrained.key_table("tv_resnet18", 3, 10), state_dict)
+  for got, want in ((state.teacher.params, want_p), (state.teacher.batch_stats, want_b)):
+    g, w = flax.traverse_util.flatten_dict(jax.device_get(got)), flax.traverse_util.flatten_dict(want)
+    assert g.keys() == w.keys() and all(np.asarray(g[k]).tobytes() == w[k].tobytes() for k in w)
+  student = np.asarray(state.students[0].params["head"]["kernel"])
+  assert student.tobytes() != state_dict["fc.weight"].T.tobytes()  # the student starts fresh
+  bad = mock_config(model="tv_resnet34", **{"distill.enabled": True, "distill.teacher_from": f"torchvision:{path}"})
+  with pytest.raises(config_validation.ConfigError, match=r"^config\.distill\.teacher_from="):
+    config_validation.validate(bad, jax.device_count())
+
+
 def test_zero_steps_evaluates_the_imported_network_at_step_0(tmp_path):
   """`num_train_steps=0`: no step, no checkpoint; `eval_accuracy` at step 0 equals the
   imported variables applied by hand to the same eval split."""

@@ -168,17 +168,17 @@ def validate(
   _validate_fp_baseline(config)
 
 
-def _validate_init_from(config) -> None:
+def _validate_init_from(config, field: str = "init_from", model: str = "") -> None:
   # A pretrained file's keys and shapes are checked here, before any data or compute.
-  value = config.init_from
+  value = _get(config, field)
   if not (isinstance(value, str) and pretrained.parse_init_from(value)):
-    _workdir_with_checkpoints(config, "init_from")
+    _workdir_with_checkpoints(config, field)
     return
   spec = DATASETS[config.dataset]
   try:
-    pretrained.check_file(value, config.model, spec.channels, spec.num_classes)
+    pretrained.check_file(value, model or config.model, spec.channels, spec.num_classes)
   except pretrained.PretrainedError as e:
-    raise ConfigError(f"config.init_from={value!r}: {e}") from None
+    raise ConfigError(f"config.{field}={value!r}: {e}") from None
 
 
 def _validate_quantizers(config) -> None:
@@ -304,7 +304,7 @@ def _validate_distill(config) -> None:
   lr = config.distill.teacher_learning_rate
   if not (isinstance(lr, (int, float)) and (lr == -1 or lr > 0)):
     _fail("distill.teacher_learning_rate", lr, "-1 (same as learning_rate) or a number > 0")
-  _workdir_with_checkpoints(config, "distill.teacher_from")
+  _validate_init_from(config, "distill.teacher_from", config.distill.teacher_model)
   for i, pair in enumerate(config.distill.extra_students):
     if len(pair) != 2:
       _fail(f"distill.extra_students[{i}]", pair, "(weight_bits, act_bits)")

@@ -120,10 +120,24 @@ def load_pretrained(
   return state.replace(students=students, teacher=teacher)
 
 
-def load_teacher_from(workdir: str, state: joint.TrainState) -> joint.TrainState:
-  """`config.distill.teacher_from`: a frozen teacher = the first student of another run."""
-  what = f"distill.teacher_from={workdir}"
-  return state.replace(teacher=checkpointing.load_first_student(workdir, state.teacher, what))
+def load_teacher_from(config: ml_collections.ConfigDict, state: joint.TrainState) -> joint.TrainState:
+  """`config.distill.teacher_from`: a frozen teacher = the first student of another run, or a
+  pretrained ResNet state_dict (`torchvision:PATH` / `timm:PATH`, `qnet.models.pretrained`)
+  for the teacher's model (`distill.teacher_model`, else `model`)."""
+  source = config.distill.teacher_from
+  what = f"distill.teacher_from={source}"
+  if not pretrained.parse_init_from(source):
+    return state.replace(teacher=checkpointing.load_first_student(source, state.teacher, what))
+  spec = DATASETS[config.dataset]
+  model = config.distill.teacher_model or config.model
+  params, batch_stats = pretrained.load(source, model, spec.channels, spec.num_classes)
+  if config.distill.teacher_act != "relu":
+    logging.warning(
+      "%s with distill.teacher_act=%s: the teacher's 32-bit activation is clip(x, 0, 1), not "
+      "the ReLU the network was trained with; distill.teacher_act=relu keeps its function",
+      what, config.distill.teacher_act,
+    )
+  return state.replace(teacher=checkpointing.with_variables(state.teacher, params, batch_stats, what))
 
 
 class _Preemption:
@@ -208,7 +222,7 @@ def initial_state(
       state = load_students_from(config.init_from, state, teacher_too=same_teacher)
     logging.info("students%s initialised from %s", " and teacher" * same_teacher, config.init_from)
   if config.distill.teacher_from:
-    state = load_teacher_from(config.distill.teacher_from, state)
+    state = load_teacher_from(config, state)
     logging.info("frozen teacher loaded from %s", config.distill.teacher_from)
   return manager, state, False
 
