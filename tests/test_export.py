@@ -208,6 +208,15 @@ def per_channel_weights(monkeypatch):
 
 USER_MODEL = "test_rules:UserResNet"  # importable: pytest puts tests/ on sys.path
 
+# Rules that mix quantizers layer by layer (README: "Rules decide per layer"), every layer
+# quantized; the stem's input stays the image.
+MIXED_RULES = (
+  rules.Rule(select="first_conv", quantize_input=False, weight_quantizer="lsq"),
+  rules.Rule(pattern=".*/Conv_0", weight_quantizer="lsq", act_quantizer="pact", per_channel=True),
+  rules.Rule(pattern=".*/Conv_1", act_quantizer="lsq"),
+  rules.Rule(select="last_dense", weight_quantizer="lsq", act_quantizer="pact"),
+)
+
 CASES = [
   ("fmnist_cnn", 4, 4, True, False, False),
   ("fmnist_cnn", 2, 2, False, True, False),
@@ -732,6 +741,24 @@ def test_midway_progressive_checkpoint_exports_the_phase_precision(tiny_run, tmp
   assert (p["phase"], p["num_phases"], p["phase_bits"], p["target_bits"]) == (1, 4, [8.0, 8.0], [2, 2])
   assert not p["final_phase"]
   assert {(v["weight_bits"], v["act_bits"]) for v in program.layers.values()} == {(8, 8), (8, 32)}
+
+
+def test_rules_that_mix_quantizers_export_each_layer_with_its_own():
+  shape, ds = (16, 16, 1), DATASETS["fashion_mnist"]
+  model, params, stats = random_net(USER_MODEL, shape, rules="test_export:MIXED_RULES")
+  bits, tree = bits_for(model, shape, 3, 4, False)
+  program = lowering.build_program(model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
+  kinds = {p: (l["weight_quantizer"], l["act_quantizer"]) for p, l in program.layers.items()}
+  assert kinds == {
+    "Conv_0": ("lsq", None),  # its input is the float image
+    "UserBlock_0/Conv_0": ("lsq", "pact"),
+    "UserBlock_0/Conv_1": ("dorefa", "lsq"),
+    "Dense_0": ("lsq", "pact"),
+  }
+  assert program.quantizers == {"weight": "mixed", "act": "mixed"}
+  step = program.arrays["UserBlock_0/Conv_0.weight_step"]
+  assert step.shape == (program.arrays["UserBlock_0/Conv_0.levels"].shape[-1],)  # per channel
+  check_against_fake_quant(program, model, params, stats, tree, ds, shape, require_requant=True)
 
 
 def test_an_op_the_lowering_cannot_handle_is_one_line_naming_it_and_the_layer():

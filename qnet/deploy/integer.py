@@ -293,6 +293,9 @@ class Builder:
   ):
     self.params, self.stats, self.bits, self.per_channel = params, batch_stats, bits, per_channel
     self.weight_quantizer, self.act_quantizer = quantizers
+    # Per-layer `(weight_quantizer, act_quantizer, per_channel)` where a layer's differ from
+    # the network's (a model quantized by rules: each rule names its own).
+    self.kinds: dict[str, tuple[str, str, bool]] = {}
     self.ops: list[dict] = []
     self.arrays: dict[str, np.ndarray] = {}
     self.layers: dict[str, dict] = {}
@@ -345,14 +348,17 @@ class Builder:
     attrs = v.act.attrs()
     return _Val(self._emit("dequant_codes", [v.name], v.name, bits=v.bits, **attrs), v.shape)
 
+  def _kind(self, layer: str) -> tuple[str, str, bool]:
+    """`(weight_quantizer, act_quantizer, per_channel)` of `layer`."""
+    return self.kinds.get(layer, (self.weight_quantizer, self.act_quantizer, self.per_channel))
+
   def _clip(self, layer: str, name: str) -> np.ndarray:
     """A learned clip level (float32) of `layer`: positive and finite."""
     node = self._node(layer, self.params)
+    weight_kind, act_kind, _ = self._kind(layer)
     if name not in node:
       field, kind = (
-        ("weight_quantizer", self.weight_quantizer)
-        if name == WEIGHT_CLIP
-        else ("act_quantizer", self.act_quantizer)
+        ("weight_quantizer", weight_kind) if name == WEIGHT_CLIP else ("act_quantizer", act_kind)
       )
       raise UnsupportedModel(
         f"{layer} has no {name!r} parameter, which quant.{field}={kind!r} needs (was the "
@@ -361,22 +367,23 @@ class Builder:
     clip = np.asarray(node[name], np.float32)
     # LSQ's step may turn negative in training (its grid is then mirrored, still exact);
     # PACT's fold into thresholds needs alpha > 0 (alpha <= 0 makes every code n).
-    pact = name == ACT_CLIP and self.act_quantizer == "pact"
+    pact = name == ACT_CLIP and act_kind == "pact"
     if not np.all(np.isfinite(clip) & ((clip > 0) if pact else (clip != 0))):
       need = "positive" if pact else "non-zero"
       raise UnsupportedModel(f"{layer}/{name} must be finite and {need}; got {clip.tolist()}")
     return clip
 
   def _act_quant(self, layer: str, bits: int) -> ActQuant:
-    if self.act_quantizer == "dorefa":
+    kind = self._kind(layer)[1]
+    if kind == "dorefa":
       return ActQuant("dorefa", bits)
-    return ActQuant(self.act_quantizer, bits, float(self._clip(layer, ACT_CLIP)))
+    return ActQuant(kind, bits, float(self._clip(layer, ACT_CLIP)))
 
   def act(self, v, bits: int, layer: str):
     """The layer-input quantizer: codes (bits <= 8), or at 32 bits DoReFa's clip to [0, 1]
     (LSQ/PACT: a plain ReLU)."""
     if bits == FP:
-      kind = "clip" if self.act_quantizer == "dorefa" else "relu"
+      kind = "clip" if self._kind(layer)[1] == "dorefa" else "relu"
       return _Val(self._emit(kind, [self._materialize(v).name], layer + ".in"), v.shape)
     aq = self._act_quant(layer, bits)
     if isinstance(v, _Acc):
@@ -472,11 +479,12 @@ class Builder:
     if w_bits == FP:
       self.arrays[f"{path}.kernel"] = kernel
       return [f"{path}.kernel"], None
-    if self.weight_quantizer == "lsq":
+    weight_kind, _, per_channel = self._kind(path)
+    if weight_kind == "lsq":
       i, step = lsq_weight_codes(kernel, self._clip(path, WEIGHT_CLIP), w_bits)
       self.arrays[f"{path}.levels"], self.arrays[f"{path}.weight_step"] = i, step
       return [f"{path}.levels", f"{path}.weight_step"], (step.astype(np.float64), 1)
-    self.arrays[f"{path}.levels"] = weight_codes(kernel, w_bits, self.per_channel)
+    self.arrays[f"{path}.levels"] = weight_codes(kernel, w_bits, per_channel)
     return [f"{path}.levels"], (1.0, levels(w_bits))
 
   def _layer_bits(self, path: str, quantize_input: bool) -> tuple[int, int]:
@@ -492,7 +500,7 @@ class Builder:
     act = x.act
     if not integer:
       x = self._as_float(x)
-    w_quant = None if w_bits == FP else self.weight_quantizer
+    w_quant = None if w_bits == FP else self._kind(path)[0]
     step_name = tensors[1] if w_quant == "lsq" else None
     in_attrs = act.attrs() if act else {"quantizer": None, "clip": None, "step": None}
     out = self._emit(

@@ -92,6 +92,7 @@ class _Tracer:
 
   def __init__(self, model: nn.Module, x_shape: tuple[int, ...], precision_bits: dict):
     self.bits = precision_bits
+    self.kinds: dict[str, tuple[str, str, bool]] = {}  # a rule's quantizers, by layer
     self.plan: dict[str, rules.Rule | None] = {}
     if isinstance(model, rules.QuantizedModel):
       calls = rules.layer_calls(model.inner, jnp.zeros(x_shape, jnp.float32))
@@ -130,6 +131,7 @@ class _Tracer:
       quantize_input = quantized and rule.quantize_input
       if quantized:
         self._check_rule(path, rule)
+        self.kinds[path] = (rule.weight_quantizer, rule.act_quantizer, rule.per_channel)
       if isinstance(m, nn.Conv):
         call = _conv_call(m, path, x, quantize_input, bits)
       else:
@@ -147,11 +149,6 @@ class _Tracer:
     return _LAYER.bind(x, index=len(_CALLS) - 1, out_shape=tuple(call.out_shape))
 
   def _check_rule(self, path: str, rule: rules.Rule) -> None:
-    # The program carries one weight and one activation quantizer for the whole network.
-    q = self.rules_model.rules
-    kinds = {(r.weight_quantizer, r.act_quantizer, r.per_channel) for r in q if not r.keep_fp}
-    if len(kinds) > 1:
-      raise UnsupportedModel(f"layer {path}: rules with different quantizers have no export yet")
     if rule.negative_input == "signed":
       raise UnsupportedModel(f"layer {path}: signed activation codes have no integer form yet")
 
@@ -290,6 +287,7 @@ def build_program(
   start = b.preprocess(input_shape, mean, std)
   x_shape = (1, *input_shape)
   tracer = _Tracer(model, x_shape, b.bits)
+  b.kinds = tracer.kinds  # filled while tracing, read while lowering
   precision = _precision_tree(bits)
   variables = {"params": params, "batch_stats": batch_stats, "precision": precision}
   _CALLS.clear()
@@ -308,6 +306,10 @@ def build_program(
     raise UnsupportedModel("the model has no dense layer: its logits have no integer form")
   num_classes = int(heads[-1].out_shape[-1])
   quantizers = {"weight": weight_quantizer, "act": act_quantizer}
+  for key, field in (("weight", "weight_quantizer"), ("act", "act_quantizer")):
+    used = {layer[field] for layer in b.layers.values() if layer[field]}
+    if used:  # what the layers use ("mixed": a model whose rules differ; see `layers`)
+      quantizers[key] = used.pop() if len(used) == 1 else "mixed"
   return integer.Program(b.ops, b.arrays, tuple(input_shape), num_classes, b.layers, quantizers)
 
 
