@@ -251,6 +251,22 @@ def test_first_match_wins_and_unused_rules_and_unmatched_layers_are_reported():
   np.testing.assert_array_equal(at2, q.apply({**v, "precision": eight}, x, train=False))
   with pytest.raises(rules.RuleError, match="Rule.act_quantizer='gelu'; allowed: dorefa, pact, lsq"):
     rules.Rule(act_quantizer="gelu")
+  with pytest.raises(rules.RuleError, match=r"^Rule.select='last_conv'; allowed: any, first_conv, last_dense$"):
+    rules.Rule(select="last_conv")
+  with pytest.raises(rules.RuleError, match=r"^Rule\(pattern='Conv_\('\): not a regex"):
+    rules.Rule(pattern="Conv_(")
+
+
+class NegativeInside(nn.Module):
+  """A negative value reaches a quantized conv after the first layer (no ReLU before it)."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))
+    x = nn.Conv(4, (3, 3), use_bias=False)(x) - 1.0
+    return nn.Dense(self.num_classes)(nn.Conv(4, (3, 3), use_bias=False)(x).mean((1, 2)))
 
 
 def test_a_negative_quantized_input_is_an_error_naming_the_layer_unless_the_rule_says():
@@ -263,6 +279,13 @@ def test_a_negative_quantized_input_is_an_error_naming_the_layer_unless_the_rule
     q = rules.quantize(UserResNet(), (ok,))
     rules.check_inputs(q, q.init(jax.random.key(0), x, train=False), x)
   rules.check_inputs(rules.quantize(UserResNet()), rules.quantize(UserResNet()).init(jax.random.key(0), x, train=False), x)
+  # Layers with nothing to check (the first conv's input is not quantized) do not end the
+  # walk: the negative input of a later layer is found.
+  q = rules.quantize(NegativeInside())
+  with pytest.raises(rules.RuleError, match=r"layer Conv_2: its quantized input is negative"):
+    rules.check_inputs(q, q.init(jax.random.key(0), x, train=False), x)
+  q = rules.quantize(NegativeInside(), (rules.Rule(keep_fp=True),))  # no quantized input at all
+  rules.check_inputs(q, q.init(jax.random.key(0), x, train=False), x)
 
 
 def test_the_loop_stops_at_the_first_batch_on_a_negative_input(tmp_path, monkeypatch):

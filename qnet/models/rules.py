@@ -255,7 +255,7 @@ def check_inputs(model: QuantizedModel, variables: dict, x: jax.Array) -> None:
 def _flatten(tree: dict, prefix: str = "") -> dict[str, jax.Array]:
   out = {}
   for key, value in tree.items():
-    if isinstance(value, dict) or hasattr(value, "items"):
+    if isinstance(value, dict):  # flax returns mutable collections as plain dicts
       out |= _flatten(dict(value), f"{prefix}{key}/")
     else:
       out[prefix[:-1]] = value  # the `min` leaf: its layer's path
