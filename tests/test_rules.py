@@ -251,6 +251,8 @@ def test_first_match_wins_and_unused_rules_and_unmatched_layers_are_reported():
   np.testing.assert_array_equal(at2, q.apply({**v, "precision": eight}, x, train=False))
   with pytest.raises(rules.RuleError, match="Rule.act_quantizer='gelu'; allowed: dorefa, pact, lsq"):
     rules.Rule(act_quantizer="gelu")
+  with pytest.raises(rules.RuleError, match=r"^Rule.weight_quantizer='pact'; allowed: dorefa, lsq$"):
+    rules.Rule(weight_quantizer="pact")
   with pytest.raises(rules.RuleError, match=r"^Rule.select='last_conv'; allowed: any, first_conv, last_dense$"):
     rules.Rule(select="last_conv")
   with pytest.raises(rules.RuleError, match=r"^Rule\(pattern='Conv_\('\): not a regex"):
