@@ -300,10 +300,10 @@ def build_program(
   finally:
     calls = list(_CALLS)
     _CALLS.clear()
-  b.output(out)
   heads = [c for c in calls if c.kind == "dense"]
-  if not heads:
-    raise UnsupportedModel("the model has no dense layer: its logits have no integer form")
+  if not heads or isinstance(out, _Reduced):
+    raise UnsupportedModel("the model's logits do not come from a dense layer: no integer form")
+  b.output(out)
   num_classes = int(heads[-1].out_shape[-1])
   quantizers = {"weight": weight_quantizer, "act": act_quantizer}
   for key, field in (("weight", "weight_quantizer"), ("act", "act_quantizer")):

@@ -1,0 +1,180 @@
+"""The traced lowering's own decisions, on tiny Flax models (fast: no fake-quant comparison).
+
+`tests/test_export.py` checks that programs compute what the fake-quant network computes;
+these check what the lowering reads off a model: paddings and strides as the model wrote
+them, the rule's bit floors, which glue ops it folds, and the one-line refusals.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qnet.data.datasets import DATASETS
+from qnet.deploy import integer, lowering
+from qnet.models import rules
+from qnet.quant import precision
+
+DS = DATASETS["fashion_mnist"]
+SHAPE = (12, 12, 1)
+
+
+EVERY_LAYER = (rules.Rule(select="first_conv", quantize_input=False), rules.Rule())
+
+
+def _program(module, rule_set=EVERY_LAYER, w=4, a=4, shape=SHAPE):
+  model = rules.quantize(module, rule_set)
+  x = jnp.zeros((1, *shape))
+  v = model.init(jax.random.key(0), x, train=False)
+  layout = precision.layout_of(model, x)
+  wv, av = precision.layer_bits(layout, w, a, keep_first_last_fp=False)
+  bits = {"/".join(p): (int(wv[i]), int(av[i])) for i, p in enumerate(layout.paths)}
+  return lowering.build_program(
+    model, v["params"], v.get("batch_stats", {}), bits, input_shape=shape, mean=DS.mean, std=DS.std
+  )
+
+
+def _convs(program):
+  return {op["layer"]: op for op in program.ops if op["op"] == "conv"}
+
+
+class Padded(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)(x))
+    x = nn.relu(nn.Conv(4, (3, 3), padding=2, use_bias=False)(x))
+    x = nn.relu(nn.Conv(4, (3, 1), strides=(1, 2), padding=((1, 0), (0, 1)), use_bias=False)(x))
+    x = nn.relu(nn.Conv(4, (2, 2), padding="VALID", use_bias=False)(x))
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def test_paddings_and_strides_are_the_models_own():
+  convs = _convs(_program(Padded()))
+  # XLA's SAME at stride 2 on 12: (0, 1); an int pads both sides; explicit pairs as written.
+  assert convs["Conv_0"]["padding"] == [[0, 1], [0, 1]] and convs["Conv_0"]["strides"] == [2, 2]
+  assert convs["Conv_1"]["padding"] == [[2, 2], [2, 2]] and convs["Conv_1"]["strides"] == [1, 1]
+  assert convs["Conv_2"]["padding"] == [[1, 0], [0, 1]] and convs["Conv_2"]["strides"] == [1, 2]
+  assert convs["Conv_3"]["padding"] == [[0, 0], [0, 0]]
+  out = jax.eval_shape(integer.make_apply(_program(Padded())), jax.ShapeDtypeStruct((2, *SHAPE), jnp.uint8))
+  assert out.shape == (2, 3)
+
+
+class Plain(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3), use_bias=False)(x)))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3), use_bias=False)(x)))
+    return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+
+def test_the_ops_follow_the_models_dataflow_and_rule_bits_are_floors():
+  rule_set = (
+    rules.Rule(select="first_conv", quantize_input=False),
+    rules.Rule(pattern="Conv_1", weight_bits=6, act_bits=5),
+    rules.Rule(),
+  )
+  program = _program(Plain(), rule_set, w=2, a=3)
+  kinds = [op["op"] for op in program.ops]
+  # BN, ReLU and the max-pool between Conv_0 and Conv_1 are one requant (then a pool on codes).
+  # The W2 stem on the float image is a float conv; the integer Conv_1 feeds the model's own
+  # float mean, which the dense then quantizes.
+  assert kinds == [
+    "preprocess", "conv", "batchnorm", "relu", "maxpool", "quantize",
+    "conv", "dequant", "batchnorm", "relu", "mean", "quantize", "dense", "dequant", "output",
+  ]
+  layers = program.layers
+  assert (layers["Conv_1"]["weight_bits"], layers["Conv_1"]["act_bits"]) == (6, 5)  # floors
+  assert (layers["Dense_0"]["weight_bits"], layers["Dense_0"]["act_bits"]) == (2, 3)
+  assert not layers["Conv_0"]["integer"] and layers["Conv_1"]["integer"] and layers["Dense_0"]["integer"]
+  assert kinds.count("mean") == 1  # the dense quantizes the model's own mean
+
+
+@pytest.mark.parametrize(
+  "conv,message",
+  [
+    (lambda: nn.Conv(4, (3, 3), feature_group_count=2, use_bias=False), "feature_group_count"),
+    (lambda: nn.Conv(4, (3, 3), kernel_dilation=2, use_bias=False), "kernel_dilation"),
+    (lambda: nn.Conv(4, (3, 3), input_dilation=2, padding=1, use_bias=False), "input_dilation"),
+    (lambda: nn.Conv(4, (3, 3), padding="CIRCULAR", use_bias=False), "padding='CIRCULAR'"),
+  ],
+)
+def test_a_conv_with_no_integer_form_is_refused_naming_the_layer_and_the_setting(conv, message):
+  class Net(nn.Module):
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, train=True):
+      x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))
+      return nn.Dense(self.num_classes)(conv()(x).mean((1, 2)))
+
+  with pytest.raises(integer.UnsupportedModel, match=rf"^layer Conv_1: nn\.Conv .*{re.escape(message)}"):
+    _program(Net())
+
+
+class SumNotMean(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))
+    return nn.Dense(self.num_classes)(x.sum((1, 2)))
+
+
+class BatchNormAfterMean(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))
+    x = nn.BatchNorm(use_running_average=not train)(x.mean((1, 2)))
+    return nn.Dense(self.num_classes)(x)
+
+
+class NoDense(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    return nn.Conv(self.num_classes, (3, 3), use_bias=False)(x).mean((1, 2))
+
+
+class OtherBatchNorm(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=1e-3)(x))
+    return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize(
+  "module,message",
+  [
+    (SumNotMean, r"^layer Dense_0: a sum over H, W that is not a mean$"),
+    (BatchNormAfterMean, r"^layer BatchNorm_0: a BatchNorm after a mean or flatten$"),
+    (NoDense, r"^the model's logits do not come from a dense layer"),
+    (OtherBatchNorm, r"^layer BatchNorm_0: BatchNorm needs use_scale, use_bias, epsilon=1e-5"),
+  ],
+)
+def test_glue_with_no_integer_form_is_one_line_naming_the_layer(module, message):
+  with pytest.raises(integer.UnsupportedModel, match=message):
+    _program(module())
+
+
+def test_a_layer_its_rule_keeps_fp_stays_float_with_no_precision_entry():
+  program = _program(Plain(), (rules.Rule(pattern="Conv_1", keep_fp=True), rules.Rule()))
+  conv1 = _convs(program)["Conv_1"]
+  assert conv1["weight_bits"] == 32 and conv1["in_bits"] == 32
+  assert program.layers["Dense_0"]["integer"]
+  np.testing.assert_array_equal(
+    program.arrays["Conv_1.kernel"].shape, (3, 3, 4, 4)
+  )  # the raw float kernel is stored
