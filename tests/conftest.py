@@ -48,3 +48,15 @@ def fake_data_dir(tmp_path_factory):
     mp.setenv(fashion_mnist_offline.DIR_ENV_VAR, str(src))
     ip.get_builder("fashion_mnist", str(data_dir))
   return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory, fake_data_dir):
+  """One undisturbed 2-process CLI run (2 CPU devices each, gloo; test_multiprocess.launch_two),
+  made once per session: (its workdir, each process's stderr). test_multiprocess checks what it
+  wrote; test_lost_host's killed-and-relaunched run must end bitwise equal to it. Read-only:
+  copy it before resuming it."""
+  from test_multiprocess import finish_two, launch_two
+
+  work = str(tmp_path_factory.mktemp("two_process_run") / "work")
+  return work, finish_two(launch_two(work, fake_data_dir))

@@ -4,47 +4,22 @@ from the last complete checkpoint and ends bitwise equal to an undisturbed run."
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
 from qnet.train import metrics_io
-from test_multiprocess import _free_port, process_env
-from test_reliability import ROOT, _assert_trees_equal, _cli, _final_params
+from test_multiprocess import finish_two, launch_two
+from test_reliability import STEPS, _assert_trees_equal, _final_params
 
-STEPS, HEARTBEAT_S = 12, 30
+HEARTBEAT_S = 30
+# test_reliability's config: 24 steps, a checkpoint every 5; the undisturbed run it is compared
+# with is the session's `two_process_run` (the one test_multiprocess checks).
+PAST_A_CHECKPOINT = 7
 
 
 def _launch(work, data_dir):
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    env = process_env(port, i, QNET_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
-    cmd = _cli(
-      work,
-      data_dir,
-      "--config.schedule.kind=direct",
-      f"--config.num_train_steps={STEPS}",
-      "--config.eval_every_steps=1000",
-      "--config.checkpoint_every_steps=3",
-    )
-    procs.append(
-      subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-      )
-    )
-  return procs
-
-
-def _finish(procs, timeout=300):
-  try:
-    errs = [p.communicate(timeout=timeout)[1] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, err in zip(procs, errs):
-    assert p.returncode == 0, err[-3000:]
+  return launch_two(work, data_dir, QNET_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
 
 
 def _train_rows(work):
@@ -56,15 +31,15 @@ def _train_rows(work):
 
 @pytest.mark.slow
 def test_killed_peer_stops_the_survivor_in_bounded_time_and_relaunch_resumes_exactly(
-  tmp_path, fake_data_dir
+  tmp_path, fake_data_dir, two_process_run
 ):
-  ref, work = str(tmp_path / "ref"), str(tmp_path / "killed")
-  _finish(_launch(ref, fake_data_dir))
+  ref, work = two_process_run[0], str(tmp_path / "killed")
 
   procs = _launch(work, fake_data_dir)
   try:
     deadline = time.time() + 300
-    while not any(r["step"] >= 5 for r in _train_rows(work)):  # past the step-3 checkpoint
+    # Past the step-5 checkpoint, well before the end.
+    while not any(r["step"] >= PAST_A_CHECKPOINT for r in _train_rows(work)):
       assert all(p.poll() is None for p in procs) and time.time() < deadline
       time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)
@@ -84,7 +59,7 @@ def test_killed_peer_stops_the_survivor_in_bounded_time_and_relaunch_resumes_exa
     assert len(lines) == 1 and lines[0].startswith("qnet: lost a peer process: "), err[-3000:]
     assert "Traceback" not in err
 
-  _finish(_launch(work, fake_data_dir))
+  finish_two(_launch(work, fake_data_dir))
   (s1, a), (s2, b) = _final_params(ref), _final_params(work)
   assert s1 == s2 == STEPS
   _assert_trees_equal(a, b)

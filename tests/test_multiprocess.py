@@ -2,6 +2,7 @@
 one process resumes their checkpoint."""
 
 import os
+import shutil
 import socket
 import subprocess
 
@@ -31,26 +32,41 @@ def process_env(port: int, index: int, **extra: str) -> dict:
   } | extra
 
 
-@pytest.mark.slow
-def test_two_processes_train_evaluate_and_checkpoint(tmp_path, fake_data_dir):
-  work = str(tmp_path / "two")
+def launch_two(work: str, data_dir: str, *extra: str, **env: str) -> list[subprocess.Popen]:
+  """Starts the 2-process CLI job (test_reliability's config, the direct schedule) on `work`."""
   port = _free_port()
-  procs = []
-  for i in range(2):
-    env = process_env(port, i)
-    cmd = _cli(work, fake_data_dir, "--config.schedule.kind=direct")
-    procs.append(
-      subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-      )
+  cmd = _cli(work, data_dir, "--config.schedule.kind=direct", *extra)
+  return [
+    subprocess.Popen(
+      cmd,
+      cwd=ROOT,
+      env=process_env(port, i, **env),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
     )
+    for i in range(2)
+  ]
+
+
+def finish_two(procs: list[subprocess.Popen], timeout: float = 400) -> list[str]:
+  """Waits for both processes, kills them whatever happens, asserts both exited 0; their
+  stderr."""
   try:
-    errs = [p.communicate(timeout=400)[1] for p in procs]
+    errs = [p.communicate(timeout=timeout)[1] for p in procs]
   finally:
     for p in procs:
       p.kill()
   for p, err in zip(procs, errs):
     assert p.returncode == 0, err[-3000:]
+  return errs
+
+
+@pytest.mark.slow
+def test_two_processes_train_evaluate_and_checkpoint(tmp_path, fake_data_dir, two_process_run):
+  ref, errs = two_process_run
+  work = str(tmp_path / "two")
+  shutil.copytree(ref, work)  # the shared run stays as it ended (test_lost_host compares to it)
   assert "JAX process 1/2, 2 local devices" in errs[1]
 
   rows = metrics_io.read_jsonl(os.path.join(work, "metrics.jsonl"))

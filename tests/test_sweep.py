@@ -4,7 +4,6 @@ timing, table statistics, plots."""
 import importlib
 import json
 import os
-import shutil
 import sys
 
 import jax
@@ -32,11 +31,15 @@ def test_sweep_runs_records_and_resumes(tmp_path, fake_data_dir, monkeypatch, ca
   # Children share the tests' compilation cache (the 4 fake devices come from conftest).
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-  trained = []
+  trained, interrupt = [], ["two_stage_rounds_w2a2_s0/round2_w2a2"]
   real_train = sweep._train
 
   def train(config, workdir, overrides):
-    trained.append(os.path.relpath(workdir, tmp_path / "runs"))
+    key = os.path.relpath(workdir, tmp_path / "runs")
+    trained.append(key)
+    if key in interrupt:  # the sweep is stopped as this round starts
+      interrupt.remove(key)
+      raise RuntimeError("interrupted")
     return real_train(config, workdir, overrides)
 
   monkeypatch.setattr(sweep, "_train", train)
@@ -51,7 +54,18 @@ def test_sweep_runs_records_and_resumes(tmp_path, fake_data_dir, monkeypatch, ca
     "--config.checkpoint_every_steps=6",
     "--config.log_every_steps=2",
   ]
+  # A sweep interrupted in a chain's last round keeps the finished run's row and rounds...
+  with pytest.raises(RuntimeError, match="interrupted"):
+    _main(monkeypatch, *args)
+  runs = tmp_path / "runs" / "two_stage_rounds_w2a2_s0"
+  rounds = ["round0_w32a32", "round1_w2a32", "round2_w2a2"]
+  assert trained == ["fp_w32a32_s0"] + [f"two_stage_rounds_w2a2_s0/{r}" for r in rounds]
+  assert [r["method"] for r in json.loads((results / "t.json").read_text())] == ["fp"]
+  timings = [json.loads((runs / r / sweep.TIMING_FILE).read_text()) for r in rounds[:2]]
+  # ...and the next invocation resumes there: finished runs and rounds are not rerun.
+  trained.clear()
   _main(monkeypatch, *args)
+  assert trained == ["two_stage_rounds_w2a2_s0/round2_w2a2"]
   rows = json.loads((results / "t.json").read_text())
   assert [(r["method"], r["weight_bits"], r["act_bits"], r["seed"]) for r in rows] == [
     ("fp", 32, 32, 0),
@@ -67,16 +81,17 @@ def test_sweep_runs_records_and_resumes(tmp_path, fake_data_dir, monkeypatch, ca
     assert r["train_step_compiles"] == 1
     assert r["extra_overrides"] == args[args.index("--") + 1 :]  # what the run was given
   # The chain: an FP round, then the two-stage phases, each a run of 6 / 3 steps started
-  # from the previous round's checkpoint; the row's times are the rounds' sums.
+  # from the previous round's checkpoint; the row's times are the rounds' sums, the finished
+  # rounds' as the interrupted invocation measured them.
   chain = rows[1]["rounds"]
   assert [(c["weight_bits"], c["act_bits"], c["steps"], c["train_steps"]) for c in chain] == [
     (32, 32, 2, 2),
     (2, 32, 2, 2),
     (2, 2, 2, 2),
   ]
+  assert [{k: c[k] for k in t} for c, t in zip(chain, timings)] == timings
   assert rows[1]["wall_s"] == pytest.approx(sum(c["wall_s"] for c in chain), abs=0.2)
   assert rows[1]["test_accuracy"] == chain[-1]["test_accuracy"]
-  runs = tmp_path / "runs" / "two_stage_rounds_w2a2_s0"
   assert "initialised from" not in (runs / "round0_w32a32.log").read_text()
   assert f"initialised from {runs / 'round1_w2a32'}" in (runs / "round2_w2a2.log").read_text()
   curve = json.loads((results / "curves" / "t" / "two_stage_rounds_w2a2_s0.json").read_text())
@@ -95,17 +110,6 @@ def test_sweep_runs_records_and_resumes(tmp_path, fake_data_dir, monkeypatch, ca
   plot.main()
   for png in ("t_accuracy_vs_bits.png", "t_curves_w2a2.png"):
     assert (results / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-  # A chain interrupted in its last round resumes there: finished rounds are not rerun.
-  (results / "t.json").write_text(json.dumps(rows[:1]))
-  for f in ("round2_w2a2/metrics.jsonl", f"round2_w2a2/{sweep.TIMING_FILE}"):
-    os.remove(runs / f)
-  shutil.rmtree(runs / "round2_w2a2" / "checkpoints")
-  trained.clear()
-  _main(monkeypatch, *args)
-  assert trained == ["two_stage_rounds_w2a2_s0/round2_w2a2"]
-  again = json.loads((results / "t.json").read_text())[1]
-  assert [c["wall_s"] for c in again["rounds"][:2]] == [c["wall_s"] for c in chain[:2]]
 
   # Finished runs are skipped: a rerun must not start any.
   def no_run(*a, **k):
