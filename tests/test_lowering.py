@@ -178,3 +178,20 @@ def test_a_layer_its_rule_keeps_fp_stays_float_with_no_precision_entry():
   np.testing.assert_array_equal(
     program.arrays["Conv_1.kernel"].shape, (3, 3, 4, 4)
   )  # the raw float kernel is stored
+
+
+@pytest.mark.parametrize("floor", [0.5, np.full((1, *SHAPE[:2], 4), 0.25, np.float32)])
+def test_only_a_max_with_zero_is_a_relu(floor):
+  """`max(x, 0)` folds into the next codes as a ReLU; a max with another constant (a scalar, or
+  an array of the value's shape) is a different function and is refused in one line."""
+
+  class Floor(nn.Module):
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, train=True):
+      x = jnp.maximum(nn.Conv(4, (3, 3), use_bias=False)(x), floor)
+      return nn.Dense(self.num_classes)(nn.Conv(4, (3, 3), use_bias=False)(x).mean((1, 2)))
+
+  with pytest.raises(integer.UnsupportedModel, match=r"^op max \(after layer Conv_0\) has no integer lowering"):
+    _program(Floor())
