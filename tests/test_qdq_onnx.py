@@ -185,3 +185,21 @@ def test_fp32_twin_is_the_network_with_float_activations():
   x = (images.astype(np.float32) / 255.0 - np.float32(ds.mean)) / np.float32(ds.std)
   want = model.apply({"params": params, "batch_stats": stats, "precision": tree}, x, train=False)
   np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+
+
+def test_rules_that_mix_quantizers_run_in_onnx_runtime_with_qnets_codes(tmp_path):
+  shape, ds = (16, 16, 1), DATASETS["fashion_mnist"]
+  model, params, stats = random_net(USER_MODEL, shape, rules="test_export:MIXED_RULES")
+  bits, _ = bits_for(model, shape, 3, 4, False)
+  program = lowering.build_program(model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
+  assert program.quantizers == {"weight": "mixed", "act": "mixed"}
+  report = {}
+  debug = qdq_onnx.to_onnx(program, debug_outputs=True, report=report).SerializeToString()
+  images = np.random.default_rng(2).integers(0, 256, (6, *shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  sess = ort.InferenceSession(debug, providers=["CPUExecutionProvider"])
+  theirs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": images})))
+  counts = check_codes(program, values, theirs, report, exact_fused=True)
+  assert counts and sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
+  np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
+  np.testing.assert_allclose(theirs["logits"], logits, atol=0.05 * float(np.abs(logits).max()))
