@@ -491,12 +491,14 @@ class Builder:
     w, a = self.bits[path]
     return w, (a if quantize_input else FP)
 
-  def _layer(self, kind: str, x: _Val, path: str, bits, shape, tensors, w_step, **attrs):
-    """Emits a conv/dense op: integer (acc out) if input and weights are codes, else float.
+  def _layer(self, kind: str, x: _Val, path: str, bits, shape, tensors, w_step, bias=None, **attrs):
+    """Emits a conv/dense op: integer (acc out) if input and weights are codes, else float
+    (then with its `bias`, if any; an integer op's bias goes to its consumer, via `_Acc`).
     Returns the op's output, and for an integer op the accumulator's factor `w_step a_step`
     (divided by `pooled`, the positions a `mean` reduce sums)."""
     w_bits, a_bits = bits
     integer = x.bits != FP and w_bits != FP
+    attrs["bias"] = None if integer else bias
     act = x.act
     if not integer:
       x = self._as_float(x)
@@ -547,10 +549,9 @@ class Builder:
       bias_name = f"{path}.bias"
       self.arrays[bias_name] = np.asarray(node["bias"], np.float32)
       tensors = [*tensors, bias_name]
-    integer = x.bits != FP and w_bits != FP
     out, factor = self._layer(
-      "conv", x, path, (w_bits, a_bits), kernel.shape, tensors, w_step,
-      strides=list(strides), padding=pads, bias=None if integer else bias_name,
+      "conv", x, path, (w_bits, a_bits), kernel.shape, tensors, w_step, bias_name,
+      strides=list(strides), padding=pads,
     )
     shape = (oh, ow, kernel.shape[-1])
     if factor is not None:
@@ -575,8 +576,8 @@ class Builder:
       node["kernel"].shape,
       [*tensors, bias],
       w_step,
+      bias,
       reduce=reduce,
-      bias=None if integer else bias,
       **({"pooled": pooled} if integer else {}),
     )
     shape = (node["kernel"].shape[-1],)
