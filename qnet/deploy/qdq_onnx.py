@@ -21,8 +21,11 @@ int8. What each program op becomes (NCHW inside; uint8 NHWC images in, float32 l
 * `dense` -> `dequant` (integer to float): DQ(codes) -> `MatMul` with DQ(int8 codes), both
   scale 1 (`MatMulIntegerToFloat`: the exact int32 accumulator), then `* factor + bias`.
 * `conv` -> `dequant` (into the float residual stream: ONNX Runtime has no int8 conv with a
-  float output): DQ(codes) -> a float `Conv` whose weights are the codes times the
-  accumulator's factor, a float32 sum like the fake-quant network's own.
+  float output): with at least `IM2COL_MIN_K` weights per output channel, the patches of the
+  uint8 codes (Pad, Slice, Concat) times the int8 codes, `MatMulIntegerToFloat` (the exact
+  accumulator), then `* factor + bias`; smaller ones, where that is slower, DQ(codes) -> a
+  float `Conv` whose weights are the codes times the factor (a float32 sum like the
+  fake-quant network's own).
 * layers that cannot take the fused form (DoReFa 8-bit weight codes, odd numbers up to 255,
   do not fit int8; a `mean` dense; a channel `fit_requant` cannot fit) run a float conv on
   the integer codes and the requant as float `scale * acc + shift` -> Q -> Clip.
@@ -75,67 +78,88 @@ def fit_requant(
   codes of `acc` (`integer.thresholds(scale, shift, bits)`) for every `|acc| <= acc_max`.
 
   With `t = sign acc` and `a = |k| t`, code `>= j` must hold exactly for `t >= U_j`: the
-  boundary `(j - 1/2) / m - b` of the fused map must lie in `(|k| (U_j - 1), |k| U_j]`. `|k|`
-  is as large as int8 allows (`127 // max|c|`; 64 with 8-bit inputs, where AVX2's 16-bit pair
-  sums would saturate), which widens those intervals; for each integer `b` near the
-  program's own map the best `1/m` (largest margin) is found by bisection, and the fit is
-  then checked with `requant_codes` on both sides of every threshold.
+  boundary `(j - 1/2) / m - b` of the fused map must lie in `(|k| (U_j - 1), |k| U_j]`. In
+  accumulator units those windows do not depend on `|k|`, but the integer `b` moves the
+  boundaries in steps of `1 / |k|`: `|k|` starts as large as int8 allows (`127 // max|c|`;
+  64 with 8-bit inputs, where AVX2's 16-bit pair sums would saturate), and a channel whose
+  windows leave no room on that grid tries the smaller ones (a grid of other fractions).
+  For each integer `b` near the program's own map the best `1/m` (largest margin) is found
+  by bisection, and the fit is checked with `requant_codes` on both sides of every threshold.
   """
   n = integer.levels(bits)
   sign, u = integer.thresholds(scale, shift, bits)
   limit = 64 if in_bits >= 8 else 127
   max_abs_w = np.asarray(max_abs_w, np.int64)
   a_max = np.asarray(acc_max, np.int64)
-  kk = np.where(max_abs_w > 0, limit // np.maximum(max_abs_w, 1), 1).astype(np.int64)
+  k_max = np.where(max_abs_w > 0, limit // np.maximum(max_abs_w, 1), 1).astype(np.int64)
   uu = u.astype(np.int64)
   always, never = uu <= -a_max[:, None], uu > a_max[:, None]
   const = np.all(always | never, axis=1)
-  kf = kk[:, None].astype(np.float64)
-  lo = np.where(always, -np.inf, np.where(never, kf * a_max[:, None], kf * (uu - 1)))
-  hi = np.where(never, np.inf, np.where(always, -kf * a_max[:, None], kf * uu))
-  half = np.arange(1, n + 1, dtype=np.float64) - 0.5
   c = len(scale)
-  b = np.zeros(c, np.int64)
-  p = np.ones(c, np.float64)
-  margin = np.full(c, np.inf)
-  absscale = np.abs(np.asarray(scale, np.float64))
-  for ch in np.flatnonzero(~const):  # per channel: arrays [candidates, n]
-    p0 = kf[ch, 0] / absscale[ch]
-    b0 = kf[ch, 0] * np.asarray(shift, np.float64)[ch] / absscale[ch]
-    radius = int(min(kk[ch], 48)) + 2
-    cand = np.round(b0) + np.arange(-radius, radius + 1, dtype=np.float64)
-    fin_lo, fin_hi = np.isfinite(lo[ch]), np.isfinite(hi[ch])
+  kk, b, m = np.zeros(c, np.int64), np.sum(always, axis=1).astype(np.int64), np.ones(c, np.float32)
+  margin, ok = np.full(c, np.inf), const.copy()
+  for ch in np.flatnonzero(~const):
+    for k in range(int(k_max[ch]), 0, -1):
+      got = _fit_channel(k, uu[ch], always[ch], never[ch], int(a_max[ch]), abs(float(scale[ch])), float(shift[ch]), n)
+      if got is not None:
+        b[ch], m[ch], margin[ch] = got
+        kk[ch], ok[ch] = k * sign[ch], True
+        break
+  return RequantFit(kk, b, m, margin, ok)
 
-    def gaps(pp):
-      bound = half[None, :] * pp[:, None] - cand[:, None]  # the boundaries, [cand, n]
-      g = np.where(fin_lo, bound - lo[ch], np.inf).min(axis=1)
-      h = np.where(fin_hi, hi[ch] - bound, np.inf).min(axis=1)
-      return g, h
 
-    lo_p, hi_p = np.full(len(cand), p0 / 16), np.full(len(cand), p0 * 16)
-    for _ in range(80):  # g - h increases with p: bisect for g = h
-      mid = np.sqrt(lo_p * hi_p)
-      g, h = gaps(mid)
-      up = g < h
-      lo_p, hi_p = np.where(up, mid, lo_p), np.where(up, hi_p, mid)
-    g, h = gaps(lo_p)
-    best = int(np.argmax(np.minimum(g, h)))
-    b[ch], p[ch], margin[ch] = int(cand[best]), lo_p[best], min(g[best], h[best]) / kk[ch]
-  m = (1.0 / p).astype(np.float32)
-  b = np.where(const, np.sum(always, axis=1), b)
-  m = np.where(const, np.float32(1), m).astype(np.float32)
-  kk = np.where(const, 0, kk * sign)
+def _fit_channel(k: int, u, always, never, a_max: int, absscale: float, shift: float, n: int):
+  """`(b, m, margin)` of one channel at weight multiplier `k`, proved; None if none fits."""
+  lo = np.where(always, -np.inf, np.where(never, k * a_max, k * (u - 1.0)))
+  hi = np.where(never, np.inf, np.where(always, -k * a_max, k * u * 1.0))
+  half = np.arange(1, n + 1, dtype=np.float64) - 0.5
+  p0, b0 = k / absscale, k * shift / absscale
+  radius = min(k, 48) + 2
+  cand = np.round(b0) + np.arange(-radius, radius + 1, dtype=np.float64)
+  fin_lo, fin_hi = np.isfinite(lo), np.isfinite(hi)
+
+  def gaps(pp):
+    bound = half[None, :] * pp[:, None] - cand[:, None]  # the boundaries, [cand, n]
+    g = np.where(fin_lo, bound - lo, np.inf).min(axis=1)
+    h = np.where(fin_hi, hi - bound, np.inf).min(axis=1)
+    return g, h
+
+  lo_p, hi_p = np.full(len(cand), p0 / 16), np.full(len(cand), p0 * 16)
+  for _ in range(80):  # g - h increases with p: bisect for g = h
+    mid = np.sqrt(lo_p * hi_p)
+    g, h = gaps(mid)
+    up = g < h
+    lo_p, hi_p = np.where(up, mid, lo_p), np.where(up, hi_p, mid)
+  g, h = gaps(lo_p)
+  best = int(np.argmax(np.minimum(g, h)))
+  b, margin = int(cand[best]), float(min(g[best], h[best]) / k)
+  m = np.float32(1.0 / lo_p[best])
+  if not margin > 0 or abs(b) + k * a_max >= _I32.max:
+    return None
   # The proof: just below and at every threshold that a reachable accumulator can meet.
-  ok = const | (margin > 0)
-  ok &= (np.abs(b) + np.abs(kk) * a_max) < _I32.max
   with np.errstate(invalid="ignore"):
-    for j in range(n):
-      for point, need_at_least in ((lo[:, j], False), (hi[:, j], True)):
-        fin = np.isfinite(point) & ~const & ok
-        a = np.where(fin, point, 0).astype(np.int64)
-        code = requant_codes(a, b, m, n)
-        ok &= ~fin | ((code >= j + 1) if need_at_least else (code <= j))
-  return RequantFit(kk, b.astype(np.int64), m, margin, ok)
+    for point, least in ((lo, np.arange(n)), (hi, np.arange(1, n + 1))):
+      fin = np.isfinite(point)
+      codes = requant_codes(np.where(fin, point, 0).astype(np.int64), b, m, n)
+      if np.any(fin & ((codes < least) if point is hi else (codes > least))):
+        return None
+  return b, m, margin
+
+
+def layer_fit(op: dict, nxt: dict, arrays, mean: bool = False) -> tuple[np.ndarray, RequantFit | None]:
+  """An integer conv/dense's signed weight codes (int64, HWIO or `[in, out]`) and, into a
+  `requant`, the fused kernels' `fit_requant` (None: the layer cannot take the fused form, as
+  a `mean` dense or a channel that does not fit)."""
+  quantizer = integer.weight_quantizer_of(op)
+  codes = integer.signed_codes(arrays[op["weight"]], op["weight_bits"], quantizer).astype(np.int64)
+  if nxt["op"] != "requant" or mean:
+    return codes, None
+  axes = tuple(range(codes.ndim - 1))
+  max_abs = np.abs(codes).max(axis=axes)
+  acc_max = integer.levels(op["in_bits"]) * np.abs(codes).sum(axis=axes)
+  scale, shift = arrays[nxt["scale"]], arrays[nxt["shift"]]
+  fit = fit_requant(scale, shift, nxt["bits"], max_abs, acc_max, op["in_bits"])
+  return codes, (fit if fit.ok.all() else None)
 
 
 def _dq(g: Graph, x: str, scale, zero, axis: int | None = None) -> str:
@@ -179,21 +203,12 @@ def _dequantize_codes(g: Graph, op: dict, x: str) -> str:
 
 def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_shape, report):
   """An integer conv/dense with its consumer (`requant` or `dequant`); (output, rank)."""
-  quantizer = integer.weight_quantizer_of(op)
-  codes = integer.signed_codes(arrays[op["weight"]], op["weight_bits"], quantizer).astype(np.int64)
   dense, mean = op["op"] == "dense", op["op"] == "dense" and rank == 4 and op["reduce"] == "mean"
+  codes, fit = layer_fit(op, nxt, arrays, mean)
+  max_abs = np.abs(codes).max(axis=tuple(range(codes.ndim - 1)))
   if dense and rank == 4 and not mean:
     codes = chw_rows(codes, in_shape)
     x = g.node("Flatten", [x], axis=1)  # uint8, NCHW order (the rows were reordered)
-  axes = tuple(range(codes.ndim - 1))
-  max_abs = np.abs(codes).max(axis=axes)
-  acc_max = integer.levels(op["in_bits"]) * np.abs(codes).sum(axis=axes)
-  fit = None
-  if nxt["op"] == "requant" and not mean:
-    scale, shift = arrays[nxt["scale"]], arrays[nxt["shift"]]
-    fit = fit_requant(scale, shift, nxt["bits"], max_abs, acc_max, op["in_bits"])
-    if not fit.ok.all():
-      fit = None
   n_out = integer.levels(nxt["bits"]) if nxt["op"] == "requant" else None
   if fit is not None:
     w = (codes * fit.k).astype(np.int8)
@@ -233,6 +248,13 @@ def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_
       w = g.const(codes.astype(np.float32), "w")
     y = g.node("Mul", [g.node("MatMul", [xdq, w]), g.const(chw(factor, 2).astype(np.float32))])
     form = "MatMulIntegerToFloat"
+  elif not dense and factor is not None and max_abs.max() <= 127 and codes[..., 0].size >= IM2COL_MIN_K:
+    y = _im2col_matmul(g, x, codes, op, in_shape)  # NHWC [B, H', W', C_out], the exact acc
+    y = g.node("Mul", [y, g.const(np.broadcast_to(factor, codes.shape[-1:]).astype(np.float32))])
+    if nxt["bias"]:
+      y = g.node("Add", [y, g.const(np.asarray(arrays[nxt["bias"]], np.float32))])
+    report[op["layer"]] = {"form": "im2col MatMulIntegerToFloat"}
+    return g.node("Transpose", [y], perm=[0, 3, 1, 2]), 4
   else:
     w = codes.astype(np.float64) * (factor if factor is not None else 1.0)
     w = w.astype(np.float32)
@@ -257,6 +279,37 @@ def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_
   y = g.node("Add", [g.node("Mul", [y, g.const(scale)]), g.const(shift)])
   report[op["layer"]] = {"form": "float requant"}
   return _q_codes(g, y, n_out), out_rank
+
+
+# A conv into the float stream with at least this many weights per output channel (kh kw
+# C_in) runs as im2col + `MatMulIntegerToFloat` (VNNI int8 GEMM, exact int32 sums): measured
+# against a float conv, 2-core AVX-512 VNNI Xeon, one thread (`experiments/deploy_speed.py`
+# and docs/deploying.md): slower at 3x3x16 (0.5x), even at 3x3x64, faster from 3x3x128.
+IM2COL_MIN_K = 512
+
+
+def _im2col_matmul(g: Graph, x: str, codes: np.ndarray, op: dict, in_shape) -> str:
+  """A conv on uint8 codes `x` (NCHW) as its patches (uint8, NHWC, `[B, H', W', kh kw C]`)
+  times the int8 weight codes: ONNX Runtime fuses the two DQs and the MatMul into
+  `MatMulIntegerToFloat`, whose float output is the exact accumulator."""
+  kh, kw, cin, cout = codes.shape
+  (t, b), (l, r) = op["padding"]
+  sh, sw = op["strides"]
+  h, w = in_shape[0] + t + b, in_shape[1] + l + r
+  ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  xt = g.node("Transpose", [x], perm=[0, 2, 3, 1])
+  if t or b or l or r:  # code 0 is the value 0
+    xt = g.node("Pad", [xt, g.const(np.array([0, t, l, 0, 0, b, r, 0], np.int64)), g.const(np.uint8(0))])
+  cols = []
+  for dy in range(kh):
+    for dx in range(kw):
+      starts, ends = np.array([dy, dx], np.int64), np.array([dy + sh * (ho - 1) + 1, dx + sw * (wo - 1) + 1], np.int64)
+      ins = [xt, g.const(starts), g.const(ends), g.const(np.array([1, 2], np.int64)), g.const(np.array([sh, sw], np.int64))]
+      cols.append(g.node("Slice", ins, "patch"))
+  col = cols[0] if len(cols) == 1 else g.node("Concat", cols, "im2col", axis=3)
+  weights = codes.reshape(kh * kw * cin, cout).astype(np.int8)  # rows (dy, dx, c): HWIO's order
+  wdq = _dq(g, g.const(weights, "w"), np.float32(1), np.int8(0))
+  return g.node("MatMul", [_dq(g, col, np.float32(1), np.uint8(0)), wdq])
 
 
 def _pads(op: dict) -> list[int]:

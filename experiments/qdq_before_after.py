@@ -1,0 +1,109 @@
+"""A change to the QDQ graph, timed: the same program's `model.onnx` from `qnet.deploy.qdq_onnx`
+at a git revision against the working tree's, side by side in ONNX Runtime (and OpenVINO).
+
+  PYTHONPATH=. python experiments/qdq_before_after.py --rev=HEAD [--models resnet20,resnet18]
+      [--bits 4] [--batch 64] [--threads 1] [--rounds 5] [--seconds 1.0] [--out FILE.json]
+
+Per network (`deploy_speed.initialised_program`'s initialised weights), the revision's module
+is loaded from `git show REV:qnet/deploy/qdq_onnx.py` beside the current one; each round times
+`before`, `after` and ORT's FP32 twin (the order flips each round) and the report gives the
+medians of the per-round ratios `after / before` and of each over FP32, with each file's
+per-layer forms, the load and the CPU's flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+import deploy_speed  # noqa: E402
+
+from qnet.deploy import onnx_graph, qdq_onnx  # noqa: E402
+
+
+def module_at(rev: str, tmp: str):
+  """`qnet.deploy.qdq_onnx` as it was at git revision `rev`."""
+  src = subprocess.run(
+    ["git", "show", f"{rev}:qnet/deploy/qdq_onnx.py"], capture_output=True, text=True, check=True
+  ).stdout
+  path = os.path.join(tmp, "qdq_onnx_before.py")
+  with open(path, "w") as f:
+    f.write(src)
+  spec = importlib.util.spec_from_file_location("qdq_onnx_before", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--rev", default="HEAD")
+  parser.add_argument("--models", default="resnet20,resnet18")
+  parser.add_argument("--bits", type=int, default=4)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--threads", type=int, default=1)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--seconds", type=float, default=1.0)
+  parser.add_argument("--openvino", action="store_true")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  rev = subprocess.run(["git", "rev-parse", "--short", args.rev], capture_output=True, text=True, check=True).stdout.strip()
+  meta = {"cpu_flags": deploy_speed.cpu_flags(), "cores": os.cpu_count(), "before": rev, "after": "working tree",
+          "command": "PYTHONPATH=. python experiments/qdq_before_after.py " + " ".join(
+            f"--{k}={v}" for k, v in vars(args).items() if v not in ("", False))}
+  print(json.dumps(meta))
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    old = module_at(args.rev, tmp)
+    for name in args.models.split(","):
+      program = deploy_speed.initialised_program(name, args.bits, args.bits)
+      files, forms = {}, {}
+      for key, make in (("before", old.to_onnx), ("after", qdq_onnx.to_onnx)):
+        report: dict = {}
+        files[key] = make(program, report=report).SerializeToString()
+        forms[key] = dict(collections.Counter(v["form"] for v in report.values()))
+      files["fp32"] = onnx_graph.to_fp32_onnx(program).SerializeToString()
+      fns = {}
+      for key, model in files.items():
+        path = os.path.join(tmp, f"{name}_{key}.onnx")
+        with open(path, "wb") as f:
+          f.write(model)
+        fns[f"ort_{key}"] = deploy_speed.ort_fn(path, args.threads)
+        if args.openvino and key != "fp32":
+          fns[f"ov_{key}"] = deploy_speed.ov_fns(path, args.threads, [args.batch], program.input_shape)[args.batch]
+      import numpy as np
+
+      x = np.random.default_rng(0).integers(0, 256, (args.batch, *program.input_shape)).astype(np.uint8)
+      load_before, rows = deploy_speed.load(), collections.defaultdict(list)
+      for r in range(args.rounds):
+        for key in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+          rows[key].append(deploy_speed.time_fn(fns[key], x, args.seconds))
+      ratio = lambda a, b: statistics.median(u / v for u, v in zip(rows[a], rows[b]))  # noqa: E731
+      res = {
+        "model": name, "bits": args.bits, "batch": args.batch, "threads": args.threads, "forms": forms,
+        "load_before": load_before, "load_after": deploy_speed.load(), "images_per_s": dict(rows),
+        "after_over_before": {p: ratio(f"{p}_after", f"{p}_before") for p in ("ort", "ov") if f"{p}_after" in rows},
+        "over_ort_fp32": {k: ratio(k, "ort_fp32") for k in rows if k != "ort_fp32"},
+      }
+      results.append(res)
+      print(f"== {name} W{args.bits}A{args.bits} batch {args.batch} threads {args.threads} "
+            f"load {res['load_before']} -> {res['load_after']}")
+      print(f"   forms before {forms['before']}\n   forms after  {forms['after']}")
+      for k, v in rows.items():
+        print(f"   {k:<12} {statistics.median(v):>8.1f} images/s" + (f"  x{res['over_ort_fp32'][k]:.2f} vs ort_fp32" if k in res["over_ort_fp32"] else ""))
+      print(f"   after / before: {res['after_over_before']}")
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump({"meta": meta, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
