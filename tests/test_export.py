@@ -645,9 +645,12 @@ def _site_without_qnet() -> str:
 @pytest.mark.slow
 def test_manifest_records_sizes_hashes_and_layers(exported):
   _, manifest = export.load_export(exported)
-  assert set(manifest["files"]) == {"weights.safetensors", "model.stablehlo", "model.onnx", "model_fp32.onnx"}
+  assert set(manifest["files"]) == {
+    "weights.safetensors", "model.stablehlo", "model.onnx", "model_fp32.onnx", "model.tflite"
+  }
   forms = manifest["files"]["model.onnx"]["layer_forms"]
   assert forms["conv2_1"]["form"] == "QLinearConv"  # integer to integer: the int8 kernel
+  assert manifest["files"]["model.tflite"]["layer_forms"]["conv2_1"]["form"] == "int8 CONV_2D"
   s = manifest["sizes"]
   # k/32 of the FP32 bytes (3 bits here), up to one padding byte a layer; requant < 2%.
   slack = s["quantized_weights_packed_bytes"] - s["quantized_weights_k_over_32_bytes"]

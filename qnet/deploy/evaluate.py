@@ -2,7 +2,7 @@
 
 Runs the test split through each path of the export (qnet's integer JAX function, the
 deserialized `model.stablehlo`, the QDQ `model.onnx` on onnxruntime's CPU provider and on
-OpenVINO's CPU plugin, and the float twin `model_fp32.onnx` on onnxruntime, which is not
+OpenVINO's CPU plugin, `model.tflite` on the LiteRT interpreter, and the float twin `model_fp32.onnx` on onnxruntime, which is not
 exact to the integer program: it is there for speed) and the fake-quant evaluation of the
 source checkpoint (the model, its saved config and the
 checkpoint named in the manifest, at the exported precision), and prints per path: test
@@ -26,7 +26,7 @@ import numpy as np
 
 # The paths that compute the integer program (top-1 equal to fake quant, up to rounding
 # ties), and the float twin (reported for speed; its activations are not rounded).
-PATHS = ("qnet_integer", "stablehlo", "onnxruntime", "openvino")
+PATHS = ("qnet_integer", "stablehlo", "onnxruntime", "openvino", "litert")
 FLOAT_PATHS = ("onnxruntime_fp32",)
 
 
@@ -120,6 +120,11 @@ def path_fns(out: str, program) -> dict[str, Callable[[np.ndarray], np.ndarray]]
     "onnxruntime": lambda x: sess.run(["logits"], {"image": x})[0],
     "openvino": openvino_fn(os.path.join(out, "model.onnx")),
   }
+  tflite = os.path.join(out, "model.tflite")
+  if os.path.isfile(tflite):  # exports written before LiteRT have none
+    from qnet.deploy import litert
+
+    fns["litert"] = litert.interpreter_fn(tflite)
   fp32 = os.path.join(out, "model_fp32.onnx")
   if os.path.isfile(fp32):  # exports written before the QDQ graph have none
     s32 = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"])

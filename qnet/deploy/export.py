@@ -25,7 +25,9 @@ an existing OUT is refused unless `--overwrite`):
   kernels) and OpenVINO runs as int8; the codes equal qnet's integer ones;
 * `model_fp32.onnx`: the float twin (`qnet.deploy.onnx_graph.to_fp32_onnx`): the same
   layers in float32 with the quantizers' clips, what one would deploy without qnet (for
-  speed comparisons in one runtime; not exact to the integer program).
+  speed comparisons in one runtime; not exact to the integer program);
+* `model.tflite`: the LiteRT file (`qnet.deploy.litert`): int8 `CONV_2D` kernels with the
+  QDQ graph's exact integer weights, biases and multipliers, run by `ai-edge-litert`.
 
 The exported network is the run's first student (with distillation: not the teacher,
 nor `extra_students`), in float32 whatever `config.dtype` trained it. The exported
@@ -57,7 +59,8 @@ FORMAT = "qnet-integer-export/3"
 FORMATS = ("qnet-integer-export/1", "qnet-integer-export/2", FORMAT)
 WEIGHTS, MANIFEST, STABLEHLO, ONNX = "weights.safetensors", "manifest.json", "model.stablehlo", "model.onnx"
 ONNX_FP32 = "model_fp32.onnx"
-MODEL_FILES = (WEIGHTS, STABLEHLO, ONNX, ONNX_FP32)
+TFLITE = "model.tflite"
+MODEL_FILES = (WEIGHTS, STABLEHLO, ONNX, ONNX_FP32, TFLITE)
 
 
 class ExportError(ValueError):
@@ -274,7 +277,7 @@ def stablehlo_bytes(program: integer.Program) -> bytes:
 
 
 def write_export(out: str, program: integer.Program, info: dict, overwrite: bool = False) -> dict:
-  """Writes the five files into a temporary sibling of `out`, then renames it to `out`."""
+  """Writes the six files into a temporary sibling of `out`, then renames it to `out`."""
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise ExportError(f"--out={out} exists; choose a new directory or pass --overwrite")
@@ -300,10 +303,11 @@ def write_export(out: str, program: integer.Program, info: dict, overwrite: bool
 
 def _write_model_files(tmp: str, program: integer.Program) -> tuple[dict, dict, dict]:
   """Writes weights, StableHLO and the two ONNX files into `tmp`; (tensors, their
-  descriptions, files' sizes and sha256; the QDQ graph's form per integer layer)."""
+  descriptions, files' sizes and sha256 with the QDQ and LiteRT graphs' form per integer
+  layer)."""
   from safetensors.numpy import save_file
 
-  from qnet.deploy import onnx_graph, qdq_onnx
+  from qnet.deploy import litert, onnx_graph, qdq_onnx
 
   tensors, desc = stored_tensors(program)
   save_file(tensors, os.path.join(tmp, WEIGHTS))
@@ -314,11 +318,15 @@ def _write_model_files(tmp: str, program: integer.Program) -> tuple[dict, dict, 
     f.write(qdq_onnx.to_onnx(program, report=forms).SerializeToString())
   with open(os.path.join(tmp, ONNX_FP32), "wb") as f:
     f.write(onnx_graph.to_fp32_onnx(program).SerializeToString())
+  tflite_forms: dict = {}
+  with open(os.path.join(tmp, TFLITE), "wb") as f:
+    f.write(litert.to_tflite(program, report=tflite_forms))
   files = {
     name: {"bytes": os.path.getsize(os.path.join(tmp, name)), "sha256": _sha256(os.path.join(tmp, name))}
     for name in MODEL_FILES
   }
   files[ONNX]["layer_forms"] = forms
+  files[TFLITE]["layer_forms"] = tflite_forms
   return tensors, desc, files
 
 

@@ -191,6 +191,25 @@ def act_range(op: dict) -> float:
   )
 
 
+def twin_layer(op: dict, nxt: dict | None, arrays) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+  """The float twin of a conv/dense `op` into its consumer `nxt` (None: a 32-bit layer):
+  float32 kernel, bias (or None) and the top of the clip that follows (None: no clip)."""
+  kernel, bias, top = float_weights(op, arrays), None, None
+  if nxt is not None and nxt["op"] == "requant":
+    # acc * unit is the float conv's output; the requant's affine map in code units, times
+    # the next step, folds into the kernel and bias; then the quantizer's clip.
+    scale, shift = arrays[nxt["scale"]], arrays[nxt["shift"]]
+    step = float(nxt["step"])
+    unit = code_unit(op, arrays) / op.get("pooled", 1)
+    kernel = (kernel * (scale * step / unit)).astype(np.float32)
+    bias, top = (shift * step).astype(np.float32), act_range(nxt)
+  elif nxt is not None:  # dequant: acc * factor + bias is the float layer plus its bias
+    bias = arrays[nxt["bias"]] if nxt["bias"] else None
+  elif op.get("bias"):
+    bias = arrays[op["bias"]]
+  return kernel, bias, top
+
+
 def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
   """The program's network in float32 (see the module docstring), as an `onnx.ModelProto`."""
   g = Graph()
@@ -218,23 +237,11 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
       integer_layer = op["weight_bits"] != integer.FP and op["in_bits"] != integer.FP
       # An integer layer per consumer of its accumulator (requant or dequant), each folded.
       for nxt in consumers[op["out"]] if integer_layer else [None]:
-        kernel, bias = float_weights(op, program.arrays), None
-        if nxt is not None and nxt["op"] == "requant":
-          # acc * unit is the float conv's output; the requant's affine map in code units,
-          # times the next step, folds into the kernel and bias; then the quantizer's clip.
-          scale, shift = program.arrays[nxt["scale"]], program.arrays[nxt["shift"]]
-          step = float(nxt["step"])
-          unit = code_unit(op, program.arrays) / op.get("pooled", 1)
-          kernel = (kernel * (scale * step / unit)).astype(np.float32)
-          bias = (shift * step).astype(np.float32)
-        elif nxt is not None:  # dequant: acc * factor + bias is the float layer plus its bias
-          bias = program.arrays[nxt["bias"]] if nxt["bias"] else None
-        elif op.get("bias"):
-          bias = program.arrays[op["bias"]]
+        kernel, bias, top = twin_layer(op, nxt, program.arrays)
         y, r = float_layer(g, op, x, rank, kernel, bias, shapes[op["in"][0]])
         if nxt is not None:
-          if nxt["op"] == "requant":
-            y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(act_range(nxt)))])
+          if top is not None:
+            y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(top))])
           env[nxt["out"]] = (y, r)
           done.add(nxt["out"])
         env[op["out"]] = (y, r)

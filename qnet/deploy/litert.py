@@ -1,0 +1,263 @@
+"""LiteRT (`.tflite`) files of an integer `Program`: full-int8 kernels with qnet's exact codes.
+
+The graph is TensorFlow ops with fake-quant nodes, converted by `tf.lite.TFLiteConverter`
+(quantization-aware form: the fake-quant ranges set every scale, nothing is calibrated) and
+run by the LiteRT interpreter (`ai-edge-litert`, XNNPACK). NHWC throughout, as the program;
+uint8 images in, float32 logits out. What each program op becomes:
+
+* activation codes `j` are int8 tensors with scale 1 and zero point -128 (the fake-quant
+  range `[0, 255]`): the value of a code tensor is the code itself, so k-bit codes up to
+  8 bits fit, and every multiplier is explicit, as in the QDQ ONNX (`qnet.deploy.qdq_onnx`).
+* `quantize`: the program's own float32 operations (`integer.quantize_codes`), then the
+  fake quant as the round and cast.
+* `conv`/`dense` -> `requant`: an int8 `CONV_2D` (a dense as a 1x1 one) whose per-channel int8
+  weights `sign K c`, int32 bias `B` and multiplier `M` are `qdq_onnx.fit_requant`'s (the
+  weight's fake-quant range is `+-127 M`, so its scale is `M`; the bias is `B M`, which the
+  converter divides back to `B`), then the fake quant (round, saturate below at 0) and an
+  int8 `MINIMUM` with `n`. XNNPACK requantizes as `round(float(acc + B) M)` half to even, the
+  kernel `fit_requant` proves exact, so these codes equal qnet's thresholds.
+* everything else is float, as in the QDQ graph: a layer into the float stream (`dequant`),
+  a layer the fit does not cover, the 32-bit layers, BatchNorm, the residual sums; a code
+  there differs from qnet's only at a float32 rounding tie.
+
+`to_tflite(program)` is that file; `to_tflite(program, float_twin=True)` is the FP32 twin of
+`onnx_graph.to_fp32_onnx` (the network a user would deploy without qnet) for speed
+comparisons. Both need `tensorflow` (a core dependency, for the data) and, to run them,
+`ai-edge-litert` (the `export` extra).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qnet.deploy import integer
+from qnet.deploy.onnx_graph import act_range, float_weights, twin_layer
+from qnet.deploy.qdq_onnx import layer_fit
+
+
+def _tf():
+  import tensorflow as tf
+
+  return tf
+
+
+def _codes(tf, y, n: int):
+  """The fake quant of `y` (code units) as codes: round, saturate to [0, 255], then `<= n`."""
+  q = tf.quantization.fake_quant_with_min_max_vars(y, 0.0, 255.0, num_bits=8)
+  return tf.minimum(q, float(n)) if n < 255 else q
+
+
+def _pad(tf, x, padding, value: float = 0.0):
+  (t, b), (l, r) = padding
+  if t == b == l == r == 0:
+    return x
+  return tf.pad(x, [[0, 0], [t, b], [l, r], [0, 0]], constant_values=value)
+
+
+def _conv(tf, x, kernel, op):
+  x = _pad(tf, x, op["padding"])  # zero: code 0 is the value 0 in every quantizer
+  return tf.nn.conv2d(x, kernel, strides=[1, *op["strides"], 1], padding="VALID")
+
+
+def _linear(tf, x, kernel, op, bias=None):
+  """A float conv or dense (flattening or averaging a rank-4 input) on `kernel`, plus `bias`."""
+  kernel = tf.constant(np.asarray(kernel, np.float32))
+  if op["op"] == "conv":
+    y = _conv(tf, x, kernel, op)
+  else:
+    if x.shape.rank == 4 and op["reduce"] == "mean":
+      x = tf.reduce_mean(x, axis=[1, 2])
+    elif x.shape.rank == 4:
+      x = tf.reshape(x, [-1, int(np.prod(x.shape[1:]))])  # NHWC order, the program's
+    y = tf.matmul(x, kernel)
+  return y if bias is None else y + np.asarray(bias, np.float32)
+
+
+def _float_op(tf, op: dict, x, arrays, env):
+  """A program op that is float in every graph; None if `op` is not one."""
+  kind = op["op"]
+  if kind == "preprocess":
+    y = tf.cast(x, tf.float32) / np.float32(255.0)
+    return (y - np.asarray(op["mean"], np.float32)) / np.asarray(op["std"], np.float32)
+  if kind == "batchnorm":
+    var, scale = arrays[op["var"]], arrays[op["scale"]]
+    mul = ((np.float32(1.0) / np.sqrt(var + np.float32(op["eps"]))) * scale).astype(np.float32)
+    return (x - np.asarray(arrays[op["mean"]], np.float32)) * mul + np.asarray(arrays[op["bias"]], np.float32)
+  if kind == "maxpool":  # codes (>= 0) pad with 0, floats with -inf: the same maximum
+    low = 0.0 if op.get("_codes") else -np.inf
+    y = _pad(tf, x, op["padding"], low)
+    return tf.nn.max_pool2d(y, op["window"], op["strides"], "VALID")
+  if kind == "relu":
+    return tf.nn.relu(x)
+  if kind == "mean":
+    return tf.reduce_mean(x, axis=[1, 2])
+  if kind == "clip":
+    return tf.clip_by_value(x, 0.0, 1.0)
+  if kind == "add":
+    return x + env[op["in"][1]]
+  if kind == "output":
+    return tf.identity(x)
+  return None
+
+
+def _quantize(tf, op: dict, x):
+  """`integer.quantize_codes`' float32 operations, then the fake quant as the round."""
+  n = np.float32(integer.levels(op["bits"]))
+  quantizer = op.get("quantizer", "dorefa")
+  if quantizer == "lsq":
+    y = tf.clip_by_value(x / np.float32(op["step"]), 0.0, n)
+  elif quantizer == "pact":
+    a = np.float32(op["clip"])
+    y = tf.clip_by_value(x, 0.0, a) * n / a
+  else:
+    y = tf.clip_by_value(x, 0.0, 1.0) * n
+  return _codes(tf, y, 255)
+
+
+def _dequantize_codes(tf, op: dict, x):
+  quantizer = op.get("quantizer", "dorefa")
+  if quantizer == "lsq":
+    return x * np.float32(op["step"])
+  if quantizer == "pact":
+    x = x * np.float32(op["clip"])
+  return x / np.float32(integer.levels(op["bits"]))
+
+
+def _integer_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
+  """An integer conv/dense into its consumer (`requant` or `dequant`)."""
+  dense = op["op"] == "dense"
+  mean = dense and x.shape.rank == 4 and op["reduce"] == "mean"
+  codes, fit = layer_fit(op, nxt, arrays, mean)
+  if fit is not None:
+    w = (codes * fit.k).astype(np.float32) * fit.m  # float32: the converter divides back by m
+    out_channels = w.shape[-1]
+    if dense:  # as a 1x1 conv: the converter's FULLY_CONNECTED transposes the weights and
+      w = w.reshape(1, 1, *w.shape)  # loses their per-channel axis ("mismatched quantized axes")
+    wq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+      tf.constant(w), tf.constant(-127 * fit.m), tf.constant(127 * fit.m), num_bits=8,
+      narrow_range=True,
+    )
+    if dense:
+      x = tf.reshape(x, [-1, 1, 1, int(np.prod(x.shape[1:]))])
+      y = tf.nn.conv2d(x, wq, strides=[1, 1, 1, 1], padding="VALID")
+    else:
+      y = _conv(tf, x, wq, op)
+    y = _codes(tf, y + (fit.b.astype(np.float32) * fit.m), integer.levels(nxt["bits"]))
+    report[op["layer"]] = {"form": "int8 1x1 CONV_2D" if dense else "int8 CONV_2D"}
+    return tf.reshape(y, [-1, out_channels]) if dense else y
+  if nxt["op"] == "dequant":
+    factor = nxt["factor"]  # a number, or a per-channel tensor's name
+    factor = np.asarray(arrays[factor] if isinstance(factor, str) else factor, np.float64)
+    kernel = (codes.astype(np.float64) * factor).astype(np.float32)
+    bias = arrays[nxt["bias"]] if nxt["bias"] else None
+    if mean:  # the program sums the codes; the factor holds the 1 / count
+      x = tf.reduce_sum(x, axis=[1, 2])
+    report[op["layer"]] = {"form": "float"}
+    return _linear(tf, x, kernel, op, bias)
+  scale, shift = arrays[nxt["scale"]].astype(np.float32), arrays[nxt["shift"]].astype(np.float32)
+  if mean:
+    x = tf.reduce_sum(x, axis=[1, 2])
+  y = _linear(tf, x, codes.astype(np.float32), op) * scale + shift
+  report[op["layer"]] = {"form": "float requant"}
+  return _codes(tf, y, integer.levels(nxt["bits"]))
+
+
+def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_outputs: bool = False, report=None):
+  """The program as a function of TensorFlow ops: uint8 `[B, H, W, C]` images -> `{"logits":
+  ...}`, with `debug_outputs` also every code tensor (and every float input of
+  a `quantize`) by program value name. `report` receives each integer layer's form."""
+  tf = _tf()
+  report = {} if report is None else report
+  consumers: dict[str, list[dict]] = {}
+  for op in program.ops:
+    for name in op["in"]:
+      consumers.setdefault(name, []).append(op)
+
+  def fn(images):
+    env: dict = {"image": images}
+    done, codes, shown = set(), set(), {}
+    for op in program.ops:
+      kind, x = op["op"], env.get(op["in"][0], images)
+      if op["out"] in done:
+        continue
+      if kind == "maxpool":
+        op = {**op, "_codes": op["in"][0] in codes}
+      y = _float_op(tf, op, x, program.arrays, env)
+      if y is not None:
+        env[op["out"]] = y
+        if kind == "maxpool" and op["_codes"]:
+          codes.add(op["out"])
+      elif kind == "quantize":
+        if float_twin:
+          env[op["out"]] = tf.clip_by_value(x, 0.0, np.float32(act_range(op)))
+          continue
+        shown[op["in"][0]] = x
+        env[op["out"]] = _quantize(tf, op, x)
+        codes.add(op["out"])
+      elif kind == "dequant_codes":
+        env[op["out"]] = x if float_twin else _dequantize_codes(tf, op, x)
+      elif kind in ("conv", "dense"):
+        if op["weight_bits"] == integer.FP or op["in_bits"] == integer.FP:
+          bias = program.arrays[op["bias"]] if op.get("bias") else None
+          env[op["out"]] = _linear(tf, x, float_weights(op, program.arrays), op, bias)
+          continue
+        many = len(consumers[op["out"]]) > 1
+        for nxt in consumers[op["out"]]:
+          if float_twin:
+            kernel, bias, top = twin_layer(op, nxt, program.arrays)
+            y = _linear(tf, x, kernel, op, bias)
+            y = y if top is None else tf.clip_by_value(y, 0.0, np.float32(top))
+          else:
+            form: dict = {}
+            y = _integer_layer(tf, op, nxt, x, program.arrays, form)
+            for layer, entry in form.items():
+              report[f"{layer} -> {nxt['op']}" if many else layer] = entry
+            if nxt["op"] == "requant":
+              codes.add(nxt["out"])
+          env[nxt["out"]] = y
+          done.add(nxt["out"])
+      else:
+        raise ValueError(f"op {kind!r} outside an integer layer's pattern")
+    out = {"logits": env[program.ops[-1]["out"]]}
+    if not debug_outputs:
+      return out
+    out.update({k: env[k] for k in sorted(codes)})
+    out.update(shown)
+    return out
+
+  return fn
+
+
+def to_tflite(program: integer.Program, *, float_twin: bool = False, debug_outputs: bool = False, report=None) -> bytes:
+  """The `.tflite` flatbuffer of `program` (see the module docstring); batch size dynamic."""
+  tf = _tf()
+  fn = graph_fn(program, float_twin=float_twin, debug_outputs=debug_outputs, report=report)
+  spec = tf.TensorSpec([None, *program.input_shape], tf.uint8, name="image")
+  module = tf.Module()  # the trackable object: the converter keeps the signature's names
+  module.serve = tf.function(fn, input_signature=[spec], autograph=False)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+  if not float_twin:
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]  # honour the fake-quant nodes
+  import warnings
+
+  with warnings.catch_warnings():  # "statistics for quantized inputs": the input is uint8 images
+    warnings.simplefilter("ignore", UserWarning)
+    return converter.convert()
+
+
+def interpreter_fn(model: bytes | str, threads: int | None = None, *, outputs: bool = False):
+  """A LiteRT interpreter of a `.tflite` file (bytes or path) as `uint8 images -> logits` (or
+  with `outputs`, a dict of every output by name), resizing its batch as the input needs."""
+  from ai_edge_litert.interpreter import Interpreter
+
+  kw = {"model_content": model} if isinstance(model, bytes) else {"model_path": model}
+  it = Interpreter(num_threads=threads, **kw)
+  it.allocate_tensors()
+  runner = it.get_signature_runner()
+  key = next(iter(runner.get_input_details()))
+
+  def run(images: np.ndarray):
+    got = runner(**{key: np.asarray(images, np.uint8)})
+    return got if outputs else got["logits"]
+
+  return run
