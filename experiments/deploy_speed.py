@@ -15,6 +15,8 @@ each round), every path at every batch size and thread count (1, and all cores):
   the peer the issue names, on exactly the same network;
 * `ov_fp32`, `ov_int8`: OpenVINO's CPU plugin on the FP32 file and on the QDQ file
   (`INFERENCE_PRECISION_HINT=f32`, one stream, static batch);
+* `litert_fp32`, `litert_int8`: the LiteRT interpreter (XNNPACK) on `qnet.deploy.litert`'s FP32
+  twin and on its int8 file (`model.tflite`), one interpreter per batch size;
 * `stablehlo`: `model.stablehlo` through `jax.export` (all cores only: XLA's CPU thread pool
   is fixed per process).
 
@@ -41,7 +43,7 @@ import numpy as np
 
 from qnet import models
 from qnet.data.datasets import DATASETS
-from qnet.deploy import export, integer, lowering, onnx_graph, qdq_onnx
+from qnet.deploy import export, integer, litert, lowering, onnx_graph, qdq_onnx
 from qnet.quant import precision as precision_lib
 
 NETWORKS = {"fmnist_cnn": "fashion_mnist", "resnet20": "cifar10", "resnet18": "imagenet2012"}
@@ -160,6 +162,7 @@ def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp
       f.write(model.SerializeToString())
   paths["peer"] = os.path.join(tmp, f"{name}_w{w}a{a}_peer.onnx")
   peer_int8(paths["fp32"], paths["peer"], shape)
+  tflite = {"litert_fp32": litert.to_tflite(program, float_twin=True), "litert_int8": litert.to_tflite(program)}
   hlo = jax.jit(jax.export.deserialize(bytearray(export.stablehlo_bytes(program))).call)
   all_cores = os.cpu_count() or 1
   threads = sorted({1, all_cores})
@@ -170,6 +173,8 @@ def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp
       fns[(label, t)] = {b: f for b in batches}
     fns[("ov_fp32", t)] = ov_fns(paths["fp32"], t, batches, shape)
     fns[("ov_int8", t)] = ov_fns(paths["qdq"], t, batches, shape)
+    for label, blob in tflite.items():
+      fns[(label, t)] = {b: litert.interpreter_fn(blob, t) for b in batches}
   fns[("stablehlo", all_cores)] = {b: (lambda x: np.asarray(hlo(x))) for b in batches}
   rng = np.random.default_rng(0)
   images = {b: rng.integers(0, 256, (b, *shape)).astype(np.uint8) for b in batches}

@@ -21,7 +21,7 @@ int8. What each program op becomes (NCHW inside; uint8 NHWC images in, float32 l
 * `dense` -> `dequant` (integer to float): DQ(codes) -> `MatMul` with DQ(int8 codes), both
   scale 1 (`MatMulIntegerToFloat`: the exact int32 accumulator), then `* factor + bias`.
 * `conv` -> `dequant` (into the float residual stream: ONNX Runtime has no int8 conv with a
-  float output): with at least `IM2COL_MIN_K` weights per output channel, the patches of the
+  float output): with at least `IM2COL_MIN_K` weights per output channel (3x3x128 and up), the patches of the
   uint8 codes (Pad, Slice, Concat) times the int8 codes, `MatMulIntegerToFloat` (the exact
   accumulator), then `* factor + bias`; smaller ones, where that is slower, DQ(codes) -> a
   float `Conv` whose weights are the codes times the factor (a float32 sum like the
@@ -283,9 +283,10 @@ def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_
 
 # A conv into the float stream with at least this many weights per output channel (kh kw
 # C_in) runs as im2col + `MatMulIntegerToFloat` (VNNI int8 GEMM, exact int32 sums): measured
-# against a float conv, 2-core AVX-512 VNNI Xeon, one thread (`experiments/deploy_speed.py`
-# and docs/deploying.md): slower at 3x3x16 (0.5x), even at 3x3x64, faster from 3x3x128.
-IM2COL_MIN_K = 512
+# against a float conv, 2-core AVX-512 VNNI Xeon, one thread (`experiments/qdq_before_after.py`
+# and docs/deploying.md): slower at 3x3x16 (0.5x), about even at 3x3x64 (and slower in
+# OpenVINO, which runs the float-output conv int8 itself), faster from 3x3x128 (1.6-3.5x).
+IM2COL_MIN_K = 1024
 
 
 def _im2col_matmul(g: Graph, x: str, codes: np.ndarray, op: dict, in_shape) -> str:
