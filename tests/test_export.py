@@ -663,6 +663,26 @@ def test_manifest_records_sizes_hashes_and_layers(exported):
   assert not manifest["layers"]["stem"]["integer"]
 
 
+@pytest.mark.slow
+def test_tensorrt_flavour_export_keeps_tensorrts_rules(tiny_run, tmp_path):
+  from qnet.deploy import qdq_onnx
+
+  program, info = export.program_from_run(tiny_run)
+  out = str(tmp_path / "trt")
+  manifest = export.write_export(out, program, info, onnx_flavour="tensorrt")
+  assert manifest["files"]["model.onnx"]["flavour"] == "tensorrt"
+  onnx = pytest.importorskip("onnx")
+  assert qdq_onnx.tensorrt_violations(onnx.load(os.path.join(out, "model.onnx"))) == []
+  program_8, info_8 = export.program_from_run(tiny_run)
+  for op in program_8.ops:  # the same network with 8-bit codes: int8 cannot hold them
+    if op["op"] in ("quantize", "requant"):
+      op["bits"] = 8
+  with pytest.raises(export.ExportError, match="--onnx_flavour: .*at most 7 bits"):
+    export.write_export(str(tmp_path / "trt8"), program_8, info_8, onnx_flavour="tensorrt")
+  assert not os.path.exists(tmp_path / "trt8")
+  assert [p for p in os.listdir(tmp_path) if p.startswith(".trt8")] == []  # no temporary left
+
+
 def _one_line_exit_2(r, pattern):
   assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
   lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
@@ -686,6 +706,9 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_no_out(tiny_run, exported, tmp
   out = tmp_path / "out"
   r = cli("export", f"--workdir={tmp_path}", f"--out={out}")
   _one_line_exit_2(r, "holds no checkpoint")
+  assert not out.exists()
+  r = cli("export", f"--workdir={tiny_run}", f"--out={out}", "--onnx_flavour=trt")
+  _one_line_exit_2(r, "--onnx_flavour='trt': one of onnxruntime, tensorrt")
   assert not out.exists()
 
   fp = _edited_run(tiny_run, tmp_path / "fp", lambda s: s["config"]["quant"].update(weight_bits=32, act_bits=32))

@@ -223,6 +223,36 @@ def test_openvino_runs_the_qdq_file_with_qnets_codes(name, w, a, keep_fp, quanti
   np.testing.assert_allclose(theirs["logits"], logits, atol=0.05 * float(np.abs(logits).max()))
 
 
+@pytest.mark.parametrize("name,w,a,keep_fp,quantizers", [CASES[0], CASES[3], CASES[4], CASES[1]])
+def test_tensorrt_flavour_keeps_tensorrts_rules_and_qnets_codes(tmp_path, name, w, a, keep_fp, quantizers):
+  program, *_ = _program(name, w, a, keep_fp, quantizers)
+  ort_graph = qdq_onnx.to_onnx(program)
+  assert qdq_onnx.tensorrt_violations(ort_graph)  # uint8 codes, int32 biases, integer clips
+  report = {}
+  plain = qdq_onnx.to_onnx(program, flavour="tensorrt", report=report)
+  assert qdq_onnx.tensorrt_violations(plain) == []
+  assert collections.Counter(v["form"] for v in report.values())["int8 Q/DQ Conv"]
+  debug = qdq_onnx.to_onnx(program, flavour="tensorrt", debug_outputs=True)
+  # Not TensorRT itself (not here): ONNX Runtime runs the same graph, with qnet's codes up
+  # to float32 ties (its float-output convs are float convs on the DQ'd weights).
+  images = np.random.default_rng(2).integers(0, 256, (6, *program.input_shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  sess = ort.InferenceSession(debug.SerializeToString(), providers=["CPUExecutionProvider"])
+  theirs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": images})))
+  counts = check_codes(program, values, theirs, report, exact_fused=False)
+  assert counts and sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
+  np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
+  np.testing.assert_allclose(theirs["logits"], logits, atol=0.05 * float(np.abs(logits).max()))
+
+
+def test_tensorrt_flavour_refuses_8_bit_activations():
+  program, *_ = _program("tiny_cnn", 4, 8, False, ("dorefa", "dorefa"))
+  with pytest.raises(ValueError, match="at most 7 bits.* has 8"):
+    qdq_onnx.to_onnx(program, flavour="tensorrt")
+  with pytest.raises(ValueError, match="flavour='trt'"):
+    qdq_onnx.to_onnx(program, flavour="trt")
+
+
 def test_fp32_twin_is_the_network_with_float_activations():
   """DoReFa's 32-bit activation is the quantizer's clip, so the FP32 twin equals the
   fake-quant network at (w, 32) bits: quantized weights, unrounded activations."""

@@ -276,8 +276,11 @@ def stablehlo_bytes(program: integer.Program) -> bytes:
   return bytes(exported.serialize())
 
 
-def write_export(out: str, program: integer.Program, info: dict, overwrite: bool = False) -> dict:
-  """Writes the six files into a temporary sibling of `out`, then renames it to `out`."""
+def write_export(
+  out: str, program: integer.Program, info: dict, overwrite: bool = False, onnx_flavour: str = "onnxruntime"
+) -> dict:
+  """Writes the six files into a temporary sibling of `out`, then renames it to `out`
+  (`onnx_flavour`: `model.onnx`'s, `qdq_onnx.FLAVOURS`)."""
   out = os.path.abspath(out)
   if os.path.exists(out) and not overwrite:
     raise ExportError(f"--out={out} exists; choose a new directory or pass --overwrite")
@@ -288,7 +291,7 @@ def write_export(out: str, program: integer.Program, info: dict, overwrite: bool
   os.umask(umask)
   try:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; OUT is an ordinary directory
-    tensors, desc, files = _write_model_files(tmp, program)
+    tensors, desc, files = _write_model_files(tmp, program, onnx_flavour)
     manifest = _manifest(program, info, tensors, desc, files)
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
@@ -301,7 +304,7 @@ def write_export(out: str, program: integer.Program, info: dict, overwrite: bool
   return manifest
 
 
-def _write_model_files(tmp: str, program: integer.Program) -> tuple[dict, dict, dict]:
+def _write_model_files(tmp: str, program: integer.Program, onnx_flavour: str = "onnxruntime") -> tuple[dict, dict, dict]:
   """Writes weights, StableHLO and the two ONNX files into `tmp`; (tensors, their
   descriptions, files' sizes and sha256 with the QDQ and LiteRT graphs' form per integer
   layer)."""
@@ -315,7 +318,10 @@ def _write_model_files(tmp: str, program: integer.Program) -> tuple[dict, dict, 
     f.write(stablehlo_bytes(program))
   forms: dict = {}
   with open(os.path.join(tmp, ONNX), "wb") as f:
-    f.write(qdq_onnx.to_onnx(program, report=forms).SerializeToString())
+    try:
+      f.write(qdq_onnx.to_onnx(program, report=forms, flavour=onnx_flavour).SerializeToString())
+    except ValueError as e:  # a flavour this network's bits do not fit
+      raise ExportError(f"--onnx_flavour: {e}") from e
   with open(os.path.join(tmp, ONNX_FP32), "wb") as f:
     f.write(onnx_graph.to_fp32_onnx(program).SerializeToString())
   tflite_forms: dict = {}
@@ -326,6 +332,7 @@ def _write_model_files(tmp: str, program: integer.Program) -> tuple[dict, dict, 
     for name in MODEL_FILES
   }
   files[ONNX]["layer_forms"] = forms
+  files[ONNX]["flavour"] = onnx_flavour
   files[TFLITE]["layer_forms"] = tflite_forms
   return tensors, desc, files
 
@@ -420,6 +427,12 @@ def _flags():
   flags.DEFINE_string("out", None, "Directory to write; must not exist unless --overwrite.")
   flags.DEFINE_integer("step", -1, "Checkpoint step to export; -1: the latest.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+  flags.DEFINE_string(
+    "onnx_flavour", "onnxruntime",
+    "model.onnx's QDQ form: onnxruntime (uint8 codes; its QLinearConv fusions, OpenVINO) or "
+    "tensorrt (int8 codes, float clips and biases: TensorRT's explicit quantization; "
+    "activations of at most 7 bits).",
+  )
   flags.mark_flags_as_required(["workdir", "out"])
   return flags.FLAGS
 
@@ -435,8 +448,12 @@ def main(argv: list[str]) -> None:
     out = os.path.abspath(FLAGS.out)
     if os.path.exists(out) and not FLAGS.overwrite:
       raise ExportError(f"--out={out} exists; choose a new directory or pass --overwrite")
+    from qnet.deploy import qdq_onnx
+
+    if FLAGS.onnx_flavour not in qdq_onnx.FLAVOURS:
+      raise ExportError(f"--onnx_flavour={FLAGS.onnx_flavour!r}: one of {', '.join(qdq_onnx.FLAVOURS)}")
     program, info = program_from_run(FLAGS.workdir, FLAGS.step)
-    manifest = write_export(out, program, info, FLAGS.overwrite)
+    manifest = write_export(out, program, info, FLAGS.overwrite, onnx_flavour=FLAGS.onnx_flavour)
   except ExportError as e:
     print(f"qnet.export: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -45,7 +45,7 @@ import numpy as np
 
 from qnet.deploy import integer
 from qnet.deploy.onnx_graph import OPSET, Graph, chw, chw_rows, float_layer, float_op, float_weights
-from qnet.deploy.onnx_graph import oihw, value_shapes
+from qnet.deploy.onnx_graph import oihw, onnx_module, value_shapes
 
 _I32 = np.iinfo(np.int32)
 
@@ -167,8 +167,28 @@ def _dq(g: Graph, x: str, scale, zero, axis: int | None = None) -> str:
   return g.node("DequantizeLinear", [x, g.const(scale, "s"), g.const(zero, "z")], "dq", **attrs)
 
 
+FLAVOURS = ("onnxruntime", "tensorrt")
+
+
+def _zero(g: Graph):
+  """The codes' zero point: uint8 (ONNX Runtime's x86 kernels), int8 for TensorRT."""
+  return np.int8(0) if g.flavour == "tensorrt" else np.uint8(0)
+
+
+def _dq_codes(g: Graph, x: str) -> str:
+  """Codes to float (their value in code units: scale 1, zero point 0)."""
+  return _dq(g, x, np.float32(1), _zero(g))
+
+
 def _q_codes(g: Graph, y: str, n: int) -> str:
-  """Q (scale 1, uint8, round half to even, saturating at 0) and the clip to `n` on the codes."""
+  """Q (scale 1, round half to even) to codes in `[0, n]`. ONNX Runtime: uint8, saturating at
+  0, then an integer `Clip` to `n` on the codes (the QLinearConv fusion keeps it: a float Clip
+  before the Q would block it); TensorRT: the float `Clip(0, n)` before an int8 Q (which it
+  fuses into the conv as its activation; it runs no integer ops)."""
+  if g.flavour == "tensorrt":
+    if n < 255:
+      y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(n))])
+    return g.node("QuantizeLinear", [y, g.const(np.float32(1), "s"), g.const(np.int8(0), "z")], "q")
   q = g.node("QuantizeLinear", [y, g.const(np.float32(1), "s"), g.const(np.uint8(0), "z")], "q")
   if n < 255:
     q = g.node("Clip", [q, g.const(np.uint8(0), "lo"), g.const(np.uint8(n), "hi")], "codes")
@@ -192,7 +212,7 @@ def _quantize(g: Graph, op: dict, x: str) -> str:
 
 def _dequantize_codes(g: Graph, op: dict, x: str) -> str:
   """`integer.dequantize_codes`' float32 operations."""
-  y = g.node("Cast", [x], to=g.TensorProto.FLOAT)
+  y = _dq_codes(g, x)
   quantizer = op.get("quantizer", "dorefa")
   if quantizer == "lsq":
     return g.node("Mul", [y, g.const(np.float32(op["step"]))])
@@ -212,20 +232,25 @@ def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_
   n_out = integer.levels(nxt["bits"]) if nxt["op"] == "requant" else None
   if fit is not None:
     w = (codes * fit.k).astype(np.int8)
-    xdq = _dq(g, x, np.float32(1), np.uint8(0))
+    xdq = _dq_codes(g, x)
     c = len(fit.k)
     if dense:
       wdq = _dq(g, g.const(w, "w"), fit.m, np.zeros(c, np.int8), axis=1)
     else:
       wdq = _dq(g, g.const(oihw(w), "w"), fit.m, np.zeros(c, np.int8), axis=0)
-    bdq = _dq(g, g.const(fit.b.astype(np.int32), "b"), fit.m, np.zeros(c, np.int32), axis=0)
+    if g.flavour == "tensorrt":  # a float bias (TensorRT dequantizes no int32)
+      bdq = g.const((fit.b.astype(np.float32) * fit.m).astype(np.float32), "b")
+    else:
+      bdq = _dq(g, g.const(fit.b.astype(np.int32), "b"), fit.m, np.zeros(c, np.int32), axis=0)
     if dense:
       y = g.node("Gemm", [xdq, wdq, bdq])
     else:
       y = g.node("Conv", [xdq, wdq, bdq], strides=op["strides"], pads=_pads(op))
     finite = fit.margin[np.isfinite(fit.margin)]
     report[op["layer"]] = {
-      "form": "QGemm" if dense else "QLinearConv",
+      "form": ("QGemm" if dense else "QLinearConv") if g.flavour == "onnxruntime" else (
+        "int8 Q/DQ " + ("Gemm" if dense else "Conv")
+      ),
       "min_margin_acc_units": float(finite.min()) if finite.size else None,
       "k": [int(v) for v in np.unique(np.abs(fit.k))],
     }
@@ -241,13 +266,34 @@ def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_
     factor = nxt["factor"]  # a number, or a per-channel tensor's name
     factor = np.asarray(arrays[factor] if isinstance(factor, str) else factor, np.float64)
   if dense and not mean and nxt["op"] == "dequant":  # DQ -> MatMul: MatMulIntegerToFloat
-    xdq = _dq(g, x, np.float32(1), np.uint8(0))
+    xdq = _dq_codes(g, x)
     if max_abs.max() <= 127:
       w = _dq(g, g.const(codes.astype(np.int8), "w"), np.float32(1), np.int8(0))
     else:
       w = g.const(codes.astype(np.float32), "w")
     y = g.node("Mul", [g.node("MatMul", [xdq, w]), g.const(chw(factor, 2).astype(np.float32))])
     form = "MatMulIntegerToFloat"
+  elif g.flavour == "tensorrt" and not mean and max_abs.max() <= 127:
+    # TensorRT runs DQ -> Conv/MatMul as an int8 kernel, with a float output when no Q
+    # follows: the weight codes with the accumulator's factor (or 1) as their scale.
+    c = codes.shape[-1]
+    f = np.broadcast_to(factor if factor is not None else 1.0, (c,)).astype(np.float32)
+    xdq = _dq_codes(g, x)
+    if dense:
+      y = g.node("MatMul", [xdq, _dq(g, g.const(codes.astype(np.int8), "w"), f, np.zeros(c, np.int8), axis=1)])
+    else:
+      wdq = _dq(g, g.const(oihw(codes.astype(np.int8)), "w"), f, np.zeros(c, np.int8), axis=0)
+      y = g.node("Conv", [xdq, wdq], strides=op["strides"], pads=_pads(op))
+    form = "int8 DQ " + ("MatMul" if dense else "Conv")
+    if nxt["op"] == "requant":  # the map on the accumulator, in float
+      scale = chw(arrays[nxt["scale"]].astype(np.float32), out_rank)
+      shift = chw(arrays[nxt["shift"]].astype(np.float32), out_rank)
+      report[op["layer"]] = {"form": form + ", float requant"}
+      return _q_codes(g, g.node("Add", [g.node("Mul", [y, g.const(scale)]), g.const(shift)]), n_out), out_rank
+    if nxt["bias"]:
+      y = g.node("Add", [y, g.const(chw(arrays[nxt["bias"]], out_rank).astype(np.float32))])
+    report[op["layer"]] = {"form": form}
+    return y, out_rank
   elif not dense and factor is not None and max_abs.max() <= 127 and codes[..., 0].size >= IM2COL_MIN_K:
     y = _im2col_matmul(g, x, codes, op, in_shape)  # NHWC [B, H', W', C_out], the exact acc
     y = g.node("Mul", [y, g.const(np.broadcast_to(factor, codes.shape[-1:]).astype(np.float32))])
@@ -259,11 +305,11 @@ def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_
     w = codes.astype(np.float64) * (factor if factor is not None else 1.0)
     w = w.astype(np.float32)
     if mean:
-      xf = g.node("Cast", [x], to=g.TensorProto.FLOAT)
+      xf = _dq_codes(g, x)
       xf = g.node("ReduceSum", [xf, g.const(np.array([2, 3], np.int64))], keepdims=0)
       y = g.node("MatMul", [xf, g.const(w, "w")])
     else:
-      xdq = _dq(g, x, np.float32(1), np.uint8(0))
+      xdq = _dq_codes(g, x)
       if dense:
         y = g.node("MatMul", [xdq, g.const(w, "w")])
       else:
@@ -318,13 +364,65 @@ def _pads(op: dict) -> list[int]:
   return [int(t), int(l), int(b), int(r)]
 
 
-def to_onnx(program: integer.Program, opset: int = OPSET, *, debug_outputs: bool = False, report=None):
+def tensorrt_violations(model) -> list[str]:
+  """What in an ONNX model breaks TensorRT's explicit-quantization rules (TensorRT is not a
+  dependency; these are its documented constraints, checked on the graph): no integer
+  operators (`ConvInteger`, `QLinear*`, ...); every Q/DQ zero point an int8 0 and every DQ's
+  input int8 (no uint8 or int32 tensors); activation scales per tensor, weight scales per
+  output channel; integer tensors read only by DQ and shape ops (or as graph outputs)."""
+  onnx = onnx_module()
+  model = onnx.shape_inference.infer_shapes(model)
+  g = model.graph
+  inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+  types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+  types.update({k: onnx.helper.np_dtype_to_tensor_dtype(v.dtype) for k, v in inits.items()})
+  tp = onnx.TensorProto
+  integer_types = {tp.INT8, tp.UINT8, tp.INT32, tp.INT16, tp.UINT16}
+  bad = []
+  for node in g.node:
+    where = f"{node.op_type} {node.output[0]}"
+    if node.op_type in ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd"):
+      bad.append(f"{where}: an integer operator")
+    if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+      zero = inits.get(node.input[2]) if len(node.input) > 2 else None
+      if zero is None or zero.dtype != np.int8 or np.any(zero != 0):
+        bad.append(f"{where}: zero point must be an int8 0")
+      scale = inits.get(node.input[1])
+      weight = node.op_type == "DequantizeLinear" and node.input[0] in inits
+      if scale is None or (scale.size > 1 and not weight):
+        bad.append(f"{where}: an activation scale must be one constant")
+      if node.op_type == "DequantizeLinear" and types.get(node.input[0]) != tp.INT8:
+        bad.append(f"{where}: dequantizes a {tp.DataType.Name(types.get(node.input[0], 0))} tensor")
+    elif node.op_type not in ("Flatten", "Reshape", "Identity", "Cast"):
+      for name in node.input:
+        if name and name not in inits and types.get(name) in integer_types:
+          bad.append(f"{where}: reads the integer tensor {name}")
+  return bad
+
+
+def to_onnx(
+  program: integer.Program, opset: int = OPSET, *, debug_outputs: bool = False, report=None,
+  flavour: str = "onnxruntime",
+):
   """The QDQ `onnx.ModelProto` of `program` (checked with `onnx.checker`).
 
   `debug_outputs` adds every code tensor and every float input of a `quantize` as an extra
   output named after its program value (tests compare layer by layer); `report`, a dict,
-  receives per integer layer the form it took."""
+  receives per integer layer the form it took. `flavour="tensorrt"` is the graph TensorRT's
+  explicit quantization takes (see `tensorrt_violations`): int8 codes (so activations of at most
+  7 bits), float clips before the Qs, float biases, DQ -> MaxPool -> Q, and a conv into the
+  float stream as DQ(codes) -> Conv with DQ'd int8 weights."""
+  if flavour not in FLAVOURS:
+    raise ValueError(f"flavour={flavour!r}: one of {', '.join(FLAVOURS)}")
+  if flavour == "tensorrt":
+    wide = [op for op in program.ops if op["op"] in ("quantize", "requant") and op["bits"] > 7]
+    if wide:
+      raise ValueError(
+        f"flavour='tensorrt' holds activation codes as int8: at most 7 bits, and "
+        f"{wide[0]['op']} -> {wide[0]['out']} has {wide[0]['bits']}"
+      )
   g = Graph()
+  g.flavour = flavour
   report = {} if report is None else report
   shapes = value_shapes(program)
   consumers: dict[str, list[dict]] = {}
@@ -335,9 +433,11 @@ def to_onnx(program: integer.Program, opset: int = OPSET, *, debug_outputs: bool
   done: set[str] = set()
   codes: set[str] = set()  # program values held as uint8 codes
 
+  code_type = g.TensorProto.INT8 if flavour == "tensorrt" else g.TensorProto.UINT8
+
   def expose(value: str) -> None:
     if debug_outputs and value not in [o[0] for o in g.outputs]:
-      tp = g.TensorProto.UINT8 if value in codes else g.TensorProto.FLOAT
+      tp = code_type if value in codes else g.TensorProto.FLOAT
       g.node("Identity", [env[value][0]])
       g.nodes[-1].output[0] = value
       g.outputs.append((value, tp, env[value][1]))
@@ -347,7 +447,11 @@ def to_onnx(program: integer.Program, opset: int = OPSET, *, debug_outputs: bool
     if op["out"] in done:
       continue
     x, rank = env.get(op["in"][0], ("image", 4))
-    emitted = float_op(g, op, x, rank, program.arrays, env)
+    if kind == "maxpool" and flavour == "tensorrt" and op["in"][0] in codes:
+      y, rank = float_op(g, op, _dq_codes(g, x), rank, program.arrays, env)
+      emitted = _q_codes(g, y, 255), rank  # a max of codes: within [0, n] already
+    else:
+      emitted = float_op(g, op, x, rank, program.arrays, env)
     if emitted is not None:
       env[op["out"]] = emitted
       if kind == "maxpool" and op["in"][0] in codes:
