@@ -2,6 +2,10 @@
 
   PYTHONPATH=. python experiments/deploy_speed.py [--models fmnist_cnn,resnet20,resnet18]
       [--bits 4,2] [--batches 1,64] [--rounds 3] [--seconds 1.0] [--out FILE.json]
+  PYTHONPATH=. python experiments/deploy_speed.py --table FILE.json   # its markdown table
+  (--append adds to an existing --out: run the networks in separate processes)
+
+With `--out`, the table is also written beside the JSON (`FILE.md`).
 
 Per network (initialised weights with non-trivial BatchNorm statistics: speed does not depend
 on trained values; stem and classifier at 32 bits, the default) and bits it builds the
@@ -200,15 +204,50 @@ def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp
   return result
 
 
+COLUMNS = (  # (path, header): ratios to ort_fp32 in the same rounds
+  ("ort_qdq", "ORT QDQ (qnet)"), ("ort_peer_int8", "ORT quantize_static peer"),
+  ("ov_fp32", "OpenVINO FP32"), ("ov_int8", "OpenVINO int8 (QDQ file)"),
+  ("litert_fp32", "LiteRT FP32"), ("litert_int8", "LiteRT int8 (qnet)"), ("stablehlo", "StableHLO"),
+)
+
+
+def markdown(report: dict) -> str:
+  """The report (this script's JSON) as a table: per network, bits, batch and threads, ORT
+  FP32 images/s and every other path's median ratio to it."""
+  head = ["model", "W/A", "batch", "threads", "ORT FP32 images/s"] + [h for _, h in COLUMNS] + ["load before -> after"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for res in report["results"]:
+    keys = {tuple(k.split("|")[1:]) for k in res["median_images_per_s"]}
+    for t, b in sorted(keys, key=lambda tb: (-int(tb[1].split("=")[1]), int(tb[0].split("=")[1]))):
+      base = res["median_images_per_s"].get(f"ort_fp32|{t}|{b}")
+      cells = [res["model"], "W{}A{}".format(*res["bits"]), b.split("=")[1], t.split("=")[1], f"{base:,.0f}"]
+      for path, _ in COLUMNS:
+        r = res["median_ratio_vs_ort_fp32"].get(f"{path}|{t}|{b}")
+        cells.append(f"{r:.2f}x" if r else "-")
+      cells.append(f"{res['load_before'][0]:.1f} -> {res['load_after'][0]:.1f}")
+      lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
+  parser.add_argument("--table", default="", help="print the markdown table of this JSON report and stop")
   parser.add_argument("--models", default="fmnist_cnn,resnet20,resnet18")
   parser.add_argument("--bits", default="4,2")
   parser.add_argument("--batches", default="1,64")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--seconds", type=float, default=1.0)
   parser.add_argument("--out", default="")
+  parser.add_argument(
+    "--append", action="store_true",
+    help="add to --out's results (one process per network keeps memory bounded: the TF "
+    "conversions and runtime sessions of all six networks outgrew 24 GB in one process)",
+  )
   args = parser.parse_args()
+  if args.table:
+    with open(args.table) as f:
+      print(markdown(json.load(f)), end="")
+    return
   import onnxruntime
   import openvino
 
@@ -221,7 +260,11 @@ def main() -> None:
     ),
   }
   print(json.dumps(meta))
-  results = []
+  results, metas = [], [meta]
+  if args.append and os.path.exists(args.out):  # a run continued in a fresh process
+    with open(args.out) as f:
+      earlier = json.load(f)
+    results, metas = earlier["results"], earlier.get("metas", [earlier["meta"]]) + [meta]
   batches = [int(b) for b in args.batches.split(",")]
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.models.split(","):
@@ -237,7 +280,9 @@ def main() -> None:
           print(f"   {key:<36} {ips:>9.0f} images/s" + (f"  x{ratio:.2f} vs ort_fp32" if ratio else ""))
         if args.out:
           with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+            json.dump({"meta": metas[0], "metas": metas, "results": results}, f, indent=1)
+          with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+            f.write(markdown({"meta": meta, "results": results}))
 
 
 if __name__ == "__main__":

@@ -88,20 +88,24 @@ def main() -> None:
         with open(out + ".json", "w") as f:
           json.dump({"args": vars(args), "accuracy": results}, f, indent=1)
   lines = [
-    "| setting | runs | accuracy (mean ± sd) | vs scratch (points) | p (Welch) |",
-    "|---|---|---|---|---|",
+    "| setting | runs | accuracy (mean ± sd) | vs scratch (points) [95% CI] | p (Welch) "
+    "| KD vs the import without KD [95% CI] | p (Welch) |",
+    "|---|---|---|---|---|---|---|",
   ]
+
+  def versus(accs, other) -> str:
+    if len(accs) > 1 and len(other) > 1:
+      d, lo, hi, p = sweep.welch(accs, other)
+      return f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {p:.3g}"
+    return "- | -"
+
   for key, accs in results.items():
-    scratch = results.get(key.rsplit(" ", 1)[0] + " scratch", [])
+    setting = key.rsplit(" ", 1)[0]
     mean = sum(accs) / len(accs)
     sd = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
-    vs = "-"
-    if not key.endswith("scratch") and len(accs) > 1 and len(scratch) > 1:
-      d, lo, hi, p = sweep.welch(accs, scratch)
-      vs = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {p:.3g}"
-    else:
-      vs = "- | -"
-    lines.append(f"| {key} | {len(accs)} | {mean:.2f} ± {sd:.2f} | {vs} |")
+    vs_scratch = "- | -" if key.endswith("scratch") else versus(accs, results.get(setting + " scratch", []))
+    vs_import = versus(accs, results.get(setting + " import", [])) if key.endswith("import_kd") else "- | -"
+    lines.append(f"| {key} | {len(accs)} | {mean:.2f} ± {sd:.2f} | {vs_scratch} | {vs_import} |")
   with open(os.path.join(ROOT, "experiments", "results", args.name + ".md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))
