@@ -48,25 +48,10 @@ import numpy as np
 from qnet import models
 from qnet.data.datasets import DATASETS
 from qnet.deploy import export, integer, litert, lowering, onnx_graph, qdq_onnx
+from qnet.deploy.runtimes import cpu_flags, load, openvino_fn, ort_fn, time_fn
 from qnet.quant import precision as precision_lib
 
 NETWORKS = {"fmnist_cnn": "fashion_mnist", "resnet20": "cifar10", "resnet18": "imagenet2012"}
-FLAGS = ("avx512_vnni", "avx_vnni", "avx512f", "avx512_bf16", "amx_int8", "avx2", "fma")
-
-
-def cpu_flags() -> list[str]:
-  """The CPU flags that decide which int8/float kernels run (from /proc/cpuinfo)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      line = next(l for l in f if l.startswith("flags"))
-  except (OSError, StopIteration):
-    return []
-  have = set(line.split(":", 1)[1].split())
-  return [f for f in FLAGS if f in have]
-
-
-def load() -> list[float]:
-  return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
 
 
 def initialised_program(name: str, w: int, a: int, seed: int = 0) -> integer.Program:
@@ -112,45 +97,6 @@ def peer_int8(fp32_path: str, out_path: str, shape, batches: int = 4) -> None:
   )
 
 
-def ort_fn(path: str, threads: int):
-  import onnxruntime as ort
-
-  so = ort.SessionOptions()
-  so.intra_op_num_threads = threads
-  so.inter_op_num_threads = 1
-  so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-  s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-  return lambda x: s.run(None, {"image": x})[0]
-
-
-def ov_fns(path: str, threads: int, batches, shape) -> dict:
-  """Per batch size an OpenVINO CPU function (static shapes, one stream, f32 precision)."""
-  import openvino as ov
-
-  core = ov.Core()
-  fns = {}
-  for b in batches:
-    model = core.read_model(path)
-    model.reshape({"image": [b, *shape]})
-    compiled = core.compile_model(
-      model, "CPU",
-      {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"},
-    )
-    request = compiled.create_infer_request()
-    fns[b] = lambda x, r=request: r.infer({0: x})[0]
-  return fns
-
-
-def time_fn(fn, x, seconds: float) -> float:
-  """images/s: calls until `seconds` have passed (at least 3), after one warm-up call."""
-  fn(x)
-  calls, start = 0, time.perf_counter()
-  while calls < 3 or time.perf_counter() - start < seconds:
-    fn(x)
-    calls += 1
-  return calls * len(x) / (time.perf_counter() - start)
-
-
 def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp: str) -> dict:
   program = initialised_program(name, w, a)
   shape = program.input_shape
@@ -175,8 +121,8 @@ def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp
     for key, label in (("fp32", "ort_fp32"), ("qdq", "ort_qdq"), ("peer", "ort_peer_int8")):
       f = ort_fn(paths[key], t)
       fns[(label, t)] = {b: f for b in batches}
-    fns[("ov_fp32", t)] = ov_fns(paths["fp32"], t, batches, shape)
-    fns[("ov_int8", t)] = ov_fns(paths["qdq"], t, batches, shape)
+    fns[("ov_fp32", t)] = {b: openvino_fn(paths["fp32"], t, b) for b in batches}
+    fns[("ov_int8", t)] = {b: openvino_fn(paths["qdq"], t, b) for b in batches}
     for label, blob in tflite.items():
       fns[(label, t)] = {b: litert.interpreter_fn(blob, t) for b in batches}
   fns[("stablehlo", all_cores)] = {b: (lambda x: np.asarray(hlo(x))) for b in batches}

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import deploy_speed  # noqa: E402
 
 from qnet.deploy import onnx_graph, qdq_onnx  # noqa: E402
+from qnet.deploy.runtimes import cpu_flags, load, openvino_fn, ort_fn, time_fn  # noqa: E402
 
 
 def module_at(rev: str, tmp: str):
@@ -56,7 +57,7 @@ def main() -> None:
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   rev = subprocess.run(["git", "rev-parse", "--short", args.rev], capture_output=True, text=True, check=True).stdout.strip()
-  meta = {"cpu_flags": deploy_speed.cpu_flags(), "cores": os.cpu_count(), "before": rev, "after": "working tree",
+  meta = {"cpu_flags": cpu_flags(), "cores": os.cpu_count(), "before": rev, "after": "working tree",
           "command": "PYTHONPATH=. python experiments/qdq_before_after.py " + " ".join(
             f"--{k}={v}" for k, v in vars(args).items() if v not in ("", False))}
   print(json.dumps(meta))
@@ -76,20 +77,20 @@ def main() -> None:
         path = os.path.join(tmp, f"{name}_{key}.onnx")
         with open(path, "wb") as f:
           f.write(model)
-        fns[f"ort_{key}"] = deploy_speed.ort_fn(path, args.threads)
+        fns[f"ort_{key}"] = ort_fn(path, args.threads)
         if args.openvino and key != "fp32":
-          fns[f"ov_{key}"] = deploy_speed.ov_fns(path, args.threads, [args.batch], program.input_shape)[args.batch]
+          fns[f"ov_{key}"] = openvino_fn(path, args.threads, args.batch)
       import numpy as np
 
       x = np.random.default_rng(0).integers(0, 256, (args.batch, *program.input_shape)).astype(np.uint8)
-      load_before, rows = deploy_speed.load(), collections.defaultdict(list)
+      load_before, rows = load(), collections.defaultdict(list)
       for r in range(args.rounds):
         for key in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-          rows[key].append(deploy_speed.time_fn(fns[key], x, args.seconds))
+          rows[key].append(time_fn(fns[key], x, args.seconds))
       ratio = lambda a, b: statistics.median(u / v for u, v in zip(rows[a], rows[b]))  # noqa: E731
       res = {
         "model": name, "bits": args.bits, "batch": args.batch, "threads": args.threads, "forms": forms,
-        "load_before": load_before, "load_after": deploy_speed.load(), "images_per_s": dict(rows),
+        "load_before": load_before, "load_after": load(), "images_per_s": dict(rows),
         "after_over_before": {p: ratio(f"{p}_after", f"{p}_before") for p in ("ort", "ov") if f"{p}_after" in rows},
         "over_ort_fp32": {k: ratio(k, "ort_fp32") for k in rows if k != "ort_fp32"},
       }

@@ -43,6 +43,7 @@ from test_configs import readme_module  # noqa: E402  (the README's `# my_cnn.py
 from configs import fashion_mnist_w4a4  # noqa: E402
 from qnet import models  # noqa: E402
 from qnet.models import layers  # noqa: E402
+from qnet.deploy.runtimes import cpu_flags  # noqa: E402
 from qnet.quant import precision  # noqa: E402
 from qnet.train import build, joint  # noqa: E402
 
@@ -134,15 +135,6 @@ def readme_run() -> dict:
     _run([py, "-m", "qnet.evaluate", f"--export={out}", f"--json={js}"], log)
   with open(js) as f:
     return json.load(f)
-
-
-def cpu_flags() -> list[str]:
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = next(line for line in f if line.startswith("flags")).split(":")[1].split()
-  except (OSError, StopIteration):
-    return []
-  return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma",))
 
 
 def main() -> None:

@@ -664,6 +664,27 @@ def test_manifest_records_sizes_hashes_and_layers(exported):
 
 
 @pytest.mark.slow
+def test_evaluate_speed_times_every_path_at_each_batch_and_thread_count(exported):
+  from qnet.deploy import evaluate
+
+  program, _ = export.load_export(exported)
+  s = evaluate.speed(exported, program, batches=(1, 3), seconds=0.01, rounds=2)
+  cores = os.cpu_count()
+  want = {
+    f"{p}|threads={t}|batch={b}"
+    for p in (*evaluate.PATHS, *evaluate.FLOAT_PATHS)
+    for t in sorted({1, cores}) if p not in evaluate.JAX_PATHS or t == cores
+    for b in (1, 3)
+  }
+  assert set(s["median_images_per_s"]) == want
+  assert all(v > 0 for v in s["median_images_per_s"].values())
+  # Every path but the FP32 twin itself has its ratio to the twin at the same threads and batch.
+  assert set(s["median_ratio_vs_onnxruntime_fp32"]) == {k for k in want if not k.startswith("onnxruntime_fp32|")}
+  assert s["rounds"] == 2 and isinstance(s["cpu_flags"], list)
+  assert "litert|threads=1|batch=3" in evaluate.format_speed({"speed": s})
+
+
+@pytest.mark.slow
 def test_tensorrt_flavour_export_keeps_tensorrts_rules(tiny_run, tmp_path):
   from qnet.deploy import qdq_onnx
 

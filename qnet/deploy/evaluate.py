@@ -8,7 +8,8 @@ source checkpoint (the model, its saved config and the
 checkpoint named in the manifest, at the exported precision), and prints per path: test
 accuracy, images/s (after a warm-up batch, so compilation is excluded) and the number of
 test images whose top-1 class differs from the fake-quant evaluation's. `--json=PATH`
-also writes those figures. `--config.*` overrides work as in `qnet.main` (data_dir,
+also writes those figures; `--speed` adds images/s of every path at batch 1 and 64, with one
+thread and with all cores, beside the CPU's flags. `--config.*` overrides work as in `qnet.main` (data_dir,
 batch_size); the dataset is the export's. Bad input: one line, exit status 2.
 """
 
@@ -88,47 +89,30 @@ def fake_quant_fn(manifest: dict) -> Callable[[np.ndarray], np.ndarray]:
   return lambda x: np.asarray(apply(variables, x))
 
 
-def openvino_fn(path: str) -> Callable[[np.ndarray], np.ndarray]:
-  """An ONNX file on OpenVINO's CPU plugin (f32 precision hint, so its float parts are not
-  run in bf16 on CPUs that have it; the Q/DQ layers run int8)."""
-  import openvino as ov
-
-  compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-  request = compiled.create_infer_request()
-  return lambda x: np.array(request.infer({0: x})[0])
-
-
-def path_fns(out: str, program) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-  """The export's paths (`PATHS`, `FLOAT_PATHS`) as `uint8 images -> logits` functions."""
+def path_fns(out: str, program, threads: int | None = None) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+  """The export's paths (`PATHS`, `FLOAT_PATHS`) as `uint8 images -> logits` functions; the
+  runtimes' intra-op threads `threads` (None: their defaults; the JAX paths use XLA's pool)."""
   import jax
   from jax import export as jax_export
 
-  from qnet.deploy import integer
+  from qnet.deploy import integer, runtimes
 
   f_int = integer.make_apply(program)
   with open(os.path.join(out, "model.stablehlo"), "rb") as f:
     exported = jax_export.deserialize(bytearray(f.read()))
   f_hlo = jax.jit(exported.call)
-  import onnxruntime as ort
-
-  sess = ort.InferenceSession(
-    os.path.join(out, "model.onnx"), providers=["CPUExecutionProvider"]
-  )
   fns = {
     "qnet_integer": lambda x: np.asarray(f_int(x)),
     "stablehlo": lambda x: np.asarray(f_hlo(x)),
-    "onnxruntime": lambda x: sess.run(["logits"], {"image": x})[0],
-    "openvino": openvino_fn(os.path.join(out, "model.onnx")),
+    "onnxruntime": runtimes.ort_fn(os.path.join(out, "model.onnx"), threads),
+    "openvino": runtimes.openvino_fn(os.path.join(out, "model.onnx"), threads),
   }
   tflite = os.path.join(out, "model.tflite")
   if os.path.isfile(tflite):  # exports written before LiteRT have none
-    from qnet.deploy import litert
-
-    fns["litert"] = litert.interpreter_fn(tflite)
+    fns["litert"] = runtimes.litert_fn(tflite, threads)
   fp32 = os.path.join(out, "model_fp32.onnx")
   if os.path.isfile(fp32):  # exports written before the QDQ graph have none
-    s32 = ort.InferenceSession(fp32, providers=["CPUExecutionProvider"])
-    fns["onnxruntime_fp32"] = lambda x: s32.run(["logits"], {"image": x})[0]
+    fns["onnxruntime_fp32"] = runtimes.ort_fn(fp32, threads)
   return fns
 
 
@@ -183,6 +167,55 @@ def evaluate(out: str, data_dir: str | None, batch_size: int, limit: int = 0) ->
   }
 
 
+JAX_PATHS = ("qnet_integer", "stablehlo")  # XLA's CPU thread pool is fixed per process
+
+
+def speed(out: str, program, batches=(1, 64), seconds: float = 0.5, rounds: int = 3) -> dict:
+  """images/s of every path at each batch size, with one thread and with all cores (the JAX
+  paths: all cores only), timed in alternating rounds on random images (speed does not
+  depend on them): per `path|threads=T|batch=B`, the median and the median ratio to
+  `onnxruntime_fp32` in the same round; with the CPU flags and the load."""
+  import statistics
+
+  from qnet.deploy import runtimes
+
+  cores = os.cpu_count() or 1
+  fns = {}
+  for t in sorted({1, cores}):
+    for name, fn in path_fns(out, program, t).items():
+      if name not in JAX_PATHS or t == cores:
+        fns[f"{name}|threads={t}"] = fn
+  rng = np.random.default_rng(0)
+  rows: dict[str, list[float]] = {}
+  load_before = runtimes.load()
+  for r in range(rounds):
+    for b in batches:
+      x = rng.integers(0, 256, (b, *program.input_shape)).astype(np.uint8)
+      for key in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+        rows.setdefault(f"{key}|batch={b}", []).append(runtimes.time_fn(fns[key], x, seconds))
+  ratios = {}
+  for key, values in rows.items():
+    _, t, b = key.split("|")
+    base = rows.get(f"onnxruntime_fp32|{t}|{b}")
+    if base and not key.startswith("onnxruntime_fp32|"):
+      ratios[key] = statistics.median(v / u for v, u in zip(values, base))
+  return {
+    "cpu_flags": runtimes.cpu_flags(), "cores": cores, "load_before": load_before,
+    "load_after": runtimes.load(), "rounds": rounds,
+    "median_images_per_s": {k: statistics.median(v) for k, v in rows.items()},
+    "median_ratio_vs_onnxruntime_fp32": ratios,
+  }
+
+
+def format_speed(result: dict) -> str:
+  s = result["speed"]
+  lines = [f"speed: cpu flags {' '.join(s['cpu_flags'])}, {s['cores']} cores, load {s['load_before'][0]} -> {s['load_after'][0]}"]
+  for key, ips in s["median_images_per_s"].items():
+    ratio = s["median_ratio_vs_onnxruntime_fp32"].get(key)
+    lines.append(f"  {key:<40} {ips:>9.0f} images/s" + (f"  x{ratio:.2f} vs onnxruntime_fp32" if ratio else ""))
+  return "\n".join(lines)
+
+
 def format_report(result: dict) -> str:
   lines = [
     f"{result['model']} on {result['dataset']} test ({result['test_images']} images, batch "
@@ -211,10 +244,15 @@ def main(argv: list[str]) -> None:
     result = evaluate(
       flags_.export, flags_.config.data_dir or None, flags_.config.batch_size, flags_.limit
     )
+    if flags_.speed:
+      program, _ = export.load_export(flags_.export)
+      result["speed"] = speed(flags_.export, program)
   except export.ExportError as e:
     print(f"qnet.evaluate: error: {e}", file=sys.stderr)
     sys.exit(2)
   print(format_report(result))
+  if flags_.speed:
+    print(format_speed(result))
   if flags_.json:
     os.makedirs(os.path.dirname(os.path.abspath(flags_.json)), exist_ok=True)
     with open(flags_.json, "w") as f:
@@ -232,6 +270,10 @@ def cli() -> None:
   flags.DEFINE_string("export", None, "Directory written by `python -m qnet.export`.")
   flags.DEFINE_string("json", "", "Also write the results to this JSON file.")
   flags.DEFINE_integer("limit", 0, "Evaluate only the first LIMIT test images (0: all).")
+  flags.DEFINE_bool(
+    "speed", False, "Also time every path at batch 1 and 64, with 1 thread and all cores "
+    "(alternating rounds; ratios to the FP32 twin in ONNX Runtime)."
+  )
   config_flags.DEFINE_config_dict("config", default.get_config(), "data_dir, batch_size.")
   flags.mark_flags_as_required(["export"])
   app.run(main)
