@@ -67,7 +67,7 @@ def requant_codes(acc2: np.ndarray, b: np.ndarray, m: np.ndarray, n: int) -> np.
   """The fused kernels' requantization, emulated: `min(n, clip(round(float32(float32(acc2 +
   b) * m)), 0, 255))`, round half to even (MLAS's float multiply and magic-number round)."""
   z = (acc2 + b).astype(np.float32) * np.asarray(m, np.float32)
-  return np.minimum(np.clip(np.rint(z), 0, 255), n).astype(np.int64)
+  return np.minimum(np.maximum(np.rint(z), 0), n).astype(np.int64)  # n <= 255: the uint8 range
 
 
 def fit_requant(
@@ -91,7 +91,7 @@ def fit_requant(
   limit = 64 if in_bits >= 8 else 127
   max_abs_w = np.asarray(max_abs_w, np.int64)
   a_max = np.asarray(acc_max, np.int64)
-  k_max = np.where(max_abs_w > 0, limit // np.maximum(max_abs_w, 1), 1).astype(np.int64)
+  k_max = limit // np.maximum(max_abs_w, 1)  # (a zero channel is constant: never fitted)
   uu = u.astype(np.int64)
   always, never = uu <= -a_max[:, None], uu > a_max[:, None]
   const = np.all(always | never, axis=1)
