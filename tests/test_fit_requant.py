@@ -82,3 +82,24 @@ def test_requant_codes_rounds_the_float32_product_as_the_kernels_do():
   assert qdq_onnx.requant_codes(np.array([2829]), 0, m, 255)[0] == 172
   assert qdq_onnx.requant_codes(np.array([2829]), 0, float(m), 255)[0] == 172  # m is made float32
   assert qdq_onnx.requant_codes(np.array([2829, -5]), 0, m, 100).tolist() == [100, 0]
+
+
+def test_fit_requant_keeps_int32_and_proves_its_float32_sums_on_wide_accumulators():
+  # Accumulators of 12.6M: `K acc + B` must stay inside int32 (so K <= 170 here, 127 allowed),
+  # and float32(K acc + B) is then a multiple of 128: the check on both sides of every
+  # threshold, in the kernels' float32, rejects multipliers whose sums cross a boundary.
+  rng = np.random.default_rng(5)
+  c, a_max = 24, 12_600_000
+  scale, shift = rng.uniform(2e-7, 6e-7, c), rng.uniform(-2, 5, c)
+  sign, u = integer.thresholds(scale, shift, 2)
+  fit = qdq_onnx.fit_requant(scale, shift, 2, np.full(c, 1), np.full(c, a_max), 2)
+  assert fit.ok.mean() > 0.9 and (np.abs(fit.k[fit.ok]) < 127).any()  # some needed a smaller K
+  assert np.all(np.abs(fit.b[fit.ok]) + np.abs(fit.k[fit.ok]) * a_max < 2**31)
+  for ch in np.flatnonzero(fit.ok):
+    edges = np.concatenate([u[ch] - 1, u[ch]])
+    edges = edges[np.abs(edges) <= a_max]
+    want = np.sum((edges * sign[ch])[:, None] >= u[ch], axis=-1)
+    np.testing.assert_array_equal(qdq_onnx.requant_codes(edges * fit.k[ch], fit.b[ch], fit.m[ch], 3), want)
+  # Beyond int32 at every multiplier: nothing fits.
+  huge = qdq_onnx.fit_requant(scale, shift, 2, np.full(c, 1), np.full(c, 2**31), 2)
+  assert not huge.ok[~np.all((u <= -2**31) | (u > 2**31), axis=1)].any()
