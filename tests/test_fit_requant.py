@@ -7,6 +7,14 @@ import numpy as np
 from qnet.deploy import integer, qdq_onnx
 
 
+def assert_fit_equals_thresholds(fit, channels, acc, sign, u, n):
+  """The fused requantization of accumulators `acc` (`[A, 1]` for every channel, or `[A]`
+  for one) equals qnet's threshold codes in `channels`."""
+  want = np.sum((acc * sign[channels])[..., None] >= u[channels], axis=-1)
+  got = qdq_onnx.requant_codes(acc * fit.k[channels], fit.b[channels], fit.m[channels], n)
+  np.testing.assert_array_equal(got, want)
+
+
 def test_fit_requant_equals_the_thresholds_on_every_reachable_accumulator():
   rng = np.random.default_rng(0)
   # (3, 8, 5): with 8-bit inputs |k| <= 64 // 5 = 12 (127 // 5 would be 25; 65 // 5, 13);
@@ -43,10 +51,7 @@ def test_fit_requant_tries_a_smaller_weight_multiplier_where_the_largest_leaves_
   rescued = first_failed & fit.ok
   assert rescued.sum() >= 5 and np.all(np.abs(fit.k[rescued]) < 8)
   assert np.all(np.abs(fit.k[~first_failed]) == 8)
-  acc = np.arange(-a_max, a_max + 1)[:, None]
-  want = np.sum((acc * sign[rescued])[..., None] >= u[rescued], axis=-1)
-  got = qdq_onnx.requant_codes(acc * fit.k[rescued], fit.b[rescued], fit.m[rescued], 15)
-  np.testing.assert_array_equal(got, want)
+  assert_fit_equals_thresholds(fit, rescued, np.arange(-a_max, a_max + 1)[:, None], sign, u, 15)
 
 
 def test_fit_requant_holds_at_the_ends_of_the_reachable_range():
@@ -61,10 +66,7 @@ def test_fit_requant_holds_at_the_ends_of_the_reachable_range():
   fit = qdq_onnx.fit_requant(scale, shift, 3, np.full(c, 7), a_max, 3)
   assert fit.ok.mean() > 0.9
   for ch in np.flatnonzero(fit.ok):
-    acc = np.arange(-a_max[ch], a_max[ch] + 1)
-    want = np.sum((acc * sign[ch])[:, None] >= u[ch], axis=-1)
-    got = qdq_onnx.requant_codes(acc * fit.k[ch], fit.b[ch], fit.m[ch], 7)
-    np.testing.assert_array_equal(got, want)
+    assert_fit_equals_thresholds(fit, ch, np.arange(-a_max[ch], a_max[ch] + 1), sign, u, 7)
 
 
 def test_fit_requant_with_one_multiplier_left_still_fits():

@@ -73,8 +73,9 @@ def _linear(tf, x, kernel, op, bias=None):
   return y if bias is None else y + np.asarray(bias, np.float32)
 
 
-def _float_op(tf, op: dict, x, arrays, env):
-  """A program op that is float in every graph; None if `op` is not one."""
+def _float_op(tf, op: dict, x, arrays, env, on_codes: bool = False):
+  """A program op that is float in every graph (`on_codes`: its input is codes); None if
+  `op` is not one."""
   kind = op["op"]
   if kind == "preprocess":
     y = tf.cast(x, tf.float32) / np.float32(255.0)
@@ -84,7 +85,7 @@ def _float_op(tf, op: dict, x, arrays, env):
     mul = ((np.float32(1.0) / np.sqrt(var + np.float32(op["eps"]))) * scale).astype(np.float32)
     return (x - np.asarray(arrays[op["mean"]], np.float32)) * mul + np.asarray(arrays[op["bias"]], np.float32)
   if kind == "maxpool":  # codes (>= 0) pad with 0, floats with -inf: the same maximum
-    low = 0.0 if op.get("_codes") else -np.inf
+    low = 0.0 if on_codes else -np.inf
     y = _pad(tf, x, op["padding"], low)
     return tf.nn.max_pool2d(y, op["window"], op["strides"], "VALID")
   if kind == "relu":
@@ -180,12 +181,11 @@ def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_output
       kind, x = op["op"], env.get(op["in"][0], images)
       if op["out"] in done:
         continue
-      if kind == "maxpool":
-        op = {**op, "_codes": op["in"][0] in codes}
-      y = _float_op(tf, op, x, program.arrays, env)
+      on_codes = op["in"][0] in codes
+      y = _float_op(tf, op, x, program.arrays, env, on_codes)
       if y is not None:
         env[op["out"]] = y
-        if kind == "maxpool" and op["_codes"]:
+        if kind == "maxpool" and on_codes:
           codes.add(op["out"])
       elif kind == "quantize":
         if float_twin:
