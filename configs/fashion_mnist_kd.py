@@ -13,6 +13,11 @@ Stage 3, the authors' released protocol transposed (W2A2 with the first and last
 a plain-ReLU joint teacher, augmentation on, 9 epochs = 3x the default budget):
   w2a2_ce, w2a2_kd_t1, w2a2_kd_t4, w2a2_progressive, w2a2_progressive_kd_t1,
   w2a2_progressive_kd_t4
+Stage 4, a frozen, pretrained and wider teacher at W2A2: a plain-ReLU fmnist_cnn of width 2
+trained beforehand on the default FP budget (`w2a2_wide_teacher`: 3 epochs of the full training
+set), then frozen (`distill.teacher_from`, same seed) while the stage-3 W2A2 student learns from
+it at T = 4:
+  w2a2_wide_teacher, w2a2_frozen_wide_kd_t4
 `BASELINES` names the run each variant is compared with (same seeds, Welch's t-test).
 Measured: docs/results.md, "Distillation".
 """
@@ -30,9 +35,15 @@ VARIANTS = (
   "w2a2_progressive",
   "w2a2_progressive_kd_t1",
   "w2a2_progressive_kd_t4",
+  "w2a2_wide_teacher",
+  "w2a2_frozen_wide_kd_t4",
 )
 # Variant -> the variant whose trained network (same seed) is its frozen teacher.
-TEACHERS = {"fp_student_kd_t1": "fp_teacher", "fp_student_kd_t4": "fp_teacher"}
+TEACHERS = {
+  "fp_student_kd_t1": "fp_teacher",
+  "fp_student_kd_t4": "fp_teacher",
+  "w2a2_frozen_wide_kd_t4": "w2a2_wide_teacher",
+}
 # Variant -> the variant it is compared with.
 BASELINES = {
   "fp_student_kd_t1": "fp_student_ce",
@@ -42,6 +53,7 @@ BASELINES = {
   "w2a2_progressive": "w2a2_ce",
   "w2a2_progressive_kd_t1": "w2a2_progressive",
   "w2a2_progressive_kd_t4": "w2a2_progressive",
+  "w2a2_frozen_wide_kd_t4": "w2a2_ce",
 }
 _SUBSET, _SUBSET_EPOCHS = 2000, 100.0
 TEACHER_WIDTH, STUDENT_WIDTH = 2.0, 0.25
@@ -83,5 +95,13 @@ def get_config(variant: str = "fp_student_ce"):
       _distilled(c, t)
       c.distill.teacher_width = TEACHER_WIDTH  # frozen: `teacher_from` gives its weights
     return c
+  if variant == "w2a2_wide_teacher":
+    c = fashion_mnist_fp_relu.get_config()
+    c.model_width = TEACHER_WIDTH
+    return c
   c = _w2a2("progressive" if "progressive" in variant else "direct")
+  if variant == "w2a2_frozen_wide_kd_t4":
+    c = _distilled(c, t)
+    c.distill.teacher_width = TEACHER_WIDTH  # frozen: `teacher_from` gives its weights
+    return c
   return _distilled(c, t) if "_kd_" in variant else c
