@@ -182,6 +182,24 @@ def test_pth_and_safetensors_give_bitwise_equal_parameters(ref, name):
   assert all(x.dtype == y.dtype == np.float32 and x.tobytes() == y.tobytes() for x, y in zip(a, b))
 
 
+def test_pth_reader_reads_shapes_and_rejects_what_is_not_a_state_dict_in_one_line(ref):
+  """`read_shapes` of a .pth (torch.load with mmap: no data read) equals the .safetensors'
+  shapes; a list of tensors and a torn file are one line each (run in the torch venv)."""
+  import json
+
+  got = json.loads((ref / "pth_reader.json").read_text())
+  want = pretrained.read_shapes(str(ref / "resnet18.safetensors"))
+  assert {k: tuple(v) for k, v in got["resnet18_shapes"].items()} == want
+  assert list(got["resnet18_shapes"])[:2] == ["conv1.weight", "bn1.weight"]  # module order
+  errors = got["errors"]
+  assert errors["list"].endswith(
+    "list.pth: not a state_dict (a flat mapping of tensor names to tensors; found list); "
+    "save model.state_dict()"
+  )
+  assert "torn.pth: torch.load failed: " in errors["torn"]
+  assert all("\n" not in e for e in errors.values())
+
+
 @pytest.mark.parametrize(
   "file,model,channels,classes,message",
   [
@@ -241,10 +259,144 @@ def test_synthetic_strict_key_errors(tmp_path):
   for name, (bad, message) in cases.items():
     with pytest.raises(pretrained.PretrainedError, match=re.escape(message)):
       pretrained.check_file(f"torchvision:{write(tmp_path, name, bad)}", "tv_resnet18", 3, 10)
-  with pytest.raises(pretrained.PretrainedError, match="cannot load a torchvision/timm ResNet"):
+  with pytest.raises(
+    pretrained.PretrainedError,
+    match="cannot load a torchvision/timm ResNet; use one of tv_resnet18, tv_resnet34, tv_resnet50$",
+  ):
     pretrained.check_file(f"torchvision:{ok}", "resnet18", 3, 10)
   with pytest.raises(pretrained.PretrainedError, match="no such file"):
     pretrained.check_file(f"torchvision:{tmp_path}/none.safetensors", "tv_resnet18", 3, 10)
+
+
+def test_to_variables_puts_each_torch_element_where_qnet_reads_it():
+  """Index arithmetic, not the importer's own transposes: torch conv [o, i, h, w] is qnet
+  [h, w, i, o], the fc [o, i] is [i, o], BatchNorm's four vectors go to scale/bias/mean/var;
+  every value float32 and C-contiguous whatever the file's dtype."""
+  table = pretrained.key_table("tv_resnet18", 1, 10)
+  state = synthetic_state_dict("tv_resnet18", 1, 10, seed=5)
+  state["fc.weight"] = state["fc.weight"].astype(np.float16)  # a half-precision file
+  state["bn1.running_var"] = state["bn1.running_var"].astype(np.float64)
+  params, stats = pretrained.to_variables(table, state)
+  rng = np.random.default_rng(0)
+  for e in table:
+    node = {"params": params, "batch_stats": stats}[e.collection]
+    for part in e.path:
+      node = node[part]
+    assert node.dtype == np.float32 and node.flags.c_contiguous, e.key
+    want = state[e.key]
+    for _ in range(3):
+      idx = tuple(int(rng.integers(n)) for n in e.shape)
+      at = {"conv": lambda i: (i[2], i[3], i[1], i[0]), "dense": lambda i: i[::-1]}.get(
+        e.layout, lambda i: i
+      )(idx)
+      assert node[at] == np.float32(want[idx]), (e.key, idx)
+  assert stats["stem_bn"]["var"].tobytes() == state["bn1.running_var"].astype(np.float32).tobytes()
+  assert set(params["stem_bn"]) == {"scale", "bias"} and set(stats["stem_bn"]) == {"mean", "var"}
+  assert params["stem_bn"]["scale"].tobytes() == state["bn1.weight"].tobytes()
+  assert params["stem_bn"]["bias"].tobytes() == state["bn1.bias"].tobytes()
+  assert stats["stem_bn"]["mean"].tobytes() == state["bn1.running_mean"].tobytes()
+
+
+def test_key_table_rows_and_downsamples():
+  """File order and the shortcut rule: a 1x1 `downsample` where the stride or the width
+  changes (every stage's first block of a ResNet-50, stages 2-4 of a ResNet-18), nowhere else."""
+  r18 = pretrained.key_table("tv_resnet18", 1, 10)
+  assert [e.key for e in r18[:6]] == [
+    "conv1.weight",
+    "bn1.weight",
+    "bn1.bias",
+    "bn1.running_mean",
+    "bn1.running_var",
+    "layer1.0.conv1.weight",
+  ]
+  assert r18[0] == pretrained.Entry(
+    "conv1.weight", (64, 1, 7, 7), "params", ("stem", "kernel"), "conv"
+  )
+  assert r18[-2:] == [
+    pretrained.Entry("fc.weight", (10, 512), "params", ("head", "kernel"), "dense"),
+    pretrained.Entry("fc.bias", (10,), "params", ("head", "bias"), "vector"),
+  ]
+  assert {e.layout for e in r18 if e.key.endswith(("bias", "weight", "mean", "var"))} == {
+    "conv",
+    "dense",
+    "vector",
+  }
+  assert all(e.layout == "vector" for e in r18 if len(e.shape) == 1)
+  down = lambda t: [e.key for e in t if e.key.endswith("downsample.0.weight")]
+  assert down(r18) == [f"layer{i}.0.downsample.0.weight" for i in (2, 3, 4)]
+  r50 = pretrained.key_table("tv_resnet50", 3, 1000)
+  assert down(r50) == [f"layer{i}.0.downsample.0.weight" for i in (1, 2, 3, 4)]
+  by_key = {e.key: e for e in r50}
+  assert by_key["layer1.0.downsample.0.weight"].shape == (256, 64, 1, 1)
+  assert by_key["layer2.0.conv1.weight"].shape == (128, 256, 1, 1)
+  assert by_key["layer2.0.conv2.weight"].shape == (128, 128, 3, 3)  # v1.5: the stride is here
+  assert by_key["layer2.0.downsample.1.running_var"].path == (
+    "stage2_block1",
+    "downsample_bn",
+    "var",
+  )
+  assert by_key["layer4.2.bn3.weight"].collection == "params"
+  assert by_key["fc.weight"].shape == (1000, 2048)
+
+
+def test_what_a_rejected_file_looks_like_is_named(tmp_path):
+  """The message's second half (`_guess_arch`), on files written here: another depth, a
+  deep stem, a non-ResNet, a depth no model has; and which key is named first."""
+
+  def message(state, model="tv_resnet18"):
+    with pytest.raises(pretrained.PretrainedError) as info:
+      pretrained.check_file(f"torchvision:{write(tmp_path, 'f', state)}", model, 3, 10)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+  r34 = synthetic_state_dict("tv_resnet34", 3, 10)
+  assert message(r34).endswith("for tv_resnet18; the file looks like resnet34 (model=tv_resnet34)")
+  r50 = synthetic_state_dict("tv_resnet50", 3, 10)
+  assert message(r50, "tv_resnet34").endswith("the file looks like resnet50 (model=tv_resnet50)")
+  r18 = synthetic_state_dict("tv_resnet18", 3, 10)
+  deep = {k: v for k, v in r18.items() if k != "conv1.weight"}
+  deep["conv1.0.weight"] = np.zeros((32, 3, 3, 3), np.float32)
+  assert message(deep).startswith(
+    "conv1.weight: missing (expected shape [64, 3, 7, 7]) for tv_resnet18; a ResNet-C/D deep stem"
+  )
+  assert message({"features.0.weight": np.zeros((8, 3, 3, 3), np.float32)}).endswith(
+    "not a ResNet state_dict (its first key: features.0.weight)"
+  )
+  assert message({}).endswith("not a ResNet state_dict (its first key: nothing)")
+  short = {k: v for k, v in r18.items() if not k.startswith("layer3.1.")}
+  assert message(short).endswith("the file has basic blocks (2, 2, 1, 2) per stage")
+  bottleneck = {k: v for k, v in r50.items() if not k.startswith("layer4.2.")}
+  assert message(bottleneck, "tv_resnet50").endswith(
+    "the file has bottleneck blocks (3, 4, 6, 2) per stage"
+  )
+  # Missing or wrong-shaped keys come before unused ones; unused ones in natural order.
+  extra = {**r18, "layer10.0.x": np.zeros(1, np.float32), "layer9.0.x": np.zeros(1, np.float32)}
+  assert message(extra).startswith("layer9.0.x: unexpected key (2 unused) for tv_resnet18; ")
+  both = {**extra, "fc.bias": np.zeros(11, np.float32)}
+  assert message(both).startswith("fc.bias: shape [11], expected [10] for tv_resnet18; ")
+
+
+def test_init_from_values_and_file_names(tmp_path):
+  assert pretrained.parse_init_from("torchvision:/w/r18.pth") == ("torchvision", "/w/r18.pth")
+  assert pretrained.parse_init_from("timm:a:b.safetensors") == ("timm", "a:b.safetensors")
+  assert pretrained.parse_init_from("/runs/fp") is None  # a qnet workdir
+  assert pretrained.parse_init_from("gs://bucket/run") is None
+  assert pretrained.parse_init_from("torchvision") is None
+  for bad, text in (
+    ("r18.ckpt", "not a .safetensors, .pth, .pt file"),
+    ("none.pt", "no such file"),
+  ):
+    with pytest.raises(pretrained.PretrainedError, match=re.escape(f"{bad}: {text}")):
+      pretrained.read_shapes(bad)
+  garbage = tmp_path / "r18.safetensors"
+  garbage.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+  with pytest.raises(pretrained.PretrainedError, match="r18.safetensors: not a safetensors file"):
+    pretrained.read_shapes(str(garbage))
+  with pytest.raises(
+    pretrained.PretrainedError,
+    match=r"^'r18.pth' is not SOURCE:PATH with SOURCE one of torchvision, timm$",
+  ):
+    pretrained.check_file("r18.pth", "tv_resnet18", 3, 10)
 
 
 def test_cli_rejects_a_mismatched_file_in_one_line_with_exit_2_before_any_compute(tmp_path):
@@ -309,18 +461,27 @@ def test_teacher_from_a_file_is_a_frozen_teacher_bitwise_equal_to_it(tmp_path):
   path = write(tmp_path, "r18", state_dict)
   c = mock_config(
     model="tv_resnet18",
-    **{"distill.enabled": True, "distill.teacher_from": f"timm:{path}", "distill.teacher_act": "relu"},
+    **{
+      "distill.enabled": True,
+      "distill.teacher_from": f"timm:{path}",
+      "distill.teacher_act": "relu",
+    },
   )
   config_validation.validate(c, jax.device_count())
   with tfds.testing.mock_data(num_examples=64):
     state = _fresh_state(c, tmp_path / "w")
   want_p, want_b = pretrained.to_variables(pretrained.key_table("tv_resnet18", 3, 10), state_dict)
   for got, want in ((state.teacher.params, want_p), (state.teacher.batch_stats, want_b)):
-    g, w = flax.traverse_util.flatten_dict(jax.device_get(got)), flax.traverse_util.flatten_dict(want)
+    g, w = (
+      flax.traverse_util.flatten_dict(jax.device_get(got)),
+      flax.traverse_util.flatten_dict(want),
+    )
     assert g.keys() == w.keys() and all(np.asarray(g[k]).tobytes() == w[k].tobytes() for k in w)
   student = np.asarray(state.students[0].params["head"]["kernel"])
   assert student.tobytes() != state_dict["fc.weight"].T.tobytes()  # the student starts fresh
-  bad = mock_config(model="tv_resnet34", **{"distill.enabled": True, "distill.teacher_from": f"torchvision:{path}"})
+  bad = mock_config(
+    model="tv_resnet34", **{"distill.enabled": True, "distill.teacher_from": f"torchvision:{path}"}
+  )
   with pytest.raises(config_validation.ConfigError, match=r"^config\.distill\.teacher_from="):
     config_validation.validate(bad, jax.device_count())
 
@@ -406,4 +567,6 @@ def test_imported_network_exports_with_integer_layers_equal_to_fake_quant():
   )
   # Its 8 residual blocks carry a tie's consequence through the float stream (the layer-by-layer
   # check is forced on the fake-quant codes and stays tight): top-1 equal, logits within 30%.
-  check_against_fake_quant(program, model, params, stats, tree, ds, shape, require_requant=True, logits_rtol=0.3)
+  check_against_fake_quant(
+    program, model, params, stats, tree, ds, shape, require_requant=True, logits_rtol=0.3
+  )

@@ -10,6 +10,8 @@ and running variance randomised first:
 - NAME.npz: random NCHW inputs at 224 and at 97 (odd at every stride), their eval-mode logits
   and the outputs of the stem (after the max-pool) and of layer1..4, all transposed to NHWC;
 - NAME_pth.npz (resnet18s): qnet's own `read_state_dict` of NAME.pth (its torch.load path, which needs torch);
+- pth_reader.json: qnet's `read_shapes` of resnet18.pth, and its one-line errors on a .pth
+  that is not a state_dict (a list of tensors) and on one torch.load cannot read;
 - resnet50_v1.npz: the resnet50's logits with the stride moved to the first 1x1 (ResNet v1):
   the same state_dict, another function;
 - files for the importer's errors: resnet34, timm resnet50d (deep stem), a MobileNetV3.
@@ -18,6 +20,7 @@ and running variance randomised first:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import types
@@ -104,12 +107,30 @@ def reference(model: torch.nn.Module, out: str, name: str, seed: int, pth: bool 
     np.savez(os.path.join(out, f"{name}_pth.npz"), **read)
 
 
+def pth_reader(out: str) -> None:
+  """What qnet's .pth reader (`_torch_load`, torch-only) gives, for test_pretrained to check."""
+  reader = qnet_reader()
+  torch.save([torch.zeros(2)], os.path.join(out, "list.pth"))
+  with open(os.path.join(out, "torn.pth"), "wb") as f:
+    f.write(b"PK\x03\x04 not a zip archive")
+  errors = {}
+  for name in ("list", "torn"):
+    try:
+      reader.read_shapes(os.path.join(out, f"{name}.pth"))
+    except reader.PretrainedError as e:
+      errors[name] = str(e)
+  shapes = reader.read_shapes(os.path.join(out, "resnet18.pth"))
+  with open(os.path.join(out, "pth_reader.json"), "w") as f:
+    json.dump({"resnet18_shapes": {k: list(v) for k, v in shapes.items()}, "errors": errors}, f)
+
+
 def main(out: str) -> None:
   os.makedirs(out, exist_ok=True)
   torch.manual_seed(0)
   torch.set_num_threads(1)  # deterministic sums; the machine is shared
   models = torchvision.models
   reference(models.resnet18(weights=None), out, "resnet18", 1)
+  pth_reader(out)
   r50 = models.resnet50(weights=None)
   reference(r50, out, "resnet50", 2, pth=False)
   # ResNet v1: stride on the first 1x1 of each downsampling bottleneck; same state_dict.
