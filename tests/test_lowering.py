@@ -195,3 +195,98 @@ def test_only_a_max_with_zero_is_a_relu(floor):
 
   with pytest.raises(integer.UnsupportedModel, match=r"^op max \(after layer Conv_0\) has no integer lowering"):
     _program(Floor())
+
+
+class SineFirst(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), use_bias=False)(jnp.sin(x))
+    return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+
+class ConstantAdded(nn.Module):
+  """A fixed array (a mask, a positional pattern) added to the stream: a jaxpr constant."""
+
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), use_bias=False)(x) + np.full((1, *SHAPE[:2], 4), 0.5, np.float32)
+    return nn.Dense(self.num_classes)(nn.Conv(4, (3, 3), use_bias=False)(x).mean((1, 2)))
+
+
+@pytest.mark.parametrize(
+  "module,message",
+  [
+    (SineFirst, r"^op sin \(after the input\) has no integer lowering$"),
+    (ConstantAdded, r"^op add \(after layer Conv_0\) has no integer lowering$"),
+  ],
+)
+def test_an_op_with_no_integer_form_names_the_op_and_what_came_before(module, message):
+  """The first refused op names itself and the layer before it (or the input); a constant
+  operand is read as the array it is, so an add of one is refused, not taken for a residual."""
+  with pytest.raises(integer.UnsupportedModel, match=message):
+    _program(module())
+
+
+class PoolsAndResidual(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))
+    x = nn.max_pool(x, (3, 2), strides=(2, 1), padding=((1, 0), (0, 1)))
+    y = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))
+    x = x + nn.Conv(4, (3, 3), use_bias=False)(y)
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def test_a_pool_a_residual_add_and_a_flatten_are_read_as_written():
+  ops = _program(PoolsAndResidual()).ops
+  by_kind = {}
+  for op in ops:
+    by_kind.setdefault(op["op"], []).append(op)
+  (pool,) = by_kind["maxpool"]
+  assert (pool["window"], pool["strides"], pool["padding"]) == ([3, 2], [2, 1], [[1, 0], [0, 1]])
+  (add,) = by_kind["add"]
+  conv2 = next(op["out"] for op in ops if op.get("layer") == "Conv_2")
+  conv2_float = next(op["out"] for op in ops if op["op"] == "dequant" and op["in"] == [conv2])
+  assert add["in"] == [pool["out"], conv2_float]  # the skip (the pool), then the branch
+  (dense,) = by_kind["dense"]
+  assert dense["reduce"] == "flatten" and dense["pooled"] == 1
+
+
+def _glue(tail):
+  """A conv, then `tail` on its output, then a dense: a refusal in `tail` names Conv_0."""
+
+  class Net(nn.Module):
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, train=True):
+      return nn.Dense(self.num_classes)(tail(nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))))
+
+  return Net()
+
+
+@pytest.mark.parametrize(
+  "tail,message",
+  [
+    # A sum divided by anything but H * W is not a mean: the div itself is refused.
+    (lambda x: x.sum((1, 2)) / 7.0, r"^op div \(after layer Conv_0\) has no integer lowering$"),
+    (
+      lambda x: x.sum((1, 2)) / np.full((1, 4), 144.0, np.float32),
+      r"^op div \(after layer Conv_0\) has no integer lowering$",
+    ),
+    (lambda x: (x / 2.0).mean((1, 2)), r"^op div \(after layer Conv_0\) has no integer lowering$"),
+    (
+      lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 1, 2), (1, 1, 1, 2), "VALID").mean((1, 2)),
+      r"^op reduce_window_max \(after layer Conv_0\) pools over batch or channels$",
+    ),
+  ],
+)
+def test_a_reduction_or_pool_with_no_integer_form_is_one_line(tail, message):
+  with pytest.raises(integer.UnsupportedModel, match=message):
+    _program(_glue(tail))

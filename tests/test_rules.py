@@ -228,6 +228,26 @@ def test_a_model_off_the_convention_is_one_line_naming_what_is_missing(model, me
     config_validation.validate(_user_config(model=model), device_count=4, reference=default.get_config())
 
 
+class AuxHeadInTraining(nn.Module):
+  """An auxiliary classifier that only training calls (Inception's): eval has one dense."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))
+    if train:
+      self.sow("intermediates", "aux", nn.Dense(3, name="aux")(x.mean((1, 2))))
+    return nn.Dense(3, name="head")(nn.relu(nn.Conv(4, (3, 3))(x)).mean((1, 2)))
+
+
+def test_report_describes_the_network_evaluation_runs():
+  """`report` traces eval mode (the deployed network): a train-only layer is not in it, and
+  the last dense of eval mode is the one `last_dense` keeps FP."""
+  q = rules.quantize(AuxHeadInTraining())
+  found = rules.report(q, _images())
+  assert found["layers"] == {"Conv_0": 0, "Conv_1": 2, "head": 1}
+  assert rules.layer_calls(AuxHeadInTraining(), _images(), train=True)[1] == ("aux", "dense")
+
+
 def test_first_match_wins_and_unused_rules_and_unmatched_layers_are_reported():
   x = _images()
   ours = (
@@ -257,6 +277,22 @@ def test_first_match_wins_and_unused_rules_and_unmatched_layers_are_reported():
     rules.Rule(select="last_conv")
   with pytest.raises(rules.RuleError, match=r"^Rule\(pattern='Conv_\('\): not a regex"):
     rules.Rule(pattern="Conv_(")
+  with pytest.raises(rules.RuleError, match=r"^Rule.negative_input='relu'; allowed: error, clip, signed$"):
+    rules.Rule(negative_input="relu")
+  with pytest.raises(
+    rules.RuleError, match=r"^Rule.negative_input='signed' needs act_quantizer='lsq' \(signed codes\)$"
+  ):
+    rules.Rule(negative_input="signed", act_quantizer="pact")
+  assert rules.Rule(negative_input="signed", act_quantizer="lsq").negative_input == "signed"
+
+
+def test_first_conv_and_last_dense_in_a_model_with_no_dense_or_no_conv():
+  """`assign` on layer-call lists alone: an MLP keeps its last dense FP, a conv-only net
+  its first conv; the rest take the catch-all rule."""
+  r = rules.default_rules()
+  assert rules.assign(r, [("Dense_0", "dense"), ("Dense_1", "dense")]) == {"Dense_0": 2, "Dense_1": 1}
+  assert rules.assign(r, [("Conv_0", "conv"), ("Conv_1", "conv")]) == {"Conv_0": 0, "Conv_1": 2}
+  assert rules.assign(r, []) == {}
 
 
 class NegativeInside(nn.Module):

@@ -86,7 +86,7 @@ class Rule:
     if self.negative_input == "signed" and self.act_quantizer != "lsq":
       raise RuleError("Rule.negative_input='signed' needs act_quantizer='lsq' (signed codes)")
 
-  def matches(self, path: str, kind: str, first_conv: str, last_dense: str) -> bool:
+  def matches(self, path: str, first_conv: str, last_dense: str) -> bool:
     if self.select == FIRST_CONV and path != first_conv:
       return False
     if self.select == LAST_DENSE and path != last_dense:
@@ -115,7 +115,7 @@ def assign(rules: Sequence[Rule], calls: Sequence[tuple[str, str]]) -> dict[str,
   first_conv = convs[0] if convs else ""
   last_dense = denses[-1] if denses else ""
   return {
-    path: next((i for i, r in enumerate(rules) if r.matches(path, kind, first_conv, last_dense)), None)
+    path: next((i for i, r in enumerate(rules) if r.matches(path, first_conv, last_dense)), None)
     for path, kind in calls
   }
 
