@@ -399,3 +399,58 @@ def test_quant_rules_names_the_rules_the_users_model_is_quantized_by():
     c.quant.rules = bad
     with pytest.raises(config_validation.ConfigError, match=message):
       config_validation.validate(c, device_count=4, reference=default.get_config())
+
+
+def test_signed_codes_keep_a_negative_input_that_clip_sets_to_zero():
+  """`negative_input='signed'` (LSQ) gives the image's negative values negative codes; `clip`
+  sets them to 0, so under `clip` the image and its ReLU give the same logits."""
+  x = _images()
+  lsq = dict(act_quantizer="lsq", weight_quantizer="lsq")
+  signed = rules.quantize(UserResNet(), (rules.Rule(negative_input="signed", **lsq),))
+  clipped = rules.quantize(UserResNet(), (rules.Rule(negative_input="clip", **lsq),))
+  v = clipped.init(jax.random.key(0), x, train=False)
+  v = {**v, "precision": precision.uniform(precision.layout_of(clipped, x), 4, 4)}
+  run = lambda q, images: np.asarray(q.apply(v, images, train=False))
+  np.testing.assert_array_equal(run(clipped, x), run(clipped, jax.nn.relu(x)))
+  assert np.abs(run(signed, x) - run(signed, jax.nn.relu(x))).max() > 1e-3
+
+
+class Outer(nn.Module):
+  """A quantized network as a submodule of the user's own module (paths below `net/`)."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    return rules.QuantizedModel(UserResNet(), (rules.Rule(act_quantizer="pact"),), name="net")(x, train)
+
+
+def test_a_nested_quantized_model_matches_its_rules_by_its_own_paths():
+  v = Outer().init(jax.random.key(0), _images(), train=False)
+  (net,) = v["params"].values()  # the user's network, in the outer module's scope
+  assert layers.ACT_CLIP in net["Conv_0"] and layers.ACT_CLIP in net["UserBlock_0"]["Conv_1"]
+
+
+def test_train_is_the_default_and_runs_batchnorm_on_batch_statistics():
+  x = _images()
+  q = rules.quantize(UserResNet())
+  v = q.init(jax.random.key(0), x, train=False)
+  v = {**v, "precision": precision.uniform(precision.layout_of(q, x), 4, 4)}
+  default, updated = q.apply(v, x, mutable=["batch_stats"])
+  train, _ = q.apply(v, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_array_equal(default, train)
+  assert np.abs(np.asarray(updated["batch_stats"]["BatchNorm_0"]["mean"])).max() > 0  # updated
+  assert [p for p, _ in rules.layer_calls(AuxHeadInTraining(), x)] == ["Conv_0", "Conv_1", "head"]
+
+
+def test_a_layer_with_a_custom_op_class_is_refused_naming_it():
+  class CustomDot(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=True):
+      x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x)).mean((1, 2))
+      x = nn.Dense(4, dot_general_cls=lambda: jax.lax.dot_general)(x)
+      return nn.Dense(3)(x)
+
+  q = rules.quantize(CustomDot())
+  with pytest.raises(
+    rules.RuleError, match=r"^layer Dense_0: a layer with a custom \*_cls op cannot be quantized by rules(\n|$)"
+  ):
+    q.init(jax.random.key(0), _images(), train=False)
