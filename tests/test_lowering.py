@@ -323,3 +323,39 @@ def _glue(tail):
 def test_a_reduction_or_pool_with_no_integer_form_is_one_line(tail, message):
   with pytest.raises(integer.UnsupportedModel, match=message):
     _program(_glue(tail))
+
+
+def test_qnets_own_layers_lower_with_their_bits_strides_and_head():
+  """A qnet model (`QuantConv` / `QuantDense`, no rules): every layer at the layout's bits,
+  the stride-2 block's convs as written, and the head summing its 6 x 6 codes (`pooled`)."""
+  from qnet import models
+
+  model = models.create_model("tiny_resnet", 10)
+  x = jnp.zeros((1, *SHAPE))
+  v = model.init(jax.random.key(0), x, train=False)
+  layout = precision.layout_of(model, x)
+  wv, av = precision.layer_bits(layout, 4, 3, keep_first_last_fp=False)
+  bits = {"/".join(p): (int(wv[i]), int(av[i])) for i, p in enumerate(layout.paths)}
+  program = lowering.build_program(
+    model, v["params"], v["batch_stats"], bits, input_shape=SHAPE, mean=DS.mean, std=DS.std
+  )
+  layer_ops = {op["layer"]: op for op in program.ops if "layer" in op}
+  assert list(layer_ops) == [  # call order
+    "stem",
+    "stage1_block1/conv1",
+    "stage1_block1/conv2",
+    "stage2_block1/conv1",
+    "stage2_block1/conv2",
+    "stage2_block1/shortcut",
+    "head",
+  ]
+  for path, op in layer_ops.items():
+    want = bits[path] if path != "stem" else (4, 32)  # the image is never quantized
+    assert (op["weight_bits"], op["in_bits"]) == want, path
+  conv1, shortcut = layer_ops["stage2_block1/conv1"], layer_ops["stage2_block1/shortcut"]
+  assert (conv1["strides"], conv1["padding"]) == ([2, 2], [[0, 1], [0, 1]])  # SAME at 12
+  assert (shortcut["strides"], shortcut["padding"]) == ([2, 2], [[0, 0], [0, 0]])
+  head = layer_ops["head"]
+  assert head["op"] == "dense" and head["reduce"] == "mean" and head["pooled"] == 36
+  assert program.layers["head"]["integer"] and "head.bias" in program.arrays
+  assert [op["op"] for op in program.ops].count("add") == 2  # one per residual block
