@@ -454,3 +454,17 @@ def test_a_layer_with_a_custom_op_class_is_refused_naming_it():
     rules.RuleError, match=r"^layer Dense_0: a layer with a custom \*_cls op cannot be quantized by rules(\n|$)"
   ):
     q.init(jax.random.key(0), _images(), train=False)
+
+
+def test_per_channel_rule_scales_each_output_channel_of_the_kernel():
+  """`per_channel=True` gives each output channel its own weight scale (DoReFa: its own max):
+  with one channel's weights 100x smaller, per-channel and per-tensor logits differ."""
+  x = _images()
+  per_tensor = rules.quantize(UserResNet(), (rules.Rule(),))
+  per_channel = rules.quantize(UserResNet(), (rules.Rule(per_channel=True),))
+  v = per_channel.init(jax.random.key(0), x, train=False)
+  v = {**v, "precision": precision.uniform(precision.layout_of(per_channel, x), 2, 8)}
+  run = lambda q, variables: np.asarray(q.apply(variables, x, train=False))
+  conv = v["params"]["Conv_0"]
+  small = {**v, "params": {**v["params"], "Conv_0": {**conv, "kernel": conv["kernel"].at[..., 0].multiply(0.01)}}}
+  assert np.abs(run(per_tensor, small) - run(per_channel, small)).max() > 1e-3
