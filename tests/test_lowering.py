@@ -359,3 +359,38 @@ def test_qnets_own_layers_lower_with_their_bits_strides_and_head():
   assert head["op"] == "dense" and head["reduce"] == "mean" and head["pooled"] == 36
   assert program.layers["head"]["integer"] and "head.bias" in program.arrays
   assert [op["op"] for op in program.ops].count("add") == 2  # one per residual block
+  assert program.num_classes == 10 and program.input_shape == SHAPE
+  assert program.quantizers == {"weight": "dorefa", "act": "dorefa"}
+
+
+class TwoDenseHead(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x)).mean((1, 2))
+    x = nn.Dropout(0.5, deterministic=not train)(nn.relu(nn.Dense(16)(x)))  # eval: identity
+    return nn.Dense(self.num_classes)(x)
+
+
+def test_the_last_dense_gives_the_classes_and_mixed_rules_are_named_mixed():
+  """Traced in eval mode (the dropout is no op), the logits' width is the last dense's; the
+  program names its quantizers, `mixed` where rules give layers different ones; a signed-code
+  rule has no integer form and says so in one line."""
+  first = rules.Rule(select="first_conv", quantize_input=False)
+  program = _program(TwoDenseHead(), (first, rules.Rule()))
+  assert program.num_classes == 3
+  assert [op["op"] for op in program.ops].count("dense") == 2
+  assert program.quantizers == {"weight": "dorefa", "act": "dorefa"}
+  lsq_dense = (first, rules.Rule(pattern="Dense_1", weight_quantizer="lsq", act_quantizer="lsq"), rules.Rule())
+  assert _program(TwoDenseHead(), lsq_dense).quantizers == {"weight": "mixed", "act": "mixed"}
+  all_lsq = (
+    rules.Rule(select="first_conv", quantize_input=False, weight_quantizer="lsq"),
+    rules.Rule(weight_quantizer="lsq", act_quantizer="pact"),
+  )
+  assert _program(TwoDenseHead(), all_lsq).quantizers == {"weight": "lsq", "act": "pact"}
+  signed = (first, rules.Rule(negative_input="signed", act_quantizer="lsq"))
+  with pytest.raises(
+    integer.UnsupportedModel, match=r"^layer Dense_0: signed activation codes have no integer form yet(\n|$)"
+  ):
+    _program(TwoDenseHead(), signed)
