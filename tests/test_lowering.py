@@ -136,15 +136,6 @@ def test_a_conv_with_no_integer_form_is_refused_naming_the_layer_and_the_setting
     _program(Net())
 
 
-class SumNotMean(nn.Module):
-  num_classes: int = 3
-
-  @nn.compact
-  def __call__(self, x, train=True):
-    x = nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))
-    return nn.Dense(self.num_classes)(x.sum((1, 2)))
-
-
 class BatchNormAfterMean(nn.Module):
   num_classes: int = 3
 
@@ -173,13 +164,62 @@ class OtherBatchNorm(nn.Module):
     return nn.Dense(self.num_classes)(x.mean((1, 2)))
 
 
+class SineFirst(nn.Module):
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), use_bias=False)(jnp.sin(x))
+    return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+
+class ConstantAdded(nn.Module):
+  """A fixed array (a mask, a positional pattern) added to the stream: a jaxpr constant."""
+
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), use_bias=False)(x) + np.full((1, *SHAPE[:2], 4), 0.5, np.float32)
+    return nn.Dense(self.num_classes)(nn.Conv(4, (3, 3), use_bias=False)(x).mean((1, 2)))
+
+
+def _glue(tail):
+  """A model class: a conv, then `tail` on its output, then a dense (a refusal in `tail`
+  names Conv_0)."""
+
+  class Net(nn.Module):
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x, train=True):
+      return nn.Dense(self.num_classes)(tail(nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))))
+
+  return Net
+
+
 @pytest.mark.parametrize(
   "module,message",
   [
-    (SumNotMean, r"^layer Dense_0: a sum over H, W that is not a mean$"),
+    (_glue(lambda x: x.sum((1, 2))), r"^layer Dense_0: a sum over H, W that is not a mean$"),
     (BatchNormAfterMean, r"^layer BatchNorm_0: a BatchNorm after a mean or flatten$"),
     (NoDense, r"^the model's logits do not come from a dense layer"),
     (OtherBatchNorm, r"^layer BatchNorm_0: BatchNorm needs use_scale, use_bias, epsilon=1e-5"),
+    # The first refused op names itself and the layer before it (or the input).
+    (SineFirst, r"^op sin \(after the input\) has no integer lowering$"),
+    # A constant operand is read as the array it is: an add of one is not a residual.
+    (ConstantAdded, r"^op add \(after layer Conv_0\) has no integer lowering$"),
+    # A sum divided by anything but H * W is not a mean: the div itself is refused.
+    (_glue(lambda x: x.sum((1, 2)) / 7.0), r"^op div \(after layer Conv_0\) has no integer lowering$"),
+    (
+      _glue(lambda x: x.sum((1, 2)) / np.full((1, 4), 144.0, np.float32)),
+      r"^op div \(after layer Conv_0\) has no integer lowering$",
+    ),
+    (_glue(lambda x: (x / 2.0).mean((1, 2))), r"^op div \(after layer Conv_0\) has no integer lowering$"),
+    (
+      _glue(lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 1, 2), (1, 1, 1, 2), "VALID").mean((1, 2))),
+      r"^op reduce_window_max \(after layer Conv_0\) pools over batch or channels$",
+    ),
   ],
 )
 def test_glue_with_no_integer_form_is_one_line_naming_the_layer(module, message):
@@ -212,40 +252,6 @@ def test_only_a_max_with_zero_is_a_relu(floor):
 
   with pytest.raises(integer.UnsupportedModel, match=r"^op max \(after layer Conv_0\) has no integer lowering"):
     _program(Floor())
-
-
-class SineFirst(nn.Module):
-  num_classes: int = 3
-
-  @nn.compact
-  def __call__(self, x, train=True):
-    x = nn.Conv(4, (3, 3), use_bias=False)(jnp.sin(x))
-    return nn.Dense(self.num_classes)(x.mean((1, 2)))
-
-
-class ConstantAdded(nn.Module):
-  """A fixed array (a mask, a positional pattern) added to the stream: a jaxpr constant."""
-
-  num_classes: int = 3
-
-  @nn.compact
-  def __call__(self, x, train=True):
-    x = nn.Conv(4, (3, 3), use_bias=False)(x) + np.full((1, *SHAPE[:2], 4), 0.5, np.float32)
-    return nn.Dense(self.num_classes)(nn.Conv(4, (3, 3), use_bias=False)(x).mean((1, 2)))
-
-
-@pytest.mark.parametrize(
-  "module,message",
-  [
-    (SineFirst, r"^op sin \(after the input\) has no integer lowering$"),
-    (ConstantAdded, r"^op add \(after layer Conv_0\) has no integer lowering$"),
-  ],
-)
-def test_an_op_with_no_integer_form_names_the_op_and_what_came_before(module, message):
-  """The first refused op names itself and the layer before it (or the input); a constant
-  operand is read as the array it is, so an add of one is refused, not taken for a residual."""
-  with pytest.raises(integer.UnsupportedModel, match=message):
-    _program(module())
 
 
 class PoolsAndResidual(nn.Module):
@@ -291,38 +297,6 @@ def test_a_pool_a_residual_add_and_a_flatten_are_read_as_written():
   assert biased.ops[-2]["op"] == "dequant" and biased.ops[-2]["bias"] == "Dense_0.bias"
 
 
-def _glue(tail):
-  """A conv, then `tail` on its output, then a dense: a refusal in `tail` names Conv_0."""
-
-  class Net(nn.Module):
-    num_classes: int = 3
-
-    @nn.compact
-    def __call__(self, x, train=True):
-      return nn.Dense(self.num_classes)(tail(nn.relu(nn.Conv(4, (3, 3), use_bias=False)(x))))
-
-  return Net()
-
-
-@pytest.mark.parametrize(
-  "tail,message",
-  [
-    # A sum divided by anything but H * W is not a mean: the div itself is refused.
-    (lambda x: x.sum((1, 2)) / 7.0, r"^op div \(after layer Conv_0\) has no integer lowering$"),
-    (
-      lambda x: x.sum((1, 2)) / np.full((1, 4), 144.0, np.float32),
-      r"^op div \(after layer Conv_0\) has no integer lowering$",
-    ),
-    (lambda x: (x / 2.0).mean((1, 2)), r"^op div \(after layer Conv_0\) has no integer lowering$"),
-    (
-      lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 1, 2), (1, 1, 1, 2), "VALID").mean((1, 2)),
-      r"^op reduce_window_max \(after layer Conv_0\) pools over batch or channels$",
-    ),
-  ],
-)
-def test_a_reduction_or_pool_with_no_integer_form_is_one_line(tail, message):
-  with pytest.raises(integer.UnsupportedModel, match=message):
-    _program(_glue(tail))
 
 
 def test_qnets_own_layers_lower_with_their_bits_strides_and_head():
