@@ -149,9 +149,7 @@ def load_config(family: str, method: str, extra: list[str]):
   path = os.path.join(ROOT, config_file(family, method))  # `file.py:variant` stays one argument
   argv = ["sweep", f"--config={path}", *[a for a in extra if a.startswith("--config.")]]
   # The override flags are found in `sys_argv` (sys.argv unless given).
-  config_flags.DEFINE_config_file(
-    "config", None, flag_values=fv, lock_config=True, sys_argv=argv
-  )
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True, sys_argv=argv)
   fv(argv)
   return fv.config
 
@@ -361,7 +359,10 @@ def table(rows: list[dict], family: str = "") -> str:
     compared = base is not None and method not in FP_METHODS + (base,)
     if compared and len(acc) > 1 and len(ref) > 1:
       d, lo, hi, pv = welch(acc, ref)
-      gain, p = f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (f" vs {base}" if baselines else ""), f"{pv:.3f}"
+      gain, p = (
+        f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" + (f" vs {base}" if baselines else ""),
+        f"{pv:.3f}",
+      )
     compiles = sorted({int(r["train_step_compiles"]) for r in g if r.get("train_step_compiles")})
     steps = sorted({int(r["train_steps"]) for r in g})
     lines.append(
@@ -382,10 +383,10 @@ def _mean_time(rows: list[dict], field: str) -> str:
 
 def write_report(rows: list[dict], name: str, family: str = "") -> str:
   """Writes NAME.json and NAME.md from `rows`; returns the table."""
+  md = table(rows, family or _family_of(rows))  # first: a table that fails leaves both files
   os.makedirs(RESULTS, exist_ok=True)
   with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
     json.dump(rows, f, indent=1)
-  md = table(rows, family or _family_of(rows))
   with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
     f.write(md)
   return md
@@ -421,7 +422,7 @@ def main() -> None:
   if missing:
     sys.exit(f"--family={args.family}: no config {', '.join(missing)}")
   if args.redo:
-    forget(args.redo.split(","), args.name, runs_dir)
+    forget(args.redo.split(","), args.name, runs_dir, args.family)
   rows = load_rows(args.name)
   if args.report_only:
     print(write_report(rows, args.name))
@@ -453,7 +454,7 @@ def main() -> None:
 
 def _family_of(rows: list[dict]) -> str:
   """The one-file family the rows were run from (`configs/FAMILY.py:VARIANT`), or ''."""
-  configs = {r["config"] for r in rows if ":" in r.get("config", "")}
+  configs = {r["config"].split(":")[0] for r in rows if ":" in r.get("config", "")}
   return os.path.basename(configs.pop().split(":")[0])[: -len(".py")] if len(configs) == 1 else ""
 
 
@@ -466,7 +467,7 @@ def load_rows(name: str) -> list[dict]:
     return json.load(f)
 
 
-def forget(keys: list[str], name: str, runs_dir: str) -> None:
+def forget(keys: list[str], name: str, runs_dir: str, family: str = "") -> None:
   """Makes runs `keys` of sweep `name` not done: drops their rows and curves, and moves their
   workdirs and logs aside (so the next run starts fresh instead of resuming the old one)."""
   rows = load_rows(name)
@@ -475,6 +476,7 @@ def forget(keys: list[str], name: str, runs_dir: str) -> None:
   if unknown:
     sys.exit(f"--redo: no row for {unknown}; done runs: {', '.join(sorted(known))}")
   kept = [r for r in rows if run_key(r["method"], r["weight_bits"], r["seed"]) not in keys]
+  write_report(kept, name, family)  # first: if the table fails, nothing has moved
   for key in keys:
     for path in (os.path.join(runs_dir, key), os.path.join(runs_dir, key + ".log")):
       if os.path.exists(path):
@@ -485,7 +487,6 @@ def forget(keys: list[str], name: str, runs_dir: str) -> None:
     curve_file = curve_path(RESULTS, name, key)
     if os.path.exists(curve_file):
       os.remove(curve_file)
-  write_report(kept, name)
   print(f"--redo: forgot {', '.join(keys)}", flush=True)
 
 

@@ -180,8 +180,16 @@ def test_redo_forgets_a_run_and_runs_it_afresh(tmp_path, monkeypatch):
     os.makedirs(os.path.dirname(curve), exist_ok=True)
     open(curve, "w").close()
     acc = 0.5 + 0.1 * len(started)
-    return {"method": method, "weight_bits": bits, "act_bits": bits, "seed": seed,
-            "test_accuracy": acc, "train_steps": 1, "wall_s": 1.0, "cpu_s": 1.0}
+    return {
+      "method": method,
+      "weight_bits": bits,
+      "act_bits": bits,
+      "seed": seed,
+      "test_accuracy": acc,
+      "train_steps": 1,
+      "wall_s": 1.0,
+      "cpu_s": 1.0,
+    }
 
   monkeypatch.setattr(sweep, "run_one", fake_run)
   args = ["--methods", "direct,lsq", "--bits", "2", "--seeds", "0", "--name", "t"]
@@ -200,13 +208,54 @@ def test_redo_forgets_a_run_and_runs_it_afresh(tmp_path, monkeypatch):
   assert not (runs / "direct_w2a2_s0.superseded.1").exists()
 
 
+def test_redo_in_a_one_file_family_keeps_its_other_rows(tmp_path, monkeypatch):
+  """A family of variants in one file (configs/fashion_mnist_kd.py): the table of the rows left
+  after --redo still knows the family's order, and the forgotten run reruns."""
+  monkeypatch.setattr(sweep, "RESULTS", str(tmp_path))
+  family = "fashion_mnist_kd"
+
+  def fake_run(family_, method, bits, seed, runs_dir, extra, name):
+    assert family_ == family
+    bits = sweep.variant_bits(family, method)
+    return {
+      "method": method,
+      "weight_bits": bits,
+      "act_bits": bits,
+      "seed": seed,
+      "config": sweep.config_file(family, method),
+      "test_accuracy": 0.5,
+      "train_steps": 1,
+      "wall_s": 1.0,
+      "cpu_s": 1.0,
+    }
+
+  monkeypatch.setattr(sweep, "run_one", fake_run)
+  args = ["--family", family, "--methods", "fp_teacher,fp_student_ce,w2a2_ce", "--seeds", "0"]
+  args += ["--name", "t"]
+  args += ["--runs_dir", str(tmp_path / "runs")]
+  _main(monkeypatch, *args)
+  _main(monkeypatch, *args, "--redo", "w2a2_ce_w2a2_s0")
+  rows = json.loads((tmp_path / "t.json").read_text())
+  assert [r["method"] for r in rows] == ["fp_teacher", "fp_student_ce", "w2a2_ce"]
+  md = (tmp_path / "t.md").read_text()
+  assert md.index("| fp_teacher |") < md.index("| w2a2_ce |")
+
+
 def test_rows_written_meanwhile_are_kept(tmp_path, monkeypatch):
   """A sweep appends its row to the file as it is on disk, not as it was when it started."""
   monkeypatch.setattr(sweep, "RESULTS", str(tmp_path))
 
   def fake_run(family, method, bits, seed, runs_dir, extra, name):
-    other = {"method": "fp", "weight_bits": 32, "act_bits": 32, "seed": 9, "test_accuracy": 0.9,
-             "train_steps": 1, "wall_s": 1.0, "cpu_s": 1.0}
+    other = {
+      "method": "fp",
+      "weight_bits": 32,
+      "act_bits": 32,
+      "seed": 9,
+      "test_accuracy": 0.9,
+      "train_steps": 1,
+      "wall_s": 1.0,
+      "cpu_s": 1.0,
+    }
     sweep.write_report(sweep.load_rows(name) + [other], name)  # another invocation's row
     return {**other, "method": "direct", "weight_bits": bits, "act_bits": bits, "seed": seed}
 
@@ -306,12 +355,16 @@ def test_welch_gain_interval_and_p_value():
 
 
 def _row(method, bits, seed, acc, **kw):
-  return {"method": method, "weight_bits": bits, "seed": seed, "test_accuracy": acc} | {
-    "wall_s": 100.0,
-    "cpu_s": 150.0,
-    "train_steps": 1404,
-    "train_step_compiles": 1,
-  } | kw
+  return (
+    {"method": method, "weight_bits": bits, "seed": seed, "test_accuracy": acc}
+    | {
+      "wall_s": 100.0,
+      "cpu_s": 150.0,
+      "train_steps": 1404,
+      "train_step_compiles": 1,
+    }
+    | kw
+  )
 
 
 def test_table_gap_to_the_better_fp_gain_interval_p_and_times():
