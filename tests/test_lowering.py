@@ -62,7 +62,9 @@ def test_paddings_and_strides_are_the_models_own():
   assert convs["Conv_2"]["padding"] == [[1, 0], [0, 1]] and convs["Conv_2"]["strides"] == [1, 2]
   assert convs["Conv_3"]["padding"] == [[0, 0], [0, 0]]
   assert convs["Conv_4"]["padding"] == [[1, 1], [2, 2]]
-  out = jax.eval_shape(integer.make_apply(_program(Padded())), jax.ShapeDtypeStruct((2, *SHAPE), jnp.uint8))
+  out = jax.eval_shape(
+    integer.make_apply(_program(Padded())), jax.ShapeDtypeStruct((2, *SHAPE), jnp.uint8)
+  )
   assert out.shape == (2, 3)
 
 
@@ -89,13 +91,28 @@ def test_the_ops_follow_the_models_dataflow_and_rule_bits_are_floors():
   # The W2 stem on the float image is a float conv; the integer Conv_1 feeds the model's own
   # float mean, which the dense then quantizes.
   assert kinds == [
-    "preprocess", "conv", "batchnorm", "relu", "maxpool", "quantize",
-    "conv", "dequant", "batchnorm", "relu", "mean", "quantize", "dense", "dequant", "output",
+    "preprocess",
+    "conv",
+    "batchnorm",
+    "relu",
+    "maxpool",
+    "quantize",
+    "conv",
+    "dequant",
+    "batchnorm",
+    "relu",
+    "mean",
+    "quantize",
+    "dense",
+    "dequant",
+    "output",
   ]
   layers = program.layers
   assert (layers["Conv_1"]["weight_bits"], layers["Conv_1"]["act_bits"]) == (6, 5)  # floors
   assert (layers["Dense_0"]["weight_bits"], layers["Dense_0"]["act_bits"]) == (2, 3)
-  assert not layers["Conv_0"]["integer"] and layers["Conv_1"]["integer"] and layers["Dense_0"]["integer"]
+  assert (
+    not layers["Conv_0"]["integer"] and layers["Conv_1"]["integer"] and layers["Dense_0"]["integer"]
+  )
   assert kinds.count("mean") == 1  # the dense quantizes the model's own mean
   (dense,) = [op for op in program.ops if op["op"] == "dense"]
   assert dense["reduce"] == "flatten"  # it reads the mean's codes, already reduced
@@ -210,14 +227,24 @@ def _glue(tail):
     # A constant operand is read as the array it is: an add of one is not a residual.
     (ConstantAdded, r"^op add \(after layer Conv_0\) has no integer lowering$"),
     # A sum divided by anything but H * W is not a mean: the div itself is refused.
-    (_glue(lambda x: x.sum((1, 2)) / 7.0), r"^op div \(after layer Conv_0\) has no integer lowering$"),
+    (
+      _glue(lambda x: x.sum((1, 2)) / 7.0),
+      r"^op div \(after layer Conv_0\) has no integer lowering$",
+    ),
     (
       _glue(lambda x: x.sum((1, 2)) / np.full((1, 4), 144.0, np.float32)),
       r"^op div \(after layer Conv_0\) has no integer lowering$",
     ),
-    (_glue(lambda x: (x / 2.0).mean((1, 2))), r"^op div \(after layer Conv_0\) has no integer lowering$"),
     (
-      _glue(lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 1, 2), (1, 1, 1, 2), "VALID").mean((1, 2))),
+      _glue(lambda x: (x / 2.0).mean((1, 2))),
+      r"^op div \(after layer Conv_0\) has no integer lowering$",
+    ),
+    (
+      _glue(
+        lambda x: jax.lax.reduce_window(
+          x, -jnp.inf, jax.lax.max, (1, 1, 1, 2), (1, 1, 1, 2), "VALID"
+        ).mean((1, 2))
+      ),
       r"^op reduce_window_max \(after layer Conv_0\) pools over batch or channels$",
     ),
   ],
@@ -250,8 +277,32 @@ def test_only_a_max_with_zero_is_a_relu(floor):
       x = jnp.maximum(nn.Conv(4, (3, 3), use_bias=False)(x), floor)
       return nn.Dense(self.num_classes)(nn.Conv(4, (3, 3), use_bias=False)(x).mean((1, 2)))
 
-  with pytest.raises(integer.UnsupportedModel, match=r"^op max \(after layer Conv_0\) has no integer lowering"):
+  with pytest.raises(
+    integer.UnsupportedModel, match=r"^op max \(after layer Conv_0\) has no integer lowering"
+  ):
     _program(Floor())
+
+
+class ByKeyword(nn.Module):
+  """Plain's layers, each called with its input by name."""
+
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Conv(4, (3, 3), use_bias=False)(inputs=x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(x=x))
+    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = nn.relu(
+      nn.BatchNorm(use_running_average=not train)(x=nn.Conv(4, (3, 3), use_bias=False)(inputs=x))
+    )
+    return nn.Dense(self.num_classes)(inputs=x.mean((1, 2)))
+
+
+def test_a_layer_called_with_its_input_by_name_lowers_as_a_positional_call():
+  rule_set = (rules.Rule(select="first_conv", quantize_input=False), rules.Rule())
+  by_name, positional = _program(ByKeyword(), rule_set), _program(Plain(), rule_set)
+  assert by_name.ops == positional.ops and by_name.layers == positional.layers
 
 
 class PoolsAndResidual(nn.Module):
@@ -295,8 +346,6 @@ def test_a_pool_a_residual_add_and_a_flatten_are_read_as_written():
   for layer in ("Conv_1", "Dense_0"):
     np.testing.assert_array_equal(biased.arrays[f"{layer}.bias"], np.asarray(params[layer]["bias"]))
   assert biased.ops[-2]["op"] == "dequant" and biased.ops[-2]["bias"] == "Dense_0.bias"
-
-
 
 
 def test_qnets_own_layers_lower_with_their_bits_strides_and_head():
@@ -356,7 +405,11 @@ def test_the_last_dense_gives_the_classes_and_mixed_rules_are_named_mixed():
   assert program.num_classes == 3
   assert [op["op"] for op in program.ops].count("dense") == 2
   assert program.quantizers == {"weight": "dorefa", "act": "dorefa"}
-  lsq_dense = (first, rules.Rule(pattern="Dense_1", weight_quantizer="lsq", act_quantizer="lsq"), rules.Rule())
+  lsq_dense = (
+    first,
+    rules.Rule(pattern="Dense_1", weight_quantizer="lsq", act_quantizer="lsq"),
+    rules.Rule(),
+  )
   assert _program(TwoDenseHead(), lsq_dense).quantizers == {"weight": "mixed", "act": "mixed"}
   all_lsq = (
     rules.Rule(select="first_conv", quantize_input=False, weight_quantizer="lsq"),
@@ -365,6 +418,7 @@ def test_the_last_dense_gives_the_classes_and_mixed_rules_are_named_mixed():
   assert _program(TwoDenseHead(), all_lsq).quantizers == {"weight": "lsq", "act": "pact"}
   signed = (first, rules.Rule(negative_input="signed", act_quantizer="lsq"))
   with pytest.raises(
-    integer.UnsupportedModel, match=r"^layer Dense_0: signed activation codes have no integer form yet(\n|$)"
+    integer.UnsupportedModel,
+    match=r"^layer Dense_0: signed activation codes have no integer form yet(\n|$)",
   ):
     _program(TwoDenseHead(), signed)

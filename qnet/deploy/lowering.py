@@ -15,6 +15,7 @@ export with `UnsupportedModel` naming the op and the layer before it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import flax.linen as nn
@@ -83,7 +84,9 @@ def _conv_call(m, path: str, x, quantize_input: bool, bits) -> LayerCall:
   kernel = _pair(m.kernel_size, None)
   strides = _pair(m.strides, (1, 1))
   (oh, ow), pads = integer.window_of(x.shape[1:3], kernel, strides, padding)
-  attrs = dict(strides=strides, padding=pads, quantize_input=quantize_input, bits=bits, bias=m.use_bias)
+  attrs = dict(
+    strides=strides, padding=pads, quantize_input=quantize_input, bits=bits, bias=m.use_bias
+  )
   return LayerCall("conv", path, (x.shape[0], oh, ow, m.features), attrs)
 
 
@@ -114,8 +117,11 @@ class _Tracer:
     m = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
+    lowered = isinstance(m, (layers.QuantConv, layers.QuantDense, nn.BatchNorm))
+    if not (lowered or type(m) in (nn.Conv, nn.Dense)):
+      return next_fun(*args, **kwargs)
     path = "/".join(m.path)
-    x = args[0]
+    x = _layer_input(m, args, kwargs)
     if isinstance(m, (layers.QuantConv, layers.QuantDense)):
       bits = self._layer_bits(path, None)
       if isinstance(m, layers.QuantConv):
@@ -137,20 +143,26 @@ class _Tracer:
       else:
         attrs = dict(reduce="flatten", quantize_input=quantize_input, bits=bits, bias=m.use_bias)
         call = LayerCall("dense", path, (*x.shape[:-1], m.features), attrs)
-    elif isinstance(m, nn.BatchNorm):
+    else:  # a BatchNorm
       if not (m.use_scale and m.use_bias and m.epsilon == 1e-5 and m.axis == -1):
         raise UnsupportedModel(
           f"layer {path}: BatchNorm needs use_scale, use_bias, epsilon=1e-5 and axis=-1 here"
         )
       call = LayerCall("batchnorm", path, tuple(x.shape), {})
-    else:
-      return next_fun(*args, **kwargs)
     _CALLS.append(call)
     return _LAYER.bind(x, index=len(_CALLS) - 1, out_shape=tuple(call.out_shape))
 
   def _check_rule(self, path: str, rule: rules.Rule) -> None:
     if rule.negative_input == "signed":
       raise UnsupportedModel(f"layer {path}: signed activation codes have no integer form yet")
+
+
+def _layer_input(m: nn.Module, args: tuple, kwargs: dict) -> Any:
+  """The input a layer was called with, positionally or by its parameter's name
+  (`nn.Dense(3)(inputs=x)`; the model's init has run, so the call is valid)."""
+  if args:
+    return args[0]
+  return kwargs[list(inspect.signature(type(m).__call__).parameters)[1]]
 
 
 @dataclasses.dataclass
@@ -213,7 +225,9 @@ class _Lowering:
         self._fail(eqn, "pools over batch or channels")
       pads = [tuple(int(a) for a in p["padding"][i]) for i in (1, 2)]
       return [self.b.maxpool(x, p["window_dimensions"][1:3], p["window_strides"][1:3], pads)]
-    if name in ("add", "add_any") and not any(np.isscalar(i) or isinstance(i, np.ndarray) for i in ins):
+    if name in ("add", "add_any") and not any(
+      np.isscalar(i) or isinstance(i, np.ndarray) for i in ins
+    ):
       return [self.b.add(ins[0], ins[1])]
     if name == "reduce_sum" and tuple(eqn.params["axes"]) == (1, 2):
       return [_Reduced(x, "mean")]
