@@ -24,6 +24,20 @@ def _main(monkeypatch, *argv):
   sweep.main()
 
 
+def _row(method: str, bits: int, seed: int, accuracy: float, cpu_s: float = 1.0) -> dict:
+  """A result row as `sweep.run_one` returns it, for a fake run."""
+  return {
+    "method": method,
+    "weight_bits": bits,
+    "act_bits": bits,
+    "seed": seed,
+    "test_accuracy": accuracy,
+    "train_steps": 1,
+    "wall_s": 1.0,
+    "cpu_s": cpu_s,
+  }
+
+
 @pytest.mark.slow
 def test_sweep_runs_records_and_resumes(tmp_path, fake_data_dir, monkeypatch, capsys):
   results = tmp_path / "results"
@@ -133,17 +147,7 @@ def test_sweep_plan_is_seed_major_and_survives_a_failed_run(tmp_path, monkeypatc
     if len(started) == 4 and not failed:
       failed.append(True)
       raise RuntimeError("killed")
-    b = sweep.method_bits(method, bits)
-    return {
-      "method": method,
-      "weight_bits": b,
-      "act_bits": b,
-      "seed": seed,
-      "test_accuracy": 0.9,
-      "train_steps": 1,
-      "wall_s": 1.0,
-      "cpu_s": 1.5,
-    }
+    return _row(method, sweep.method_bits(method, bits), seed, 0.9, cpu_s=1.5)
 
   monkeypatch.setattr(sweep, "run_one", fake_run)
   args = ["--methods", "fp,fp_relu,direct", "--bits", "4,2", "--seeds", "0,1", "--name", "t"]
@@ -216,18 +220,8 @@ def test_redo_in_a_one_file_family_keeps_its_other_rows(tmp_path, monkeypatch):
 
   def fake_run(family_, method, bits, seed, runs_dir, extra, name):
     assert family_ == family
-    bits = sweep.variant_bits(family, method)
-    return {
-      "method": method,
-      "weight_bits": bits,
-      "act_bits": bits,
-      "seed": seed,
-      "config": sweep.config_file(family, method),
-      "test_accuracy": 0.5,
-      "train_steps": 1,
-      "wall_s": 1.0,
-      "cpu_s": 1.0,
-    }
+    row = _row(method, sweep.variant_bits(family, method), seed, 0.5)
+    return row | {"config": sweep.config_file(family, method)}
 
   monkeypatch.setattr(sweep, "run_one", fake_run)
   args = ["--family", family, "--methods", "fp_teacher,fp_student_ce,w2a2_ce", "--seeds", "0"]
