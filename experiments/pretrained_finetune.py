@@ -17,13 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sweep  # noqa: E402  (experiments/sweep.py: welch)
+import sweep  # noqa: E402  (experiments/sweep.py: welch, timed_run)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("scratch", "import", "import_kd")
@@ -57,14 +54,16 @@ def overrides(method: str, bits: int, seed: int, args) -> list[str]:
 
 
 def run(cmd: list[str], workdir: str) -> None:
-  """Runs (or resumes) one run and writes its wall and CPU seconds to WORKDIR/timing.json
-  (those of this invocation's part of it, if it resumed)."""
-  before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-  subprocess.run([*cmd, f"--workdir={workdir}"], cwd=ROOT, check=True)
-  after = resource.getrusage(resource.RUSAGE_CHILDREN)
-  cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+  """Runs (or resumes) one run, its output in WORKDIR.log, and writes its wall and CPU seconds
+  to WORKDIR/timing.json (those of this invocation's part of it, if it resumed)."""
+  print(f"{os.path.basename(workdir)} ... (log: {workdir}.log)", flush=True)
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
+  code, wall, cpu = sweep.timed_run([*cmd, f"--workdir={workdir}"], workdir + ".log")
+  if code != 0:
+    raise RuntimeError(f"run {workdir} failed (exit {code}); see {workdir}.log")
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "timing.json"), "w") as f:
-    json.dump({"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(cpu, 1)}, f)
+    json.dump({"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}, f)
 
 
 def final_accuracy(workdir: str) -> float | None:

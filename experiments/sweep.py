@@ -455,7 +455,7 @@ def main() -> None:
 def _family_of(rows: list[dict]) -> str:
   """The one-file family the rows were run from (`configs/FAMILY.py:VARIANT`), or ''."""
   configs = {r["config"].split(":")[0] for r in rows if ":" in r.get("config", "")}
-  return os.path.basename(configs.pop().split(":")[0])[: -len(".py")] if len(configs) == 1 else ""
+  return os.path.basename(configs.pop())[: -len(".py")] if len(configs) == 1 else ""
 
 
 def load_rows(name: str) -> list[dict]:

@@ -117,9 +117,11 @@ class _Tracer:
     m = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
-    lowered = isinstance(m, (layers.QuantConv, layers.QuantDense, nn.BatchNorm))
-    if not (lowered or type(m) in (nn.Conv, nn.Dense)):
-      return next_fun(*args, **kwargs)
+    if not (
+      isinstance(m, (layers.QuantConv, layers.QuantDense, nn.BatchNorm))
+      or type(m) in (nn.Conv, nn.Dense)
+    ):
+      return next_fun(*args, **kwargs)  # not a layer the program has
     path = "/".join(m.path)
     x = _layer_input(m, args, kwargs)
     if isinstance(m, (layers.QuantConv, layers.QuantDense)):
