@@ -2,6 +2,7 @@
 
   python experiments/benchmark.py                      # CPU: fmnist_cnn and resnet20
   python experiments/benchmark.py --models resnet50    # GPU: ImageNet-shaped ResNet-50 (bf16)
+  python experiments/benchmark.py --recipe imagenet_resnet18_w4a4_kd   # a paper recipe's step
 
 Times (ms/step; median over rounds x steps after warm-up, with min and max):
   * the W4A4 train step against the plain FP network's (ReLU, no quantizer op compiled in):
@@ -12,6 +13,10 @@ Times (ms/step; median over rounds x steps after warm-up, with min and max):
   * the eval step;
   * the input pipeline alone (images/s) against what the train step consumes;
   * the train-step compile count over a full progressive+two-stage+stochastic schedule run.
+`--recipe VARIANT` times a `configs/paper_recipes.py` variant's own config instead (its model,
+image size, dtype and distillation settings; synthetic batches at its input shape): the recipe's
+step, its student alone (distillation off) and its teacher alone (the same network at 32 bits
+with the teacher's activation), and the eval step.
 Steps are built by the same functions the training loop uses (`build.build_specs`,
 `build.compile_steps`). Prints a table and writes experiments/results/benchmark_BACKEND.json.
 """
@@ -61,9 +66,9 @@ def _config(
   return c
 
 
-def _steps(config, total_steps: int, mesh):
+def _steps(config, total_steps: int, mesh, shape=None):
   students, teacher = build.build_specs(config, total_steps)
-  shape = SHAPES[config.model][1]
+  shape = shape or SHAPES[config.model][1]
   state = jax.jit(
     lambda: joint.init_state(students, teacher, 0, jnp.zeros((1, *shape))),
     out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
@@ -72,8 +77,8 @@ def _steps(config, total_steps: int, mesh):
   return state, p_train, p_eval
 
 
-def _batch(model: str, mesh, batch: int = BATCH, with_mask=False):
-  _, shape, classes = SHAPES[model]
+def _batch(model: str, mesh, batch: int = BATCH, with_mask=False, shape_classes=None):
+  _, shape, classes = (None, *shape_classes) if shape_classes else SHAPES[model]
   rng = np.random.default_rng(0)
   b = {
     "image": rng.normal(size=(batch, *shape)).astype(np.float32),
@@ -190,6 +195,62 @@ def bench_model(
   return out
 
 
+def _recipe_configs(recipe: str, dtype: str | None, batch: int | None) -> dict:
+  """The recipe's config and its two halves, each as one network would train alone."""
+  from configs import paper_recipes  # pylint: disable=import-outside-toplevel
+
+  c = paper_recipes.get_config(recipe)
+  if dtype:
+    c.dtype = dtype
+  if batch:
+    c.batch_size = batch
+  student = c.copy_and_resolve_references()
+  student.distill.enabled = False
+  teacher = c.copy_and_resolve_references()
+  teacher.distill.enabled = False
+  teacher.quant.weight_bits = teacher.quant.act_bits = 32
+  if c.distill.teacher_act == "relu":
+    teacher.model_act = "relu"  # the plain FP network, as the joint step's teacher
+  return {"recipe": c, "recipe_student": student, "recipe_teacher": teacher}
+
+
+def bench_recipe(recipe: str, mesh, rounds: int, steps: int, warmup: int, dtype, batch) -> dict:
+  """Median step times of a paper recipe's joint step against its student and teacher alone."""
+  from qnet.data import datasets  # pylint: disable=import-outside-toplevel
+
+  configs = _recipe_configs(recipe, dtype, batch)
+  c = configs["recipe"]
+  spec = datasets.DATASETS[c.dataset]
+  size = c.image_size or spec.image_size
+  shape, classes = (size, size, spec.channels), spec.num_classes
+  timer = Timer()
+  for name, config in configs.items():
+    state, p_train, p_eval = _steps(config, 1000, mesh, shape)
+    if name == "recipe":
+      eval_state = jax.tree.map(jnp.copy, state)  # the train closure donates `state`
+    b = _batch(config.model, mesh, c.batch_size, shape_classes=(shape, classes))
+    timer.add(name, _train_closure(state, p_train, b))
+  eval_batch = _batch(c.model, mesh, c.batch_size, with_mask=True, shape_classes=(shape, classes))
+  timer.add("recipe_eval", lambda: jax.block_until_ready(p_eval(eval_state, eval_batch)))
+  timer.run(rounds, steps, warmup)
+  out = {k: timer.stats(k) for k in timer.fns}
+  med = {k: v["median_ms"] for k, v in out.items()}
+  out["ratio_recipe_over_teacher_plus_student"] = med["recipe"] / (
+    med["recipe_teacher"] + med["recipe_student"]
+  )
+  for k, ms in med.items():
+    out[f"images_per_s_{k}"] = c.batch_size / (ms / 1e3)
+  out["config"] = {
+    "model": c.model,
+    "input_shape": list(shape),
+    "batch": c.batch_size,
+    "dtype": c.dtype,
+    "bits": [c.quant.weight_bits, c.quant.act_bits],
+    "distill": c.distill.to_dict(),
+  }
+  return out
+
+
 def bench_pipeline(dataset: str, batch: int, n: int = 200) -> float:
   """Images/s of the training iterator alone (after its first batch)."""
   from qnet.data import input_pipeline
@@ -223,27 +284,49 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--dtype", default="float32" if backend == "cpu" else "bfloat16")
+  p.add_argument("--dtype", default=None, help="default: float32 on CPU, else bfloat16")
   p.add_argument("--variants", default=",".join(VARIANTS), help="subset of " + ",".join(VARIANTS))
   p.add_argument("--skip_pipeline", action="store_true")
   p.add_argument("--skip_compile_count", action="store_true")
-  p.add_argument("--batch", type=int, default=BATCH, help="global batch for every model")
+  p.add_argument("--batch", type=int, default=None, help=f"global batch (default {BATCH})")
   p.add_argument("--out", default=None)
+  p.add_argument(
+    "--recipe", default=None, help="a configs/paper_recipes.py variant instead of --models"
+  )
   args = p.parse_args()
+  dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
+  batch = args.batch or BATCH
   mesh = build.create_mesh()
   result = {
     "backend": backend,
     "devices": [str(d) for d in jax.devices()],
     "device_kind": jax.devices()[0].device_kind,
-    "dtype": args.dtype,
-    "batch": args.batch,
+    "dtype": dtype,
+    "batch": batch,
     "jax": jax.__version__,
     "jaxlib": jaxlib.__version__,
     "python": platform.python_version(),
     "keep_freed_memory": kept,
     "models": {},
   }
-  for model in args.models.split(","):
+  if args.recipe:
+    print(f"timing {args.recipe} ...", flush=True)
+    # The recipe's own dtype and batch unless given.
+    r = bench_recipe(
+      args.recipe, mesh, args.rounds, args.steps, args.warmup, args.dtype, args.batch
+    )
+    result["recipes"] = {args.recipe: r}
+    b = r["config"]["batch"]
+    print(f"\n{args.recipe} on {backend} ({result['device_kind']}), {r['config']}")
+    print("| step | median ms | min | max | images/s |\n|---|---|---|---|---|")
+    for k in ("recipe", "recipe_student", "recipe_teacher", "recipe_eval"):
+      print(
+        f"| {k} | {r[k]['median_ms']:.1f} | {r[k]['min_ms']:.1f} | {r[k]['max_ms']:.1f} "
+        f"| {b / (r[k]['median_ms'] / 1e3):.0f} |"
+      )
+    print(f"joint / (teacher + student): {r['ratio_recipe_over_teacher_plus_student']:.3f}")
+    args.models = ""
+  for model in filter(None, args.models.split(",")):
     print(f"timing {model} ...", flush=True)
     result["models"][model] = bench_model(
       model,
@@ -251,20 +334,21 @@ def main() -> None:
       args.rounds,
       args.steps,
       args.warmup,
-      args.dtype,
+      dtype,
       args.variants.split(","),
-      args.batch,
+      batch,
     )
   if not args.skip_pipeline:
     result["pipeline_fashion_mnist_images_per_s"] = bench_pipeline("fashion_mnist", 128)
   if not args.skip_compile_count:
     result["train_step_compiles_full_schedule"] = compile_count(mesh)
-  print(f"\nbackend {backend} ({result['device_kind']}), dtype {args.dtype}, jax {jax.__version__}")
-  print("| model | step | median ms | min | max | images/s |\n|---|---|---|---|---|---|")
+  if result["models"]:
+    print(f"\nbackend {backend} ({result['device_kind']}), dtype {dtype}, jax {jax.__version__}")
+    print("| model | step | median ms | min | max | images/s |\n|---|---|---|---|---|---|")
   for model, r in result["models"].items():
     for k in (*VARIANTS, "eval_w4a4"):
       if k in r:
-        ips = args.batch / (r[k]["median_ms"] / 1e3)
+        ips = batch / (r[k]["median_ms"] / 1e3)
         print(
           f"| {model} | {k} | {r[k]['median_ms']:.1f} | {r[k]['min_ms']:.1f} "
           f"| {r[k]['max_ms']:.1f} | {ips:.0f} |"
