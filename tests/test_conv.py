@@ -82,6 +82,7 @@ SUBPIXEL_CASES = [
 
 
 @pytest.mark.parametrize("hw,ksize,s,pad", SUBPIXEL_CASES)
+@pytest.mark.heavy
 def test_subpixel_input_grad_equals_stock(hw, ksize, s, pad):
   kx, kk, kg = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(kx, (3, *hw, 5))
@@ -313,6 +314,7 @@ def test_non_cpu_backend_is_plain(monkeypatch):
 
 @needs_cpu
 @pytest.mark.filterwarnings("ignore:Error writing persistent compilation cache entry")
+@pytest.mark.heavy
 def test_sharded_train_step_under_each_option_set(monkeypatch):
   """qnet's own 4-device train step compiles under each set and computes the same step."""
   import functools

@@ -242,6 +242,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,w,a,keep_fp,per_channel,mixed", CASES)
+@pytest.mark.heavy
 def test_integer_layers_equal_fake_quant_layer_by_layer(request, name, w, a, keep_fp, per_channel, mixed):
   if per_channel:
     request.getfixturevalue("per_channel_weights")
@@ -270,6 +271,7 @@ LEARNED = [  # name, w, a, keep_fp, per_channel, mixed, weight_quantizer, act_qu
 
 
 @pytest.mark.parametrize("name,w,a,keep_fp,per_channel,mixed,wq,aq", LEARNED)
+@pytest.mark.heavy
 def test_learned_quantizers_integer_program_equals_fake_quant_on_every_path(
   name, w, a, keep_fp, per_channel, mixed, wq, aq
 ):
@@ -462,6 +464,7 @@ def check_against_fake_quant(program, model, params, stats, tree, ds, shape, req
   return images, np.asarray(logits)
 
 
+@pytest.mark.heavy
 def test_resnet18_program_shapes_and_sizes():
   model = models.create_model("resnet18", 1000)
   shape = (224, 224, 3)

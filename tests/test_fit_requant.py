@@ -3,6 +3,7 @@ per channel) equals qnet's integer thresholds on every reachable accumulator. Pu
 fast: the module mutation testing runs the fit against (`tools/mutation.py --tests`)."""
 
 import numpy as np
+import pytest
 
 from qnet.deploy import integer, qdq_onnx
 
@@ -86,6 +87,7 @@ def test_requant_codes_rounds_the_float32_product_as_the_kernels_do():
   assert qdq_onnx.requant_codes(np.array([2829, -5]), 0, m, 100).tolist() == [100, 0]
 
 
+@pytest.mark.heavy
 def test_fit_requant_keeps_int32_and_proves_its_float32_sums_on_wide_accumulators():
   # Accumulators of 12.6M: `K acc + B` must stay inside int32 (so K <= 170 here, 127 allowed),
   # and float32(K acc + B) is then a multiple of 128: the check on both sides of every

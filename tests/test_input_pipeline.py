@@ -53,6 +53,7 @@ def real_data_dir(tmp_path_factory):
 # ------------------------------------------------------------------ offline builder
 
 
+@pytest.mark.heavy
 def test_offline_builder_reads_debian_files(real_data_dir):
   builder = ip.get_builder("fashion_mnist", real_data_dir)
   assert builder.name == "fashion_mnist_offline"
@@ -116,6 +117,7 @@ def test_unknown_dataset_names_the_field():
     ("imagenet2012", 64, (64, 64, 3)),
   ],
 )
+@pytest.mark.heavy
 def test_mock_datasets_shapes(tmp_path, dataset, image_size, shape):
   with tfds.testing.mock_data(num_examples=12):
     kwargs = dict(data_dir=str(tmp_path), process_index=0, process_count=1, image_size=image_size)
@@ -135,6 +137,7 @@ def test_mock_datasets_shapes(tmp_path, dataset, image_size, shape):
 # ------------------------------------------------------------------ determinism
 
 
+@pytest.mark.heavy
 def test_resume_is_bitwise_identical_across_epochs(fake_data_dir):
   kwargs = dict(
     global_batch_size=8, seed=7, data_dir=fake_data_dir, process_index=0, process_count=1
@@ -155,6 +158,7 @@ def test_resume_is_bitwise_identical_across_epochs(fake_data_dir):
 
 
 @pytest.mark.parametrize("dataset,image_size", [("cifar10", None), ("imagenet2012", 32)])
+@pytest.mark.heavy
 def test_resume_mock_data(tmp_path, dataset, image_size):
   with tfds.testing.mock_data(num_examples=10):
     kwargs = dict(

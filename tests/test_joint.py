@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
@@ -47,6 +48,7 @@ def _leaves_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.heavy
 def test_same_seed_gives_same_parameters_and_other_seed_differs():
   c = _config()
   runs = []
@@ -60,6 +62,7 @@ def test_same_seed_gives_same_parameters_and_other_seed_differs():
   assert not _leaves_equal(runs[0], runs[2])
 
 
+@pytest.mark.heavy
 def test_one_device_and_four_devices_give_the_same_loss():
   assert jax.device_count() == 4, "tests run with 4 fake CPU devices (conftest.py)"
   c = _config()
@@ -84,6 +87,7 @@ def test_one_device_and_four_devices_give_the_same_loss():
   np.testing.assert_allclose(losses[1], losses[4], rtol=2e-5)
 
 
+@pytest.mark.heavy
 def test_schedule_phases_and_stochastic_draws_never_recompile():
   c = _config()
   c.schedule.kind = "progressive+two_stage+stochastic"
@@ -103,6 +107,7 @@ def test_schedule_phases_and_stochastic_draws_never_recompile():
 # ----------------------------------------------------------------------------- distillation
 
 
+@pytest.mark.heavy
 def test_zero_distillation_weights_equal_independent_steps():
   c = _config(student_kl=0.0, teacher_kl=0.0, student_ce=1.0, teacher_ce=1.0)
   _, _, joint_state, step = _setup(c)
@@ -137,6 +142,7 @@ def test_kl_matches_a_hand_computation():
     np.testing.assert_allclose(joint.distill_kl(s, t, temp), hand, rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_no_distillation_gradient_reaches_the_target_side():
   s, t = jnp.array([[1.0, 2.0, 0.5]]), jnp.array([[0.3, 0.1, 2.0]])
   g_s, g_t = jax.grad(lambda s, t: joint.distill_kl(s, t, 2.0), argnums=(0, 1))(s, t)
@@ -171,6 +177,7 @@ def test_frozen_teacher_never_changes(tmp_path):
   assert "teacher_train_loss" not in m and "kl_student" in m
 
 
+@pytest.mark.heavy
 def test_two_students_update_independently():
   c = _config(extra_students=((4, 4),))
   _, _, state, step = _setup(c)
@@ -185,6 +192,7 @@ def test_two_students_update_independently():
   assert not _leaves_equal(new.teacher.params, new2.teacher.params)
 
 
+@pytest.mark.heavy
 def test_hint_term_trains_students_only():
   updates = {}
   for weight in (0.0, 1.0):

@@ -215,6 +215,7 @@ def _layer_inputs(model, variables, images):
 
 
 @pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.heavy
 def test_first_batch_calibration_sets_lsq_initial_steps_in_order(per_channel):
   c = _config(
     model="tiny_resnet",
@@ -318,6 +319,7 @@ def _trainer(c, total):
 
 
 @pytest.mark.parametrize("act_quantizer", ["lsq", "pact"])
+@pytest.mark.heavy
 def test_one_compile_over_progressive_stochastic_distillation(act_quantizer):
   c = _config(
     act_quantizer=act_quantizer,
@@ -358,6 +360,7 @@ def test_one_compile_over_progressive_stochastic_distillation(act_quantizer):
 @pytest.mark.parametrize(
   "weight_quantizer,act_quantizer", [("lsq", "lsq"), ("lsq", "pact"), ("dorefa", "pact")]
 )
+@pytest.mark.heavy
 def test_short_training_with_each_quantizer_reduces_the_loss(weight_quantizer, act_quantizer):
   c = _config(weight_quantizer, act_quantizer, learning_rate=0.05)
   _, _, state, step, calibrate = _trainer(c, 30)

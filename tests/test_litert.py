@@ -26,6 +26,7 @@ def _ops(model: bytes) -> collections.Counter:
 
 
 @pytest.mark.parametrize("name,w,a,keep_fp,quantizers", CASES)
+@pytest.mark.heavy
 def test_tflite_runs_int8_kernels_with_qnets_codes(name, w, a, keep_fp, quantizers):
   program, *_ = _program(name, w, a, keep_fp, quantizers)
   report = {}

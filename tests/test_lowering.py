@@ -54,6 +54,7 @@ class Padded(nn.Module):
     return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
+@pytest.mark.heavy
 def test_paddings_and_strides_are_the_models_own():
   convs = _convs(_program(Padded()))
   # XLA's SAME at stride 2 on 12: (0, 1); an int pads both sides; explicit pairs as written.
@@ -249,6 +250,7 @@ def _glue(tail):
     ),
   ],
 )
+@pytest.mark.heavy
 def test_glue_with_no_integer_form_is_one_line_naming_the_layer(module, message):
   with pytest.raises(integer.UnsupportedModel, match=message):
     _program(module())
@@ -396,6 +398,7 @@ class TwoDenseHead(nn.Module):
     return nn.Dense(self.num_classes)(x)
 
 
+@pytest.mark.heavy
 def test_the_last_dense_gives_the_classes_and_mixed_rules_are_named_mixed():
   """Traced in eval mode (the dropout is no op), the logits' width is the last dense's; the
   program names its quantizers, `mixed` where rules give layers different ones; a signed-code

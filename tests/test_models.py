@@ -41,6 +41,7 @@ def _cifar_preact_resnet_params(n: int, in_ch: int, classes: int) -> int:
     ("resnet56", 9, (1, 32, 32, 3), 100),
   ],
 )
+@pytest.mark.heavy
 def test_cifar_resnet_parameter_counts(name, n, shape, classes):
   got, _ = _count(models.create_model(name, classes), shape)
   assert got == _cifar_preact_resnet_params(n, shape[-1], classes)
@@ -49,6 +50,7 @@ def test_cifar_resnet_parameter_counts(name, n, shape, classes):
 
 
 @pytest.mark.parametrize("name,reference", [("resnet18", 11_689_512), ("resnet50", 25_557_032)])
+@pytest.mark.heavy
 def test_imagenet_resnet_parameter_counts_match_torchvision_within_0_1_percent(name, reference):
   # torchvision's counts; pre-activation moves BNs around, which changes a few thousand.
   got, _ = _count(models.create_model(name, 1000), (1, 224, 224, 3))
@@ -67,6 +69,7 @@ def test_fmnist_cnn_parameter_count():
   "name,shape",
   [("tiny_cnn", (3, 28, 28, 1)), ("tiny_resnet", (3, 32, 32, 3)), ("resnet20", (2, 28, 28, 1))],
 )
+@pytest.mark.heavy
 def test_output_shapes_and_precision_collection(name, shape):
   model = models.create_model(name, 7)
   x = jnp.ones(shape)
@@ -160,6 +163,7 @@ def _plain_layer(next_fun, args, kwargs, context):
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
+@pytest.mark.heavy
 def test_relu_model_compiles_no_quantizer_op(name):
   """`act='relu'` is the plain FP network on every model: no tanh/round lowered (stems
   included), whatever the bits; the quantized model has them (checked on the tiny ones)."""
@@ -179,6 +183,7 @@ def test_relu_model_compiles_no_quantizer_op(name):
 
 
 @pytest.mark.parametrize("name", ["tiny_cnn", "resnet20", "resnet18", "alexnet_bn"])
+@pytest.mark.heavy
 def test_relu_model_equals_raw_kernels_and_relu(name):
   """Each model family (CIFAR and ImageNet stems, AlexNet) run with `act='relu'` equals the
   same variables with every layer replaced by ReLU and its raw kernel."""

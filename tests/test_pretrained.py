@@ -118,6 +118,7 @@ def qnet_outputs(ref_dir: str, name: str, size: int) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", ["tv_resnet18", "tv_resnet34", "tv_resnet50"])
+@pytest.mark.heavy
 def test_key_table_fills_every_qnet_leaf_exactly_once(name):
   for channels, classes in ((3, 1000), (1, 10)):
     table = pretrained.key_table(name, channels, classes)
@@ -145,6 +146,7 @@ def test_key_table_fills_every_qnet_leaf_exactly_once(name):
 
 @pytest.mark.parametrize("size", [224, 97])
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "timm_resnet18"])
+@pytest.mark.heavy
 def test_logits_and_every_stage_equal_pytorch(ref, name, size):
   """Random BN statistics and affine parameters, eval mode, random inputs: each stage (in
   order, to locate a failure), then the logits, within 1e-4 of their scale; same argmax."""
@@ -339,6 +341,7 @@ def test_key_table_rows_and_downsamples():
   assert by_key["fc.weight"].shape == (1000, 2048)
 
 
+@pytest.mark.heavy
 def test_what_a_rejected_file_looks_like_is_named(tmp_path):
   """The message's second half (`_guess_arch`), on files written here: another depth, a
   deep stem, a non-ResNet, a depth no model has; and which key is named first."""
@@ -399,6 +402,7 @@ def test_init_from_values_and_file_names(tmp_path):
     pretrained.check_file("r18.pth", "tv_resnet18", 3, 10)
 
 
+@pytest.mark.heavy
 def test_cli_rejects_a_mismatched_file_in_one_line_with_exit_2_before_any_compute(tmp_path):
   path = write(tmp_path, "r34", synthetic_state_dict("tv_resnet34", 1, 10))
   workdir = tmp_path / "run"
@@ -430,6 +434,7 @@ def _fresh_state(config, tmp_path):
   return loop.initial_state(config, str(tmp_path), students, teacher, build.create_mesh(), meta)[1]
 
 
+@pytest.mark.heavy
 def test_init_from_starts_student_and_teacher_bitwise_equal_to_the_file(tmp_path):
   import tensorflow_datasets as tfds
 
@@ -454,6 +459,7 @@ def test_init_from_starts_student_and_teacher_bitwise_equal_to_the_file(tmp_path
   )
 
 
+@pytest.mark.heavy
 def test_teacher_from_a_file_is_a_frozen_teacher_bitwise_equal_to_it(tmp_path):
   import tensorflow_datasets as tfds
 
@@ -486,6 +492,7 @@ def test_teacher_from_a_file_is_a_frozen_teacher_bitwise_equal_to_it(tmp_path):
     config_validation.validate(bad, jax.device_count())
 
 
+@pytest.mark.heavy
 def test_zero_steps_evaluates_the_imported_network_at_step_0(tmp_path):
   """`num_train_steps=0`: no step, no checkpoint; `eval_accuracy` at step 0 equals the
   imported variables applied by hand to the same eval split."""

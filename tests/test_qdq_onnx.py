@@ -107,6 +107,7 @@ def check_codes(program, values, theirs, report, exact_fused: bool):
 
 
 @pytest.mark.parametrize("name,w,a,keep_fp,quantizers", CASES)
+@pytest.mark.heavy
 def test_qdq_graph_fuses_into_int8_kernels_and_its_codes_equal_qnets(tmp_path, name, w, a, keep_fp, quantizers):
   program, *_ = _program(name, w, a, keep_fp, quantizers)
   report = {}
@@ -166,7 +167,45 @@ def test_convs_into_the_float_stream_as_im2col_int8_matmuls_give_qnets_accumulat
   np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
 
 
+@pytest.mark.parametrize(
+  "padding,strides,kernel",
+  [
+    (((0, 1), (1, 0)), (2, 1), (3, 2)),
+    (((0, 0), (1, 0)), (1, 2), (3, 2)),
+    (((1, 1), (0, 0)), (1, 1), (3, 2)),
+    (((0, 1), (0, 0)), (1, 1), (1, 2)),  # two patches
+    (((0, 0), (0, 0)), (2, 2), (1, 1)),  # one patch: no Concat
+  ],
+)
+def test_im2col_matmul_is_the_integer_conv_on_non_square_inputs_and_one_sided_pads(padding, strides, kernel):
+  """The im2col form alone on a 5x7 input, non-square kernels, one-sided and height- or
+  width-only pads and unequal strides (the networks above are square with symmetric pads):
+  its float output equals qnet's int32 convolution exactly."""
+  rng = np.random.default_rng(0)
+  b, h, w, cin, cout = 2, 5, 7, 3, 4
+  codes = rng.integers(-7, 8, (*kernel, cin, cout))
+  x = rng.integers(0, 16, (b, h, w, cin)).astype(np.uint8)
+  op = {"padding": padding, "strides": strides}
+  g = onnx_graph.Graph()
+  g.flavour = "onnxruntime"
+  y = qdq_onnx._im2col_matmul(g, "x", codes, op, (h, w, cin))
+  tp, helper = onnx.TensorProto, onnx.helper
+  model = helper.make_model(
+    helper.make_graph(
+      g.nodes, "im2col", [helper.make_tensor_value_info("x", tp.UINT8, [b, cin, h, w])],
+      [helper.make_tensor_value_info(y, tp.FLOAT, None)], g.inits,
+    ),
+    opset_imports=[helper.make_opsetid("", onnx_graph.OPSET)],
+  )  # fmt: skip
+  sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+  got = sess.run(None, {"x": np.transpose(x, (0, 3, 1, 2))})[0]
+  want = np.asarray(integer._conv(x.astype(np.int32), codes.astype(np.int32), op, jnp.int32))
+  assert got.shape == want.shape
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("name,w,a,keep_fp,quantizers", CASES[:2] + CASES[3:])
+@pytest.mark.heavy
 def test_openvino_runs_the_qdq_file_with_qnets_codes(name, w, a, keep_fp, quantizers):
   ov = pytest.importorskip("openvino")
   program, *_ = _program(name, w, a, keep_fp, quantizers)
@@ -186,6 +225,7 @@ def test_openvino_runs_the_qdq_file_with_qnets_codes(name, w, a, keep_fp, quanti
 
 
 @pytest.mark.parametrize("name,w,a,keep_fp,quantizers", [CASES[0], CASES[3], CASES[4], CASES[1]])
+@pytest.mark.heavy
 def test_tensorrt_flavour_keeps_tensorrts_rules_and_qnets_codes(tmp_path, name, w, a, keep_fp, quantizers):
   program, *_ = _program(name, w, a, keep_fp, quantizers)
   ort_graph = qdq_onnx.to_onnx(program)
@@ -205,6 +245,78 @@ def test_tensorrt_flavour_keeps_tensorrts_rules_and_qnets_codes(tmp_path, name, 
   assert counts and sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
   np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
   np.testing.assert_allclose(theirs["logits"], logits, atol=0.05 * float(np.abs(logits).max()))
+
+
+def _tiny(nodes, inits, inputs, outputs, shape=(2, 3)):
+  """A model of `nodes` on named initializers (name -> array) and typed graph inputs/outputs."""
+  h = onnx.helper
+  graph = h.make_graph(
+    nodes, "t", [h.make_tensor_value_info(n, t, shape) for n, t in inputs],
+    [h.make_tensor_value_info(n, t, None) for n, t in outputs],
+    [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+  )  # fmt: skip
+  return h.make_model(graph, opset_imports=[h.make_opsetid("", onnx_graph.OPSET), h.make_opsetid("custom", 1)])
+
+
+@pytest.mark.parametrize(
+  "op", ["ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd"]
+)
+def test_tensorrt_violations_names_every_integer_operator(op):
+  tp = onnx.TensorProto
+  # uint8 codes with float scales where the operator takes them (QLinear*: x, scale, zero, ...)
+  ins = list("ufuufuf"[: 7 if op in ("QLinearConv", "QLinearMatMul") else 1])
+  model = _tiny(
+    [onnx.helper.make_node(op, ["u", *ins], ["y"])], {}, [("u", tp.UINT8), ("f", tp.FLOAT)], [("y", tp.FLOAT)], None
+  )
+  found = qdq_onnx.tensorrt_violations(model)
+  assert found[0] == f"{op} y: an integer operator"
+  assert set(found[1:]) == {f"{op} y: reads the integer tensor u"}
+
+
+def test_tensorrt_violations_names_each_broken_q_dq_rule():
+  """One graph per rule TensorRT's explicit quantization sets (zero point an int8 0, present;
+  an activation scale one number; DQ of int8 only; integer tensors read only by DQ and shape
+  ops), each giving exactly its line; the graphs that keep them all give none."""
+  tp, node = onnx.TensorProto, onnx.helper.make_node
+  s, s2 = np.float32(0.5), np.full(2, 0.5, np.float32)  # per tensor; per channel (axis 1 of 2)
+  z8, zu8, z8_one, z2 = np.int8(0), np.uint8(0), np.int8(1), np.zeros(2, np.int8)
+
+  def violations(nodes, inits, out=("y", tp.FLOAT)):
+    return qdq_onnx.tensorrt_violations(_tiny(nodes, inits, [("x", tp.FLOAT)], [out], (2, 2)))
+
+  def pair(q_ins, dq_ins, **dq_attrs):
+    return [node("QuantizeLinear", q_ins, ["q"]), node("DequantizeLinear", dq_ins, ["y"], **dq_attrs)]
+
+  assert violations(pair(["x", "s", "z"], ["q", "s", "z"]), {"s": s, "z": z8}) == []  # rule-abiding
+  assert violations(pair(["x", "s", "z"], ["q", "s", "z"]), {"s": s, "z": zu8}) == [
+    "QuantizeLinear q: zero point must be an int8 0",
+    "DequantizeLinear y: zero point must be an int8 0",
+    "DequantizeLinear y: dequantizes a UINT8 tensor",
+  ]
+  one = {"s": s, "z": z8, "z1": z8_one}
+  assert violations(pair(["x", "s", "z1"], ["q", "s", "z"]), one) == ["QuantizeLinear q: zero point must be an int8 0"]
+  assert violations(pair(["x", "s"], ["q", "s", "z"]), {"s": s, "z": z8}) == [  # no zero point: uint8
+    "QuantizeLinear q: zero point must be an int8 0", "DequantizeLinear y: dequantizes a UINT8 tensor"
+  ]  # fmt: skip
+  per_channel = {"s": s, "s2": s2, "z": z8, "z2": z2}
+  q_axis = [node("QuantizeLinear", ["x", "s2", "z2"], ["q"], axis=1), node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+  assert violations(q_axis, per_channel) == ["QuantizeLinear q: an activation scale must be one constant"]
+  dq_axis = pair(["x", "s", "z"], ["q", "s2", "z2"], axis=1)  # an activation's DQ, per channel
+  assert violations(dq_axis, per_channel) == ["DequantizeLinear y: an activation scale must be one constant"]
+  weight = [node("DequantizeLinear", ["w", "s2", "z2"], ["wf"], axis=1), node("MatMul", ["x", "wf"], ["y"])]
+  assert violations(weight, {"w": np.ones((2, 2), np.int8), **per_channel}) == []  # a weight's: fine
+  custom = [node("Mystery", ["x"], ["u"], domain="custom"), node("DequantizeLinear", ["u", "s", "z"], ["y"])]
+  assert violations(custom, {"s": s, "z": z8}) == ["DequantizeLinear y: dequantizes a UNDEFINED tensor"]
+  shape_ops = [  # integer tensors through shape ops are fine; a float op reading one is not
+    node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+    node("Flatten", ["q"], ["f"]), node("Reshape", ["q", "shape"], ["r"]), node("Identity", ["q"], ["i"]),
+    node("Cast", ["q"], ["c"], to=tp.FLOAT), node("Add", ["c", "c"], ["y"]),
+  ]  # fmt: skip
+  assert violations(shape_ops, {"s": s, "z": z8, "shape": np.array([4], np.int64)}) == []
+  reads = [node("QuantizeLinear", ["x", "s", "z"], ["q"]), node("Add", ["q", "q"], ["y"])]
+  assert violations(reads, {"s": s, "z": z8}, out=("y", tp.INT8)) == [
+    "Add y: reads the integer tensor q", "Add y: reads the integer tensor q"
+  ]  # fmt: skip
 
 
 def test_tensorrt_flavour_refuses_8_bit_activations():

@@ -126,6 +126,7 @@ def test_gradients_are_finite(w, bits):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, 32])
+@pytest.mark.heavy
 def test_zero_and_tiny_kernels_stay_finite(bits):
   for w in (jnp.zeros((3, 3, 2, 2)), jnp.full((4,), 1e-30)):
     q = quant.quantize_weights(w, bits)

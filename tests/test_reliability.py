@@ -164,6 +164,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   _assert_trees_equal(saved_state(c, tmp_path / "a")[1], saved_state(c, tmp_path / "b")[1])
 
 
+@pytest.mark.heavy
 def test_unfinished_save_is_ignored(tmp_path):
   # A save killed mid-way leaves only orbax's temporary directory, never a step directory.
   c = mock_config(num_train_steps=6)

@@ -185,6 +185,7 @@ def test_at_w4a4_the_logits_equal_the_same_network_in_qnets_layers():
   assert not np.allclose(got, q.apply({**v, "precision": precision.uniform(precision.layout_of(q, x), 32, 32)}, x, train=False))
 
 
+@pytest.mark.heavy
 def test_gradients_reach_every_kernel_through_the_quantizers():
   x = _images()
   q = rules.quantize(UserResNet(), rules.default_rules(False, act_quantizer="lsq", weight_quantizer="lsq"))
@@ -333,6 +334,7 @@ def test_the_loop_stops_at_the_first_batch_on_a_negative_input(tmp_path, monkeyp
   assert not (tmp_path / "metrics.jsonl").exists() or "train_loss" not in (tmp_path / "metrics.jsonl").read_text()
 
 
+@pytest.mark.heavy
 def test_progressive_stochastic_and_distillation_compile_the_train_step_once():
   c = _user_config(**{"schedule.kind": "progressive+stochastic", "distill.enabled": True, "quant.act_quantizer": "lsq"})
   total = 8
@@ -363,6 +365,7 @@ def test_killed_and_resumed_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path)
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.heavy
 def test_the_readme_example_trains_as_written(tmp_path, monkeypatch):
   from test_configs import readme_module
 

@@ -111,6 +111,7 @@ def test_sp_ratio_step_list_and_linear_ramp():
 @pytest.mark.parametrize(
   "unit,ratio", [("layer", 0.5), ("layer", 0.75), ("block", 0.5), ("block", 0.875)]
 )
+@pytest.mark.heavy
 def test_stochastic_fraction_within_three_standard_errors(unit, ratio):
   layout = _layout("resnet20")
   draws = 400

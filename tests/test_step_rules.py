@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import default
 from qnet.train import build, joint
@@ -182,6 +183,7 @@ def test_sp_separate_draws_weights_and_activations_independently():
   assert any(not np.array_equal(w, a) for w, a in separate)
 
 
+@pytest.mark.heavy
 def test_eval_step_runs_batchnorm_on_running_statistics_and_masks_padding():
   c = _config()
   students, _, state = _state(c)
@@ -250,6 +252,7 @@ def test_eval_step_top5_counts_labels_ranked_2nd_to_5th_and_masks_padding():
   np.testing.assert_allclose(sums["teacher_eval_loss"], t_loss, rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_train_step_metrics_are_their_values():
   """Every metric of a distilling train step, recomputed from the step's own inputs."""
   over = {
@@ -299,6 +302,7 @@ def test_train_step_metrics_are_their_values():
     np.testing.assert_allclose(m[k], v, rtol=2e-4, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.heavy
 def test_teacher_learning_rate_sets_the_teachers_rate_and_update_only():
   # The paper's ImageNet recipe: teacher 0.001, students 0.005 (cosine over 20 steps).
   over = {"distill.enabled": True, "learning_rate": 0.005, "num_train_steps": 20}
