@@ -4,7 +4,7 @@ network PyTorch trained), DoReFa's `clip(x, 0, 1)`, and LSQ / PACT (whose 32-bit
 Each row is one eval-only `python -m qnet.main ... --config.num_train_steps=0` (resumable: a
 row already in the output is kept).
 
-  python experiments/pretrained_act.py --pth experiments/runs/tv_resnet18_fmnist/model.pth \
+  python experiments/pretrained_act.py --pth experiments/runs/tv_resnet18_fmnist/model.safetensors \
       --torch_result experiments/runs/tv_resnet18_fmnist/result.json \
       --out experiments/results/tv_resnet18_fmnist_import.json
 """
