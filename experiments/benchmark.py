@@ -36,6 +36,7 @@ import jaxlib
 import numpy as np
 
 from configs import default
+from qnet.data.datasets import DATASETS
 from qnet.train import build, joint
 from qnet.platform import host_memory
 
@@ -66,19 +67,20 @@ def _config(
   return c
 
 
-def _steps(config, total_steps: int, mesh, shape=None):
+def _steps(config, total_steps: int, mesh):
   students, teacher = build.build_specs(config, total_steps)
-  shape = shape or SHAPES[config.model][1]
   state = jax.jit(
-    lambda: joint.init_state(students, teacher, 0, jnp.zeros((1, *shape))),
+    lambda: joint.init_state(students, teacher, 0, jnp.zeros((1, *build.input_shape(config)))),
     out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )()
   p_train, p_eval = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
   return state, p_train, p_eval
 
 
-def _batch(model: str, mesh, batch: int = BATCH, with_mask=False, shape_classes=None):
-  _, shape, classes = (None, *shape_classes) if shape_classes else SHAPES[model]
+def _batch(config, mesh, with_mask=False):
+  """A synthetic batch of the config's input shape, classes and global batch size."""
+  batch, classes = config.batch_size, DATASETS[config.dataset].num_classes
+  shape = build.input_shape(config)
   rng = np.random.default_rng(0)
   b = {
     "image": rng.normal(size=(batch, *shape)).astype(np.float32),
@@ -163,7 +165,7 @@ def bench_model(
   variants: list[str],
   batch_size: int = BATCH,
 ) -> dict:
-  batch = _batch(model, mesh, batch_size)
+  batch = _batch(_config(model, 32, batch=batch_size), mesh)
   timer = Timer()
   evals = {}
   for name in variants:
@@ -175,7 +177,7 @@ def bench_model(
     timer.add(name, _train_closure(state, p_train, batch))
   if "w4a4" in evals:
     state, p_eval = evals["w4a4"]
-    eval_batch = _batch(model, mesh, batch_size, with_mask=True)
+    eval_batch = _batch(_config(model, 32, batch=batch_size), mesh, with_mask=True)
     timer.add("eval_w4a4", lambda: jax.block_until_ready(p_eval(state, eval_batch)))
   timer.run(rounds, steps, warmup)
   out = {k: timer.stats(k) for k in timer.fns}
@@ -216,21 +218,15 @@ def _recipe_configs(recipe: str, dtype: str | None, batch: int | None) -> dict:
 
 def bench_recipe(recipe: str, mesh, rounds: int, steps: int, warmup: int, dtype, batch) -> dict:
   """Median step times of a paper recipe's joint step against its student and teacher alone."""
-  from qnet.data import datasets  # pylint: disable=import-outside-toplevel
-
   configs = _recipe_configs(recipe, dtype, batch)
   c = configs["recipe"]
-  spec = datasets.DATASETS[c.dataset]
-  size = c.image_size or spec.image_size
-  shape, classes = (size, size, spec.channels), spec.num_classes
   timer = Timer()
   for name, config in configs.items():
-    state, p_train, p_eval = _steps(config, 1000, mesh, shape)
+    state, p_train, p_eval = _steps(config, 1000, mesh)
     if name == "recipe":
       eval_state = jax.tree.map(jnp.copy, state)  # the train closure donates `state`
-    b = _batch(config.model, mesh, c.batch_size, shape_classes=(shape, classes))
-    timer.add(name, _train_closure(state, p_train, b))
-  eval_batch = _batch(c.model, mesh, c.batch_size, with_mask=True, shape_classes=(shape, classes))
+    timer.add(name, _train_closure(state, p_train, _batch(config, mesh)))
+  eval_batch = _batch(c, mesh, with_mask=True)
   timer.add("recipe_eval", lambda: jax.block_until_ready(p_eval(eval_state, eval_batch)))
   timer.run(rounds, steps, warmup)
   out = {k: timer.stats(k) for k in timer.fns}
@@ -242,7 +238,7 @@ def bench_recipe(recipe: str, mesh, rounds: int, steps: int, warmup: int, dtype,
     out[f"images_per_s_{k}"] = c.batch_size / (ms / 1e3)
   out["config"] = {
     "model": c.model,
-    "input_shape": list(shape),
+    "input_shape": list(build.input_shape(c)),
     "batch": c.batch_size,
     "dtype": c.dtype,
     "bits": [c.quant.weight_bits, c.quant.act_bits],
@@ -267,7 +263,7 @@ def compile_count(mesh, steps: int = 12) -> int:
   """Train-step compilations over a run that passes every phase of PQ+TS+SP with KD."""
   c = _config("fmnist_cnn", 2, distill=True, kind="progressive+two_stage+stochastic")
   state, p_train, _ = _steps(c, steps, mesh)
-  batch = _batch("fmnist_cnn", mesh)
+  batch = _batch(c, mesh)
   for _ in range(steps):
     state, _ = p_train(state, batch)
   jax.block_until_ready(state)
@@ -316,17 +312,15 @@ def main() -> None:
       args.recipe, mesh, args.rounds, args.steps, args.warmup, args.dtype, args.batch
     )
     result["recipes"] = {args.recipe: r}
-    b = r["config"]["batch"]
     print(f"\n{args.recipe} on {backend} ({result['device_kind']}), {r['config']}")
     print("| step | median ms | min | max | images/s |\n|---|---|---|---|---|")
     for k in ("recipe", "recipe_student", "recipe_teacher", "recipe_eval"):
       print(
         f"| {k} | {r[k]['median_ms']:.1f} | {r[k]['min_ms']:.1f} | {r[k]['max_ms']:.1f} "
-        f"| {b / (r[k]['median_ms'] / 1e3):.0f} |"
+        f"| {r[f'images_per_s_{k}']:.0f} |"
       )
     print(f"joint / (teacher + student): {r['ratio_recipe_over_teacher_plus_student']:.3f}")
-    args.models = ""
-  for model in filter(None, args.models.split(",")):
+  for model in [] if args.recipe else args.models.split(","):
     print(f"timing {model} ...", flush=True)
     result["models"][model] = bench_model(
       model,

@@ -45,7 +45,7 @@ def _once(model: str, impl: str, mesh, steps: int) -> dict:
   init_s = time.perf_counter() - t
   state = init_c()
   p_train, _ = build.compile_steps(mesh, students, teacher, build.distill_spec(config))
-  batch = _batch(model, mesh)
+  batch = _batch(config, mesh)
   t = time.perf_counter()
   step_c = p_train.lower(state, batch).compile()
   step_s = time.perf_counter() - t
