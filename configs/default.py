@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.keep_first_last_fp = True
   # Weights: per-output-channel max (DoReFa's normalisation) or step (LSQ); per tensor if False.
   c.quant.per_channel = False
+  # The residual stream of the PreActResNet models: 32 float (the paper's networks); 8 int8,
+  # one learned step per stage (qnet.models.layers.StreamQuant), so the exported network runs
+  # every conv int8-in, int8-out and every sum as an integer add (docs/deploying.md).
+  c.quant.residual_bits = 32
   # A user's model (model=PACKAGE.MODULE:ClassName): '' quantizes every nn.Conv / nn.Dense with
   # the quantizers below, the first conv's input never and, with keep_first_last_fp, neither
   # the first conv nor the last dense (qnet.models.rules.default_rules); or PACKAGE.MODULE:NAME,

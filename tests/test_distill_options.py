@@ -89,6 +89,27 @@ def test_a_width_checkpoint_does_not_resume_under_another_width():
     checkpointing.check_compatible(wide, plain)
 
 
+def test_residual_bits_is_refused_outside_the_preact_resnets_and_its_checkpoints_keep_to_it():
+  from qnet.train import checkpointing
+
+  with pytest.raises(config_validation.ConfigError, match=r"config.quant.residual_bits=4 is invalid; "
+                     r"allowed: 32 \(a float residual stream\) or 8 \(int8\)"):
+    _validate(_config(model="resnet20", quant__residual_bits=4))
+  with pytest.raises(config_validation.ConfigError, match=r"config.quant.residual_bits=8 is invalid; "
+                     r"allowed: 32 for model 'tiny_cnn'; 8 only for resnet18, resnet20"):
+    _validate(_config(quant__residual_bits=8))
+  c = _config(model="tiny_resnet", quant__residual_bits=8, distill__enabled=True, distill__teacher_model="tiny_cnn")
+  _validate(c)
+  students, teacher = build.build_specs(c, 10)  # a teacher of another family: a float stream
+  assert "residual_bits" not in {f for f in type(teacher.model).__dataclass_fields__}
+  stream = build.run_meta(c, students, teacher)
+  c.quant.residual_bits = 32
+  plain = build.run_meta(c, *build.build_specs(c, 10))
+  assert "residual_bits" not in plain
+  with pytest.raises(checkpointing.IncompatibleCheckpointError, match="residual_bits: checkpoint"):
+    checkpointing.check_compatible(stream, plain)
+
+
 # ----------------------------------------------------------------------------- teacher_act
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qnet.deploy import integer, litert, onnx_graph
-from test_qdq_onnx import CASES, _program, check_codes
+from test_qdq_onnx import CASES, STREAM_CASES, STREAM_OPS, _program, _stream_program, check_codes
 
 pytest.importorskip("ai_edge_litert")
 tf = pytest.importorskip("tensorflow")
@@ -64,3 +64,28 @@ def test_tflite_fp32_twin_equals_the_onnx_twin():
   got = litert.interpreter_fn(model)(images)
   sess = ort.InferenceSession(onnx_graph.to_fp32_onnx(program).SerializeToString(), providers=["CPUExecutionProvider"])
   np.testing.assert_allclose(got, sess.run(["logits"], {"image": images})[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("w,a,quantizers,per_channel", STREAM_CASES)
+@pytest.mark.heavy
+def test_tflite_int8_residual_stream_runs_int8_convs_and_adds_with_qnets_codes(w, a, quantizers, per_channel):
+  program, *_ = _stream_program(w, a, quantizers, per_channel)
+  report = {}
+  plain = litert.to_tflite(program, report=report)
+  assert {f["form"] for f in report.values()} == {"int8 CONV_2D"} and len(report) == 5
+  ops = _ops(plain)
+  assert ops[("CONV_2D", "int8")] == 5 and ops[("ADD", "int8")] == 2, ops
+  images = np.random.default_rng(3).integers(0, 256, (6, *program.input_shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  debug = litert.interpreter_fn(litert.to_tflite(program, debug_outputs=True), outputs=True)
+  theirs = {k: np.asarray(v) for k, v in debug(images).items()}
+  theirs = {k: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for k, v in theirs.items()}
+  counts = check_codes(program, values, theirs, report, exact_fused=True)
+  streams = [op["out"] for op in program.ops if op["op"] in STREAM_OPS]
+  assert all(counts[s] == 0 for s in streams), counts  # XNNPACK's int8 conv and add: qnet's formulas
+  assert sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
+  np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
+  twin = litert.interpreter_fn(litert.to_tflite(program, float_twin=True))(images)
+  ort = pytest.importorskip("onnxruntime")
+  sess = ort.InferenceSession(onnx_graph.to_fp32_onnx(program).SerializeToString(), providers=["CPUExecutionProvider"])
+  np.testing.assert_allclose(twin, sess.run(["logits"], {"image": images})[0], rtol=1e-4, atol=1e-4)

@@ -219,3 +219,48 @@ def test_config_per_channel_reaches_the_layers(weight_quantizer):
     prec = precision.uniform(spec.layout, 2, 2)
     outs.append(jax.jit(lambda v: spec.model.apply(v | {"precision": prec}, x, train=False))(v))
   assert not np.allclose(outs[0], outs[1])
+
+
+def _stream_net(precision_bits):
+  c = default.get_config()
+  c.model, c.quant.residual_bits = "tiny_resnet", 8
+  c.quant.weight_quantizer = c.quant.act_quantizer = "lsq"
+  (spec,), _ = build.build_specs(c, 10)
+  x = jax.random.normal(jax.random.key(1, impl="rbg"), (4, 16, 16, 3))
+  v = spec.model.init(jax.random.key(0, impl="rbg"), x, train=False)
+  prec = precision.uniform(spec.layout, *precision_bits)
+  return spec, v, prec, x
+
+
+def test_int8_residual_stream_is_on_its_grid_and_the_identity_at_full_precision():
+  """`quant.residual_bits=8` (config -> model): each stage has one learned stream step; a
+  quantized block's output is an int8 multiple of it; at 32 bits (the teacher, stage one of
+  a two-stage run) the network is the float-stream one, parameter for parameter."""
+  spec, v, prec, x = _stream_net((4, 4))
+  assert {"stage1_stream", "stage2_stream"} <= set(v["params"])
+  assert not any("stream" in "/".join(p) for p in spec.layout.paths)  # no bits of its own
+  out, inter = spec.model.apply(v | {"precision": prec}, x, train=False, capture_intermediates=True)
+  for stage, block in ((1, "stage1_block1"), (2, "stage2_block1")):
+    s = float(v["params"][f"stage{stage}_stream"]["act_clip"]) / np.sqrt(127.0)
+    u = np.asarray(inter["intermediates"][block]["__call__"][0]) / s
+    np.testing.assert_allclose(u, np.round(u), atol=1e-4)
+    assert -128 <= u.min() and u.max() <= 127 and len(np.unique(np.round(u))) > 8
+  float_stream = models.create_model("tiny_resnet", 10, weight_quantizer="lsq", act_quantizer="lsq")
+  fp = precision.full_precision(spec.layout)
+  plain = {"params": {k: a for k, a in v["params"].items() if "stream" not in k}, "batch_stats": v["batch_stats"]}
+  np.testing.assert_array_equal(
+    spec.model.apply(v | {"precision": fp}, x, train=False), float_stream.apply(plain | {"precision": fp}, x, train=False)
+  )
+  assert not np.allclose(out, float_stream.apply(plain | {"precision": prec}, x, train=False), atol=1e-3)
+
+
+def test_int8_residual_stream_step_learns_and_calibrates():
+  spec, v, prec, x = _stream_net((4, 4))
+  grads = jax.grad(lambda p: spec.model.apply(v | {"params": p, "precision": prec}, x, train=False).sum())(v["params"])
+  assert all(float(jnp.abs(grads[f"stage{i}_stream"]["act_clip"])) > 0 for i in (1, 2))
+  fp = precision.full_precision(spec.layout)
+  grads = jax.grad(lambda p: spec.model.apply(v | {"params": p, "precision": fp}, x, train=False).sum())(v["params"])
+  assert float(grads["stage1_stream"]["act_clip"]) == 0.0  # not used at full precision
+  _, upd = spec.model.apply(v | {"precision": prec}, x, train=True, mutable=["batch_stats", layers.CALIBRATION])
+  level = upd[layers.CALIBRATION]["stage1_stream"]["act_clip"]
+  assert float(level) != 1.0 and np.isfinite(float(level)) and float(level) > 0

@@ -56,6 +56,17 @@ def _nhwc(v):
   return np.transpose(v, (0, 2, 3, 1)) if v.ndim == 4 else v
 
 
+STREAM_OPS = ("stream_quantize", "requant_stream", "stream_add")
+
+
+def _their_codes(theirs, op) -> np.ndarray:
+  """A runtime's code tensor as qnet's integers (NHWC; int8 stream codes held as `uint8 =
+  code + 128` back to signed)."""
+  got = _nhwc(theirs[op["out"]])
+  shift = 128 if op["op"] in STREAM_OPS and got.dtype == np.uint8 else 0
+  return got.astype(np.int64) - shift
+
+
 def check_codes(program, values, theirs, report, exact_fused: bool):
   """Per code tensor of the program: disagreements of `theirs` (a runtime's debug outputs)
   with qnet's `values`, each shown to be a rounding tie given the runtime's own inputs; fused
@@ -66,7 +77,7 @@ def check_codes(program, values, theirs, report, exact_fused: bool):
   for op in program.ops:
     if op["out"] not in theirs:
       continue
-    got = _nhwc(theirs[op["out"]]).astype(np.int64)
+    got = _their_codes(theirs, op)
     ours = np.asarray(values[op["out"]]).astype(np.int64)
     counts[op["out"]] = int(np.sum(got != ours))
     if op["op"] == "quantize":  # the runtime's own float input, rounded by qnet's formula
@@ -79,30 +90,35 @@ def check_codes(program, values, theirs, report, exact_fused: bool):
     if op["op"] != "requant":
       continue
     conv = layer_of[op["in"][0]]
-    j = _nhwc(theirs[conv["in"][0]]).astype(np.int32) if conv["in"][0] in theirs else None
-    if j is None:
-      continue
-    c = integer.signed_codes(program.arrays[conv["weight"]], conv["weight_bits"], integer.weight_quantizer_of(conv))
-    c = c.astype(np.int32)
-    if conv["op"] == "conv":
-      acc = np.asarray(integer._conv(j, c, conv, jnp.int32))
+    if conv["op"] in STREAM_OPS:  # the stream's BatchNorm and quantizer: a float map here
+      if conv["out"] not in theirs:
+        continue
+      acc, fused, where = _their_codes(theirs, conv), False, conv["out"]
     else:
-      acc = np.asarray(integer._dot(j.reshape(len(j), -1), c, jnp.int32))
+      j = _nhwc(theirs[conv["in"][0]]).astype(np.int32) if conv["in"][0] in theirs else None
+      if j is None:
+        continue
+      c = integer.signed_codes(program.arrays[conv["weight"]], conv["weight_bits"], integer.weight_quantizer_of(conv))
+      c = c.astype(np.int32)
+      if conv["op"] == "conv":
+        acc = np.asarray(integer._conv(j, c, conv, jnp.int32))
+      else:
+        acc = np.asarray(integer._dot(j.reshape(len(j), -1), c, jnp.int32))
+      entry = report.get(conv["layer"]) or report[f"{conv['layer']} -> requant"]  # several consumers
+      fused, where = entry["form"] in FUSED, conv["layer"]
     scale, shift = program.arrays[op["scale"]], program.arrays[op["shift"]]
     sign, u = integer.thresholds(scale, shift, op["bits"])
     want = np.sum((acc * sign)[..., None] >= u, axis=-1)
     differ = got != want
-    entry = report.get(conv["layer"]) or report[f"{conv['layer']} -> requant"]  # several consumers
-    fused = entry["form"] in FUSED
     if fused and exact_fused:
-      assert not differ.any(), (conv["layer"], int(differ.sum()))
+      assert not differ.any(), (where, int(differ.sum()))
     z = scale * acc.astype(np.float64) + shift  # the unrounded code
     distance = np.abs(z - (np.floor(z) + 0.5))
     # A tie: the float32 map (or a runtime's float requant) meets qnet's exact one within
     # float32 error of a boundary m - 1/2.
     tol = 1e-5 * (np.abs(scale * acc) + np.abs(shift) + 1)
-    assert np.all(np.abs(got - want)[differ] == 1), conv["layer"]
-    assert np.all(distance[differ] <= tol[differ]), (conv["layer"], distance[differ])
+    assert np.all(np.abs(got - want)[differ] == 1), where
+    assert np.all(distance[differ] <= tol[differ]), (where, distance[differ])
   return counts
 
 
@@ -245,6 +261,78 @@ def test_tensorrt_flavour_keeps_tensorrts_rules_and_qnets_codes(tmp_path, name, 
   assert counts and sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
   np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
   np.testing.assert_allclose(theirs["logits"], logits, atol=0.05 * float(np.abs(logits).max()))
+
+
+STREAM_CASES = [  # tiny_resnet with an int8 residual stream: w, a, quantizers, per_channel
+  (2, 2, ("dorefa", "dorefa"), False),
+  (4, 4, ("lsq", "lsq"), True),  # per-channel steps: a multiplier per channel into the stream
+]
+
+
+def _stream_program(w, a, quantizers, per_channel):
+  shape, ds = (32, 32, 3), DATASETS["cifar10"]
+  wq, aq = quantizers
+  model, params, stats = random_net(
+    "tiny_resnet", shape, residual_bits=8, weight_quantizer=wq, act_quantizer=aq, per_channel=per_channel
+  )
+  bits, tree = bits_for(model, shape, w, a, True)
+  program = lowering.build_program(
+    model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel,
+    weight_quantizer=wq, act_quantizer=aq,
+  )
+  return program, model, {"params": params, "batch_stats": stats, "precision": tree}, ds
+
+
+@pytest.mark.parametrize("w,a,quantizers,per_channel", STREAM_CASES)
+@pytest.mark.heavy
+def test_int8_residual_stream_runs_as_qlinearconv_and_qlinearadd_with_qnets_codes(tmp_path, w, a, quantizers, per_channel):
+  """`quant.residual_bits=8`: the program equals the fake-quant network; in the QDQ graph
+  every integer conv (into k-bit codes or into the stream) is a QLinearConv and every block
+  sum a QLinearAdd, and the stream codes of ONNX Runtime, its TensorRT flavour and OpenVINO
+  are qnet's (a k-bit code after the stream's float BatchNorm map may differ at a tie)."""
+  program, model, variables, ds = _stream_program(w, a, quantizers, per_channel)
+  kinds = collections.Counter(op["op"] for op in program.ops)
+  assert kinds["requant_stream"] == 3 and kinds["stream_add"] == 2 and kinds["stream_quantize"] == 1
+  assert kinds["add"] == 0  # no float sum left
+  images = np.random.default_rng(3).integers(0, 256, (8, *program.input_shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  x = (images.astype(np.float32) / 255.0 - np.asarray(ds.mean, np.float32)) / np.asarray(ds.std, np.float32)
+  fake = model.apply(variables, x, train=False)
+  np.testing.assert_allclose(logits, fake, rtol=1e-4, atol=1e-4)
+
+  report = {}
+  plain = qdq_onnx.to_onnx(program, report=report).SerializeToString()
+  assert {f["form"] for f in report.values()} == {"QLinearConv"} and len(report) == 5
+  assert sum(f.get("into") == "int8 stream" for f in report.values()) == 3
+  ops = _optimized_ops(plain, tmp_path)
+  assert ops["QLinearConv"] == 5 and ops["QLinearAdd"] == 2, ops
+  assert ops["Conv"] == 1  # the 32-bit stem
+  graphs = {"onnxruntime": qdq_onnx.to_onnx(program, debug_outputs=True)}
+  trt = qdq_onnx.to_onnx(program, flavour="tensorrt")
+  assert qdq_onnx.tensorrt_violations(trt) == []
+  graphs["tensorrt"] = qdq_onnx.to_onnx(program, flavour="tensorrt", debug_outputs=True)
+  streams = [op["out"] for op in program.ops if op["op"] in STREAM_OPS]
+  runs = {}
+  for flavour, graph in graphs.items():
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    runs[flavour] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": images})))
+  ov = pytest.importorskip("openvino")
+  compiled = ov.Core().compile_model(
+    ov.Core().read_model(graphs["onnxruntime"].SerializeToString(), b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+  )
+  out = compiled.create_infer_request().infer({0: images})
+  runs["openvino"] = {name: np.asarray(v) for k, v in out.items() for name in k.get_names()}
+  for where, theirs in runs.items():
+    assert set(streams) <= set(theirs), where
+    counts = check_codes(program, values, theirs, report, exact_fused=where == "onnxruntime")
+    if where == "onnxruntime":  # QLinearConv and QLinearAdd are the program's formulas
+      assert all(counts[s] == 0 for s in streams), counts
+    assert sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts), (where, counts)
+    np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
+    np.testing.assert_allclose(theirs["logits"], logits, atol=0.05 * float(np.abs(logits).max()))
+  twin = ort.InferenceSession(onnx_graph.to_fp32_onnx(program).SerializeToString(), providers=["CPUExecutionProvider"])
+  fp = twin.run(["logits"], {"image": images})[0]
+  np.testing.assert_allclose(fp, logits, atol=0.5 * float(np.abs(logits).max()))  # unrounded: close, not equal
 
 
 def _tiny(nodes, inits, inputs, outputs, shape=(2, 3)):

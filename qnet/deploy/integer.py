@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qnet.quant import quantizers as quant
-from qnet.models.layers import ACT_CLIP, ACT_QUANTIZERS, WEIGHT_CLIP, WEIGHT_QUANTIZERS
+from qnet.models.layers import ACT_CLIP, ACT_QUANTIZERS, STREAM_BITS, WEIGHT_CLIP, WEIGHT_QUANTIZERS
 
 PyTree = Any
 MAX_BITS = 8
@@ -268,6 +268,12 @@ class _Acc:
   # it), a float consumer gets it applied.
   relu: bool = False
   pools: list = dataclasses.field(default_factory=list)
+  # Set for int8 residual-stream codes (value `codes * factor`): the `StreamQuant` path.
+  stream: str | None = None
+
+  def on_stream(self, path: str) -> bool:
+    """Are these the untouched codes of stream `path` (nothing folded onto them yet)?"""
+    return self.stream == path and self.bn is None and not self.relu and not self.pools
 
 
 @dataclasses.dataclass
@@ -467,7 +473,34 @@ class Builder:
     v = self._as_float(self._materialize(v))
     return _Val(self._emit("mean", [v.name], "mean"), (v.shape[-1],))
 
-  def add(self, a, b) -> _Val:
+  def stream(self, v, path: str) -> _Acc:
+    """Stream `path`'s quantizer (signed LSQ, `layers.STREAM_BITS`): int8 codes. Codes of the
+    same stream pass (the model's re-quantization of an on-grid value is the identity); an
+    integer layer's accumulator is requantized (`requant_stream`); anything else is float and
+    quantized (`stream_quantize`)."""
+    if isinstance(v, _Acc) and v.on_stream(path):
+      return v
+    self.kinds.setdefault(path, ("lsq", "lsq", False))
+    step = float(lsq_step(self._clip(path, ACT_CLIP), STREAM_BITS, signed=True))
+    if isinstance(v, _Acc) and v.stream is None and v.bn is None and not v.relu and not v.pools:
+      scale = np.asarray(v.factor, np.float64) / step
+      if np.ndim(scale):
+        self.arrays[f"{v.layer}.stream_scale"] = scale.astype(np.float32)
+        scale = f"{v.layer}.stream_scale"
+      else:
+        scale = float(np.float32(scale))
+      out = self._emit(
+        "requant_stream", [v.name], path, bits=STREAM_BITS, scale=scale, bias=v.bias, step=step
+      )
+    else:
+      x = self._as_float(self._materialize(v))
+      out = self._emit("stream_quantize", [x.name], path, bits=STREAM_BITS, step=step)
+    return _Acc(out, v.shape, step, path, stream=path)
+
+  def add(self, a, b):
+    if isinstance(a, _Acc) and a.stream and a.on_stream(a.stream) and isinstance(b, _Acc) and b.on_stream(a.stream):
+      out = self._emit("stream_add", [a.name, b.name], a.stream, bits=STREAM_BITS, step=a.factor)
+      return _Acc(out, a.shape, a.factor, a.stream, stream=a.stream)
     a, b = self._materialize(a), self._materialize(b)
     return _Val(self._emit("add", [a.name, b.name], "add"), a.shape)
 
@@ -759,7 +792,7 @@ def _run_op(op: dict, env: dict, arrays: dict) -> jax.Array:
     mul = lax.rsqrt(arrays[op["var"]] + jnp.float32(op["eps"])) * arrays[op["scale"]]
     return (x - arrays[op["mean"]]) * mul + arrays[op["bias"]]  # as flax's BatchNorm
   if kind == "maxpool":
-    init = jnp.array(-jnp.inf if x.dtype == jnp.float32 else 0, x.dtype)
+    init = jnp.array(-jnp.inf if x.dtype == jnp.float32 else jnp.iinfo(x.dtype).min, x.dtype)
     pads = ((0, 0), *map(tuple, op["padding"]), (0, 0))
     return lax.reduce_window(
       x, init, lax.max, (1, *op["window"], 1), (1, *op["strides"], 1), pads
@@ -770,9 +803,34 @@ def _run_op(op: dict, env: dict, arrays: dict) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
   if kind == "add":
     return x + env[op["in"][1]]
+  if kind in ("stream_quantize", "requant_stream", "stream_add"):
+    return _stream_op(op, x, env, arrays)
   if kind == "output":
     return x.astype(jnp.float32)
   raise ValueError(f"unknown op {kind!r}")
+
+
+def stream_range() -> tuple[int, int]:
+  """The stream codes' range: LSQ's signed `[-2^(b-1), 2^(b-1) - 1]`, the int8 range."""
+  half = 2 ** (STREAM_BITS - 1)
+  return -half, half - 1
+
+
+def _stream_op(op: dict, x: jax.Array, env: dict, arrays: dict) -> jax.Array:
+  # int8 codes of the residual stream; each the fake quantizer's float32 operations
+  # (`quant.lsq_quantize`: `round(clip(v / s))`), or the saturating integer sum.
+  lo, hi = stream_range()
+  if op["op"] == "stream_add":
+    y = x.astype(jnp.int32) + env[op["in"][1]].astype(jnp.int32)
+    return jnp.clip(y, lo, hi).astype(jnp.int8)
+  if op["op"] == "stream_quantize":
+    u = x / jnp.float32(op["step"])
+  else:  # requant_stream: `acc * (factor / s)` (+ bias / s), the accumulator in the stream's step
+    scale = op["scale"]
+    u = x.astype(jnp.float32) * (arrays[scale] if isinstance(scale, str) else jnp.float32(scale))
+    if op["bias"]:
+      u = u + arrays[op["bias"]] / jnp.float32(op["step"])
+  return jnp.round(jnp.clip(u, lo, hi)).astype(jnp.int8)
 
 
 def fp32_bytes(params: PyTree, batch_stats: PyTree) -> int:

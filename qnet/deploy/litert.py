@@ -124,8 +124,61 @@ def _dequantize_codes(tf, op: dict, x):
   return x / np.float32(integer.levels(op["bits"]))
 
 
+def _stream_codes(tf, y):
+  """The fake quant of `y` (code units) as int8 stream codes: round, saturate to [-128, 127]."""
+  lo, hi = integer.stream_range()
+  return tf.quantization.fake_quant_with_min_max_vars(y, float(lo), float(hi), num_bits=8)
+
+
+def _stream_op(tf, op: dict, x, env, arrays, step: float | None):
+  """A stream op on its own (`qdq_onnx._stream_op`'s forms); `step`: with the float twin, the
+  step of the stream value `x` (kept float there), else None (`x` is codes)."""
+  kind = op["op"]
+  twin = step is not None
+  if kind == "stream_quantize":
+    return x if twin else _stream_codes(tf, x / np.float32(op["step"]))
+  if kind == "stream_add":
+    y = x + env[op["in"][1]]
+    return y if twin else _stream_codes(tf, y)
+  if kind == "dequant":
+    factor = op["factor"]
+    factor = np.asarray(arrays[factor] if isinstance(factor, str) else factor, np.float32)
+    y = x if twin else x * factor
+    return y + np.asarray(arrays[op["bias"]], np.float32) if op["bias"] else y
+  scale, shift = arrays[op["scale"]].astype(np.float64), arrays[op["shift"]].astype(np.float64)
+  if twin:  # the map on the float values, times the next step, then the quantizer's clip
+    s = float(op["step"])
+    y = x * (scale * s / step).astype(np.float32) + (shift * s).astype(np.float32)
+    return tf.clip_by_value(y, 0.0, np.float32(act_range(op)))
+  return _codes(tf, x * scale.astype(np.float32) + shift.astype(np.float32), integer.levels(op["bits"]))
+
+
+def _stream_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
+  """An integer conv into the int8 stream (`requant_stream`): an int8 `CONV_2D` with the int8
+  weight codes (sign folded), per-channel multiplier `|M|` and an int8 output (XNNPACK's
+  `round(float(acc) M)`, the program's formula); a dense or a biased layer in float."""
+  codes, _ = layer_fit(op, nxt, arrays)
+  scale = nxt["scale"]
+  m = np.broadcast_to(np.asarray(arrays[scale] if isinstance(scale, str) else scale, np.float32), codes.shape[-1:])
+  if op["op"] == "conv" and not nxt["bias"] and np.abs(codes).max() <= 127:
+    am = np.abs(m).astype(np.float32)
+    w = (codes * np.where(m < 0, -1, 1)).astype(np.float32) * am
+    wq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+      tf.constant(w), tf.constant(-127 * am), tf.constant(127 * am), num_bits=8, narrow_range=True
+    )
+    report[op["layer"]] = {"form": "int8 CONV_2D", "into": "int8 stream"}
+    return _stream_codes(tf, _conv(tf, x, wq, op))
+  y = _linear(tf, x, codes.astype(np.float32), op) * m
+  if nxt["bias"]:
+    y = y + np.asarray(arrays[nxt["bias"]], np.float32) / np.float32(nxt["step"])
+  report[op["layer"]] = {"form": "float", "into": "int8 stream"}
+  return _stream_codes(tf, y)
+
+
 def _integer_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
-  """An integer conv/dense into its consumer (`requant` or `dequant`)."""
+  """An integer conv/dense into its consumer (`requant`, `dequant` or `requant_stream`)."""
+  if nxt["op"] == "requant_stream":
+    return _stream_layer(tf, op, nxt, x, arrays, report)
   dense = op["op"] == "dense"
   mean = dense and x.shape.rank == 4 and op["reduce"] == "mean"
   codes, fit = layer_fit(op, nxt, arrays, mean)
@@ -177,10 +230,23 @@ def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_output
   def fn(images):
     env: dict = {"image": images}
     done, codes, shown = set(), set(), {}
+    stream: dict[str, float] = {}  # int8 stream values and their steps
     for op in program.ops:
       kind, x = op["op"], env.get(op["in"][0], images)
       if op["out"] in done:
         continue
+      if kind in ("stream_quantize", "stream_add") or (kind in ("requant", "dequant") and op["in"][0] in stream):
+        step = stream.get(op["in"][0]) if float_twin else None
+        if float_twin and kind == "stream_quantize":
+          step = float(op["step"])
+        env[op["out"]] = _stream_op(tf, op, x, env, program.arrays, step)
+        if kind in ("stream_quantize", "stream_add"):
+          stream[op["out"]] = float(op["step"])
+        elif kind == "requant" and not float_twin:
+          codes.add(op["out"])
+        continue
+      if kind == "maxpool" and op["in"][0] in stream:
+        raise ValueError(f"op maxpool -> {op['out']}: a max-pool on the int8 stream has no LiteRT form yet")
       on_codes = op["in"][0] in codes
       y = _float_op(tf, op, x, program.arrays, env, on_codes)
       if y is not None:
@@ -216,12 +282,16 @@ def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_output
               codes.add(nxt["out"])
           env[nxt["out"]] = y
           done.add(nxt["out"])
+          if nxt["op"] == "requant_stream":
+            stream[nxt["out"]] = float(nxt["step"])
       else:
         raise ValueError(f"op {kind!r} outside an integer layer's pattern")
     out = {"logits": env[program.ops[-1]["out"]]}
     if not debug_outputs:
       return out
     out.update({k: env[k] for k in sorted(codes)})
+    if not float_twin:
+      out.update({k: env[k] for k in sorted(stream)})
     out.update(shown)
     return out
 

@@ -36,7 +36,7 @@ _LAYER = jex_core.Primitive("qnet_layer")
 class LayerCall:
   """One layer call of the traced model: what the builder needs to emit it."""
 
-  kind: str  # conv | dense | batchnorm
+  kind: str  # conv | dense | batchnorm | stream
   path: str
   out_shape: tuple[int, ...]
   attrs: dict
@@ -118,7 +118,7 @@ class _Tracer:
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
     if not (
-      isinstance(m, (layers.QuantConv, layers.QuantDense, nn.BatchNorm))
+      isinstance(m, (layers.QuantConv, layers.QuantDense, nn.BatchNorm, layers.StreamQuant))
       or type(m) in (nn.Conv, nn.Dense)
     ):
       return next_fun(*args, **kwargs)  # not a layer the program has
@@ -132,6 +132,11 @@ class _Tracer:
         n = x.shape[0]
         attrs = dict(reduce=m.reduce, quantize_input=m.quantize_input, bits=bits, bias=True)
         call = LayerCall("dense", path, (n, m.features), attrs)
+    elif isinstance(m, layers.StreamQuant):
+      # The block's bits come in as the call's argument, read from the precision tree (a
+      # constant here): on or off is known when tracing.
+      on = float(np.asarray(args[1])) < FP
+      call = LayerCall("stream", path, tuple(x.shape), {"on": on})
     elif type(m) in (nn.Conv, nn.Dense):
       rule = self.plan.get(path) if self.rules_model is not None else None
       quantized = rule is not None and not rule.keep_fp
@@ -250,6 +255,10 @@ class _Lowering:
       if isinstance(x, _Reduced):
         raise UnsupportedModel(f"layer {call.path}: a BatchNorm after a mean or flatten")
       return self.b.batchnorm(x, call.path)
+    if call.kind == "stream":
+      if isinstance(x, _Reduced):
+        raise UnsupportedModel(f"layer {call.path}: a residual stream after a mean or flatten")
+      return self.b.stream(x, call.path) if a["on"] else x
     self.b.bits[call.path] = a["bits"]
     if call.kind == "conv":
       if isinstance(x, _Reduced):

@@ -210,6 +210,19 @@ def twin_layer(op: dict, nxt: dict | None, arrays) -> tuple[np.ndarray, np.ndarr
   return kernel, bias, top
 
 
+def _twin_from_stream(g: Graph, op: dict, x: str, rank: int, arrays, step: float) -> str:
+  """A `requant` or `dequant` of int8 stream codes in the float twin, on the stream's float
+  values `x` (the codes times `step`): the map in code units, times the next step, then the
+  quantizer's clip; or the value itself (plus the bias)."""
+  if op["op"] == "dequant":
+    return g.node("Add", [x, g.const(chw(arrays[op["bias"]], rank).astype(np.float32))]) if op["bias"] else x
+  top, s = act_range(op), float(op["step"])
+  mul = (arrays[op["scale"]].astype(np.float64) * s / step).astype(np.float32)
+  y = g.node("Mul", [x, g.const(chw(mul, rank))])
+  y = g.node("Add", [y, g.const(chw((arrays[op["shift"]] * s).astype(np.float32), rank))])
+  return g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(top))])
+
+
 def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
   """The program's network in float32 (see the module docstring), as an `onnx.ModelProto`."""
   g = Graph()
@@ -220,11 +233,20 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
       consumers.setdefault(name, []).append(op)
   env: dict[str, tuple[str, int]] = {}
   done = set()
+  stream_steps: dict[str, float] = {}  # int8 stream values (float here) and their steps
   for op in program.ops:
     if op["out"] in done:
       continue
     x, rank = env.get(op["in"][0], ("image", 4))
     kind = op["op"]
+    if kind in ("stream_quantize", "stream_add"):  # the stream stays float: no rounding
+      y = x if kind == "stream_quantize" else g.node("Add", [x, env[op["in"][1]][0]])
+      env[op["out"]] = y, rank
+      stream_steps[op["out"]] = float(op["step"])
+      continue
+    if kind in ("requant", "dequant") and op["in"][0] in stream_steps:
+      env[op["out"]] = _twin_from_stream(g, op, x, rank, program.arrays, stream_steps[op["in"][0]]), rank
+      continue
     emitted = float_op(g, op, x, rank, program.arrays, env)
     if emitted is not None:
       env[op["out"]] = emitted
@@ -244,6 +266,8 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
             y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(top))])
           env[nxt["out"]] = (y, r)
           done.add(nxt["out"])
+          if nxt["op"] == "requant_stream":
+            stream_steps[nxt["out"]] = float(nxt["step"])
         env[op["out"]] = (y, r)
     else:
       raise ValueError(f"unknown op {kind!r}")

@@ -34,6 +34,14 @@ int8. What each program op becomes (NCHW inside; uint8 NHWC images in, float32 l
 * max-pools on codes run on the uint8 tensor; the float parts (preprocessing, BatchNorm,
   the residual stream, 32-bit layers) are `qnet.deploy.onnx_graph`'s float ops.
 
+* the int8 residual stream (`quant.residual_bits=8`): codes `uint8 = code + 128` (zero point
+  128; TensorRT: int8, zero point 0), scale 1. `requant_stream` (a conv into the stream):
+  DQ(codes) -> Conv with the int8 weight codes, DQ scale `|factor / s|` -> Q, which ONNX
+  Runtime fuses into a QLinearConv with an 8-bit output computing `round(float(acc) M)`, the
+  program's own formula; `stream_add`: DQ + DQ -> Add -> Q, its `QLinearAdd` (scales 1: the
+  saturating integer sum); `stream_quantize`: `v / s` -> Q; the stream's BatchNorm and
+  quantizer (a `requant` of stream codes) the float map on the DQ'd codes.
+
 `to_onnx(program, report=...)` records per integer layer which form it took.
 """
 
@@ -195,6 +203,78 @@ def _q_codes(g: Graph, y: str, n: int) -> str:
   return q
 
 
+def _stream_zero(g: Graph):
+  """The int8 stream codes' zero point: ONNX Runtime holds them as uint8 `code + 128` (its
+  QDQ conv fusion needs the input and output types equal, and the k-bit codes are uint8);
+  TensorRT as int8 with zero point 0."""
+  return np.int8(0) if g.flavour == "tensorrt" else np.uint8(128)
+
+
+def _dq_stream(g: Graph, x: str) -> str:
+  """Stream codes to float, in code units (scale 1)."""
+  return _dq(g, x, np.float32(1), _stream_zero(g))
+
+
+def _q_stream(g: Graph, y: str) -> str:
+  """Q (scale 1, round half to even, saturating to the int8 range) to stream codes."""
+  return g.node("QuantizeLinear", [y, g.const(np.float32(1), "s"), g.const(_stream_zero(g), "z")], "stream")
+
+
+def _stream_op(g: Graph, op: dict, x: str, env: dict, arrays, rank: int) -> str:
+  """A stream op on its own: `stream_quantize` (the fake quantizer's `v / s`, then Q as its
+  round), `stream_add` (DQ + DQ -> Add -> Q: ONNX Runtime's `QLinearAdd`, exact: both scales
+  are 1), or a `requant` / `dequant` reading stream codes (their map in float on the DQ'd
+  codes)."""
+  kind = op["op"]
+  if kind == "stream_quantize":
+    return _q_stream(g, g.node("Div", [x, g.const(np.float32(op["step"]))]))
+  if kind == "stream_add":
+    return _q_stream(g, g.node("Add", [_dq_stream(g, x), _dq_stream(g, env[op["in"][1]][0])]))
+  y = _dq_stream(g, x)
+  if kind == "dequant":
+    factor = op["factor"]
+    factor = np.asarray(arrays[factor] if isinstance(factor, str) else factor, np.float32)
+    y = g.node("Mul", [y, g.const(chw(factor, rank).astype(np.float32))])
+    if op["bias"]:
+      y = g.node("Add", [y, g.const(chw(arrays[op["bias"]], rank).astype(np.float32))])
+    return y
+  scale = chw(arrays[op["scale"]].astype(np.float32), rank)
+  shift = chw(arrays[op["shift"]].astype(np.float32), rank)
+  y = g.node("Add", [g.node("Mul", [y, g.const(scale)]), g.const(shift)])
+  return _q_codes(g, y, integer.levels(op["bits"]))
+
+
+def _stream_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_shape, report):
+  """An integer conv/dense into the int8 stream (`requant_stream`): `round(acc M)` with `M =
+  factor / s` per channel. A conv whose weight codes fit int8 is DQ(codes) -> Conv with the
+  int8 codes and DQ scale `|M|` (the sign folded into the weights) -> Q: ONNX Runtime's
+  QLinearConv with an int8 (uint8 + 128) output, which computes exactly `round(float(acc) M)`,
+  the program's formula. Others: a float layer on the codes, its output times `M`, then Q."""
+  codes, _ = layer_fit(op, nxt, arrays)
+  scale = nxt["scale"]
+  m = np.asarray(arrays[scale] if isinstance(scale, str) else scale, np.float32)
+  m = np.broadcast_to(m, codes.shape[-1:]).astype(np.float32)
+  dense = op["op"] == "dense"
+  if not dense and rank == 4 and not nxt["bias"] and np.abs(codes).max() <= 127:
+    w = (codes * np.where(m < 0, -1, 1)).astype(np.int8)
+    wdq = _dq(g, g.const(oihw(w), "w"), np.abs(m), np.zeros(len(m), np.int8), axis=0)
+    y = g.node("Conv", [_dq_codes(g, x), wdq], strides=op["strides"], pads=_pads(op))
+    report[op["layer"]] = {"form": "QLinearConv" if g.flavour == "onnxruntime" else "int8 Q/DQ Conv", "into": "int8 stream"}
+    return _q_stream(g, y), 4
+  out_rank = 2 if dense else 4
+  xf = _dq_codes(g, x)
+  if dense and rank == 4:
+    raise ValueError(f"{op['layer']}: a dense into the residual stream has no QDQ form")
+  w = g.const(codes.astype(np.float32) if dense else oihw(codes.astype(np.float32)), "w")
+  y = g.node("MatMul", [xf, w]) if dense else g.node("Conv", [xf, w], strides=op["strides"], pads=_pads(op))
+  y = g.node("Mul", [y, g.const(chw(m, out_rank))])
+  if nxt["bias"]:
+    b = np.asarray(arrays[nxt["bias"]], np.float32) / np.float32(nxt["step"])
+    y = g.node("Add", [y, g.const(chw(b.astype(np.float32), out_rank))])
+  report[op["layer"]] = {"form": "float", "into": "int8 stream"}
+  return _q_stream(g, y), out_rank
+
+
 def _quantize(g: Graph, op: dict, x: str) -> str:
   """`integer.quantize_codes`' float32 operations, then Q as its round and cast."""
   n = np.float32(integer.levels(op["bits"]))
@@ -222,7 +302,10 @@ def _dequantize_codes(g: Graph, op: dict, x: str) -> str:
 
 
 def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_shape, report):
-  """An integer conv/dense with its consumer (`requant` or `dequant`); (output, rank)."""
+  """An integer conv/dense with its consumer (`requant`, `dequant` or `requant_stream`);
+  (output, rank)."""
+  if nxt["op"] == "requant_stream":
+    return _stream_layer(g, op, nxt, x, rank, arrays, in_shape, report)
   dense, mean = op["op"] == "dense", op["op"] == "dense" and rank == 4 and op["reduce"] == "mean"
   codes, fit = layer_fit(op, nxt, arrays, mean)
   max_abs = np.abs(codes).max(axis=tuple(range(codes.ndim - 1)))
@@ -432,12 +515,13 @@ def to_onnx(
   env: dict[str, tuple[str, int]] = {}
   done: set[str] = set()
   codes: set[str] = set()  # program values held as uint8 codes
+  stream: set[str] = set()  # program values held as int8 stream codes
 
   code_type = g.TensorProto.INT8 if flavour == "tensorrt" else g.TensorProto.UINT8
 
   def expose(value: str) -> None:
     if debug_outputs and value not in [o[0] for o in g.outputs]:
-      tp = code_type if value in codes else g.TensorProto.FLOAT
+      tp = code_type if value in codes or value in stream else g.TensorProto.FLOAT
       g.node("Identity", [env[value][0]])
       g.nodes[-1].output[0] = value
       g.outputs.append((value, tp, env[value][1]))
@@ -447,6 +531,16 @@ def to_onnx(
     if op["out"] in done:
       continue
     x, rank = env.get(op["in"][0], ("image", 4))
+    if kind in ("stream_quantize", "stream_add") or (
+      kind in ("requant", "dequant") and op["in"][0] in stream
+    ):
+      env[op["out"]] = _stream_op(g, op, x, env, program.arrays, rank), rank
+      if kind != "dequant":
+        (codes if kind == "requant" else stream).add(op["out"])
+        expose(op["out"])
+      continue
+    if kind == "maxpool" and op["in"][0] in stream:
+      raise ValueError(f"op maxpool -> {op['out']}: a max-pool on the int8 stream has no QDQ form yet")
     if kind == "maxpool" and flavour == "tensorrt" and op["in"][0] in codes:
       y, rank = float_op(g, op, _dq_codes(g, x), rank, program.arrays, env)
       emitted = _q_codes(g, y, 255), rank  # a max of codes: within [0, n] already
@@ -483,6 +577,9 @@ def to_onnx(
         done.add(nxt["out"])
         if nxt["op"] == "requant":
           codes.add(nxt["out"])
+          expose(nxt["out"])
+        elif nxt["op"] == "requant_stream":
+          stream.add(nxt["out"])
           expose(nxt["out"])
     else:
       raise ValueError(f"op {kind!r} outside an integer layer's pattern")

@@ -85,13 +85,19 @@ def foreign_rules(spec: str, keep_first_last_fp: bool, **quantizers: Any) -> tup
   return tuple(rules)
 
 
-def takes_width(name: str) -> bool:
-  """Whether model `name` has a channel multiplier (`width`, config `model_width`)."""
-  if is_foreign(name):
+def takes(name: str, field: str) -> bool:
+  """Whether model `name` has the field `field` (`width`: config `model_width`;
+  `residual_bits`: config `quant.residual_bits`)."""
+  if is_foreign(name) or name not in MODELS:
     return False
   builder = MODELS[name]
   cls = builder.func if isinstance(builder, functools.partial) else builder
-  return "width" in getattr(cls, "__dataclass_fields__", {})
+  return field in getattr(cls, "__dataclass_fields__", {})
+
+
+def takes_width(name: str) -> bool:
+  """Whether model `name` has a channel multiplier (`width`, config `model_width`)."""
+  return takes(name, "width")
 
 
 def create_model(

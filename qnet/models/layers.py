@@ -196,6 +196,26 @@ def layer_defs(model: QuantSettings) -> tuple[Callable[..., QuantConv], Callable
   return functools.partial(QuantConv, **kw), functools.partial(QuantDense, **kw)
 
 
+# The residual stream's codes (`PreActResNet(residual_bits=8)`): int8, what the runtimes' int8
+# convs write and their integer adds read.
+STREAM_BITS = 8
+
+
+class StreamQuant(nn.Module):
+  """A quantized residual stream's quantizer: signed LSQ at `STREAM_BITS` with one learned step
+  per stage, one instance shared by the stage's blocks (so an identity shortcut is already on
+  the grid and a block's sum is an integer sum). Called as `q(v, act_bits)` with the block's
+  own `act_bits` (data): the stream is quantized while the block is (`act_bits < 32`) and
+  full precision (the identity) when it is not, so progressive and stochastic precision and
+  the FP teacher need no second switch. A block adds `q(q(shortcut) + q(residual))`: each
+  branch rounded onto the grid and saturated to int8, then the int8 sum saturated."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, act_bits: jax.Array) -> jax.Array:
+    bits = jnp.where(quant.is_full_precision(act_bits), quant.FULL_PRECISION, STREAM_BITS)
+    return quantize_input(self, x, bits, "lsq", signed=True)
+
+
 def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
   """BatchNorm with PyTorch's defaults (momentum 0.9 here = 0.1 there); fp32 statistics."""
   return nn.BatchNorm(

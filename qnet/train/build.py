@@ -107,6 +107,8 @@ def _make_model(
   dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
   width = config.model_width if width == -1 else width
   extra = {"width": width} if width != 1.0 else {}  # only the SimpleCNN models take one
+  if config.quant.residual_bits != 32 and models.takes(name, "residual_bits"):
+    extra["residual_bits"] = config.quant.residual_bits  # a teacher of another family: not
   if models.is_foreign(name):  # a user's model: quantized by rules (`qnet.models.rules`)
     extra = {"rules": config.quant.rules, "keep_first_last_fp": config.quant.keep_first_last_fp}
   return models.create_model(
@@ -140,8 +142,11 @@ def clip_decays(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 def run_meta(config: ml_collections.ConfigDict, students, teacher) -> dict:
   """What a checkpoint must agree on with the config that resumes it (`model_width` only when
-  it is not 1, so checkpoints written before the field existed still resume)."""
+  it is not 1 and `residual_bits` when not 32, so checkpoints written before the fields
+  existed still resume)."""
   widths = {"model_width": config.model_width} if config.model_width != 1.0 else {}
+  if config.quant.residual_bits != 32:
+    widths["residual_bits"] = config.quant.residual_bits
   return widths | {
     "dataset": config.dataset,
     "model": config.model,

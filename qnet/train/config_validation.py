@@ -161,6 +161,7 @@ def validate(
   _bits("quant.act_bits", config.quant.act_bits)
   _bool(config, "quant.keep_first_last_fp")
   _bool(config, "quant.per_channel")
+  _residual_bits(config)
   _validate_schedule(config)
   _validate_init_from(config)
   _validate_distill(config)
@@ -279,6 +280,15 @@ def _model(config, field: str) -> None:
       models.foreign_rules(config.quant.rules, True)
   except models.RuleError as e:
     raise ConfigError(str(e)) from None
+
+
+def _residual_bits(config) -> None:
+  value = _get(config, "quant.residual_bits")
+  if value not in (32, layers.STREAM_BITS) or isinstance(value, bool):
+    _fail("quant.residual_bits", value, f"32 (a float residual stream) or {layers.STREAM_BITS} (int8)")
+  if value != 32 and not models.takes(config.model, "residual_bits"):
+    takes = [m for m in sorted(models.MODELS) if models.takes(m, "residual_bits")]
+    _fail("quant.residual_bits", value, f"32 for model {config.model!r}; {layers.STREAM_BITS} only for {', '.join(takes)}")
 
 
 def _width(config, field: str, model: str, allow: tuple = ()) -> None:
