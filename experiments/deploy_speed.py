@@ -2,6 +2,7 @@
 
   PYTHONPATH=. python experiments/deploy_speed.py [--models fmnist_cnn,resnet20,resnet18]
       [--bits 4,2] [--batches 1,64] [--rounds 3] [--seconds 1.0] [--out FILE.json]
+      [--residual_bits 8]   # the ResNets with an int8 residual stream (quant.residual_bits)
   PYTHONPATH=. python experiments/deploy_speed.py --table FILE.json   # its markdown table
   (--append adds to an existing --out: run the networks in separate processes)
 
@@ -54,12 +55,16 @@ from qnet.quant import precision as precision_lib
 NETWORKS = {"fmnist_cnn": "fashion_mnist", "resnet20": "cifar10", "resnet18": "imagenet2012"}
 
 
-def initialised_program(name: str, w: int, a: int, seed: int = 0) -> integer.Program:
+def initialised_program(name: str, w: int, a: int, seed: int = 0, residual_bits: int = 32) -> integer.Program:
   """The program of an initialised `name` at WwAa with BatchNorm statistics and affine
-  parameters away from their defaults (so thresholds are spread as in a trained net)."""
+  parameters away from their defaults (so thresholds are spread as in a trained net), its
+  residual stream at `residual_bits` where the model has one (the stream steps at LSQ's
+  initial value for the stream's values on random images: `layers.StreamQuant`'s first-batch
+  calibration)."""
   ds = DATASETS[NETWORKS[name]]
   shape = (ds.image_size, ds.image_size, ds.channels)
-  model = models.create_model(name, ds.num_classes)
+  extra = {"residual_bits": residual_bits} if residual_bits != 32 and models.takes(name, "residual_bits") else {}
+  model = models.create_model(name, ds.num_classes, **extra)
   sample = jnp.zeros((1, *shape))
   v = model.init(jax.random.key(seed), sample, train=False)
   rng = np.random.default_rng(seed)
@@ -73,6 +78,13 @@ def initialised_program(name: str, w: int, a: int, seed: int = 0) -> integer.Pro
   layout = precision_lib.layout_of(model, sample)
   wv, av = precision_lib.layer_bits(layout, w, a, keep_first_last_fp=True)
   bits = {"/".join(p): (int(wv[i]), int(av[i])) for i, p in enumerate(layout.paths)}
+  if extra:
+    from qnet.models.layers import CALIBRATION
+
+    images = jnp.asarray(rng.normal(0, 1, (8, *shape)), jnp.float32)
+    variables = {"params": params, "batch_stats": stats, "precision": layout.tree(wv, av)}
+    _, upd = model.apply(variables, images, train=True, mutable=["batch_stats", CALIBRATION])
+    params = {**params, **{k: {**params[k], **upd[CALIBRATION][k]} for k in upd[CALIBRATION] if "stream" in k}}
   return lowering.build_program(model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std)
 
 
@@ -97,8 +109,9 @@ def peer_int8(fp32_path: str, out_path: str, shape, batches: int = 4) -> None:
   )
 
 
-def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp: str) -> dict:
-  program = initialised_program(name, w, a)
+def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp: str, residual_bits: int = 32) -> dict:
+  program = initialised_program(name, w, a, residual_bits=residual_bits)
+  stream = any(op["op"] == "stream_add" for op in program.ops)
   shape = program.input_shape
   report: dict = {}
   files = {
@@ -137,7 +150,7 @@ def measure(name: str, w: int, a: int, batches, rounds: int, seconds: float, tmp
         ips = time_fn(fns[key][b], images[b], seconds)
         rows.setdefault(f"{key[0]}|threads={key[1]}|batch={b}", []).append(ips)
   result = {
-    "model": name, "bits": [w, a], "input_shape": list(shape), "forms": report,
+    "model": name, "bits": [w, a], "residual_bits": 8 if stream else 32, "input_shape": list(shape), "forms": report,
     "load_before": load_before, "load_after": load(), "rounds": rows, "median_images_per_s": {},
     "median_ratio_vs_ort_fp32": {},
   }
@@ -166,7 +179,8 @@ def markdown(report: dict) -> str:
     keys = {tuple(k.split("|")[1:]) for k in res["median_images_per_s"]}
     for t, b in sorted(keys, key=lambda tb: (-int(tb[1].split("=")[1]), int(tb[0].split("=")[1]))):
       base = res["median_images_per_s"].get(f"ort_fp32|{t}|{b}")
-      cells = [res["model"], "W{}A{}".format(*res["bits"]), b.split("=")[1], t.split("=")[1], f"{base:,.0f}"]
+      model = res["model"] + (" (int8 stream)" if res.get("residual_bits", 32) != 32 else "")
+      cells = [model, "W{}A{}".format(*res["bits"]), b.split("=")[1], t.split("=")[1], f"{base:,.0f}"]
       for path, _ in COLUMNS:
         r = res["median_ratio_vs_ort_fp32"].get(f"{path}|{t}|{b}")
         cells.append(f"{r:.2f}x" if r else "-")
@@ -184,6 +198,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--seconds", type=float, default=1.0)
   parser.add_argument("--out", default="")
+  parser.add_argument("--residual_bits", type=int, default=32, help="8: the ResNets' int8 residual stream")
   parser.add_argument(
     "--append", action="store_true",
     help="add to --out's results (one process per network keeps memory bounded: the TF "
@@ -216,7 +231,7 @@ def main() -> None:
     for name in args.models.split(","):
       for bits in args.bits.split(","):
         k = int(bits)
-        res = measure(name, k, k, batches, args.rounds, args.seconds, tmp)
+        res = measure(name, k, k, batches, args.rounds, args.seconds, tmp, args.residual_bits)
         results.append(res)
         print(f"== {name} W{k}A{k}  load {res['load_before']} -> {res['load_after']}  flags {meta['cpu_flags']}")
         forms = sorted({v['form'] for v in res['forms'].values()})

@@ -454,6 +454,9 @@ def test_calibrate_if_fresh_calibrates_a_fresh_run_on_its_first_batch_only():
   # A resumed run (step > 0) and a DoReFa run keep their state and consume no batch; a
   # plain FP network (model_act relu) has no clip levels to calibrate.
   assert not calibration.learned_clips(_config(model_act="relu"))
+  stream = _config("dorefa", "dorefa")
+  stream.quant.residual_bits = 8  # DoReFa layers, but the int8 stream's steps are learned
+  assert calibration.learned_clips(stream)
   resumed = state.replace(step=jnp.int32(5))
   for config, start in ((c, resumed), (_config("dorefa", "dorefa"), state)):
     kept, rest = loop.calibrate_if_fresh(config, start, iter(batches), mesh, students)

@@ -55,8 +55,8 @@ from qnet.deploy import integer, packing
 # /2 added the LSQ and PACT quantizers (`quantizers`, the ops' quantizer attributes); a /1
 # export is DoReFa throughout and reads as such. /3 added the float `mean` op (a model that
 # quantizes its global mean before the classifier); /1 and /2 programs are /3 programs.
-FORMAT = "qnet-integer-export/3"
-FORMATS = ("qnet-integer-export/1", "qnet-integer-export/2", FORMAT)
+FORMAT = "qnet-integer-export/4"
+FORMATS = ("qnet-integer-export/1", "qnet-integer-export/2", "qnet-integer-export/3", FORMAT)
 WEIGHTS, MANIFEST, STABLEHLO, ONNX = "weights.safetensors", "manifest.json", "model.stablehlo", "model.onnx"
 ONNX_FP32 = "model_fp32.onnx"
 TFLITE = "model.tflite"

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 from qnet.deploy import integer
-from qnet.deploy.onnx_graph import act_range, float_weights, twin_layer
+from qnet.deploy.onnx_graph import act_range, bn_folds, float_weights, fold_bn, twin_layer
 from qnet.deploy.qdq_onnx import layer_fit
 
 
@@ -222,6 +222,7 @@ def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_output
   a `quantize`) by program value name. `report` receives each integer layer's form."""
   tf = _tf()
   report = {} if report is None else report
+  folds = bn_folds(program)
   consumers: dict[str, list[dict]] = {}
   for op in program.ops:
     for name in op["in"]:
@@ -265,7 +266,13 @@ def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_output
       elif kind in ("conv", "dense"):
         if op["weight_bits"] == integer.FP or op["in_bits"] == integer.FP:
           bias = program.arrays[op["bias"]] if op.get("bias") else None
-          env[op["out"]] = _linear(tf, x, float_weights(op, program.arrays), op, bias)
+          kernel = float_weights(op, program.arrays)
+          if op["out"] in folds:  # its BatchNorm into its kernel and bias
+            kernel, bias = fold_bn(kernel, bias, folds[op["out"]], program.arrays)
+            done.add(folds[op["out"]]["out"])
+          env[op["out"]] = _linear(tf, x, kernel, op, bias)
+          if op["out"] in folds:
+            env[folds[op["out"]]["out"]] = env[op["out"]]
           continue
         many = len(consumers[op["out"]]) > 1
         for nxt in consumers[op["out"]]:

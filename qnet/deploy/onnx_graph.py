@@ -174,6 +174,35 @@ def float_weights(op: dict, arrays) -> np.ndarray:
   return integer.dequantize_weights(w, bits, quantizer, step)
 
 
+def bn_folds(program: integer.Program) -> dict[str, dict]:
+  """Float convs whose one consumer is a `batchnorm` (the 32-bit stem and its BatchNorm):
+  `{conv output: that batchnorm op}`. The runtimes' graphs fold the BatchNorm into the conv's
+  kernel and bias (`fold_bn`), which spares them three elementwise passes over the layer's
+  largest output and its layout reorders; a code after it can then differ from qnet's only
+  at a float32 rounding tie, as after any float conv."""
+  consumers: dict[str, list[dict]] = {}
+  for op in program.ops:
+    for name in op["in"]:
+      consumers.setdefault(name, []).append(op)
+  folds = {}
+  for op in program.ops:
+    if op["op"] != "conv" or (op["weight_bits"] != integer.FP and op["in_bits"] != integer.FP):
+      continue
+    (nxt, *more) = consumers.get(op["out"], [None])
+    if nxt is not None and not more and nxt["op"] == "batchnorm":
+      folds[op["out"]] = nxt
+  return folds
+
+
+def fold_bn(kernel: np.ndarray, bias, bn: dict, arrays) -> tuple[np.ndarray, np.ndarray]:
+  """A float conv's HWIO `kernel` and `bias` (or None) with the BatchNorm op `bn` after it
+  folded in (float32, the multiplier as `float_op` computes it)."""
+  var, scale = arrays[bn["var"]], arrays[bn["scale"]]
+  mul = ((np.float32(1.0) / np.sqrt(var + np.float32(bn["eps"]))) * scale).astype(np.float32)
+  b = np.zeros(kernel.shape[-1], np.float32) if bias is None else np.asarray(bias, np.float32)
+  return (kernel * mul).astype(np.float32), ((b - arrays[bn["mean"]]) * mul + arrays[bn["bias"]]).astype(np.float32)
+
+
 def code_unit(op: dict, arrays) -> np.ndarray:
   """What one accumulator unit of an integer layer is worth (float64, scalar or `[C_out]`):
   the weight code's value times the input code's (`w_unit * in_step`)."""
@@ -233,6 +262,7 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
       consumers.setdefault(name, []).append(op)
   env: dict[str, tuple[str, int]] = {}
   done = set()
+  folds = bn_folds(program)
   stream_steps: dict[str, float] = {}  # int8 stream values (float here) and their steps
   for op in program.ops:
     if op["out"] in done:
@@ -260,7 +290,12 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
       # An integer layer per consumer of its accumulator (requant or dequant), each folded.
       for nxt in consumers[op["out"]] if integer_layer else [None]:
         kernel, bias, top = twin_layer(op, nxt, program.arrays)
+        if op["out"] in folds:
+          kernel, bias = fold_bn(kernel, bias, folds[op["out"]], program.arrays)
         y, r = float_layer(g, op, x, rank, kernel, bias, shapes[op["in"][0]])
+        if op["out"] in folds:
+          env[folds[op["out"]]["out"]] = (y, r)
+          done.add(folds[op["out"]]["out"])
         if nxt is not None:
           if top is not None:
             y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(top))])

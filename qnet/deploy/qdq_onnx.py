@@ -52,7 +52,7 @@ import dataclasses
 import numpy as np
 
 from qnet.deploy import integer
-from qnet.deploy.onnx_graph import OPSET, Graph, chw, chw_rows, float_layer, float_op, float_weights
+from qnet.deploy.onnx_graph import OPSET, Graph, bn_folds, chw, chw_rows, float_layer, float_op, float_weights, fold_bn
 from qnet.deploy.onnx_graph import oihw, onnx_module, value_shapes
 
 _I32 = np.iinfo(np.int32)
@@ -514,6 +514,7 @@ def to_onnx(
       consumers.setdefault(name, []).append(op)
   env: dict[str, tuple[str, int]] = {}
   done: set[str] = set()
+  folds = bn_folds(program)
   codes: set[str] = set()  # program values held as uint8 codes
   stream: set[str] = set()  # program values held as int8 stream codes
 
@@ -561,9 +562,13 @@ def to_onnx(
     elif kind in ("conv", "dense"):
       if op["weight_bits"] == integer.FP or op["in_bits"] == integer.FP:
         bias = program.arrays[op["bias"]] if op.get("bias") else None
-        env[op["out"]] = float_layer(
-          g, op, x, rank, float_weights(op, program.arrays), bias, shapes[op["in"][0]]
-        )
+        kernel = float_weights(op, program.arrays)
+        if op["out"] in folds:  # its BatchNorm into its kernel and bias
+          kernel, bias = fold_bn(kernel, bias, folds[op["out"]], program.arrays)
+        env[op["out"]] = float_layer(g, op, x, rank, kernel, bias, shapes[op["in"][0]])
+        if op["out"] in folds:
+          env[folds[op["out"]]["out"]] = env[op["out"]]
+          done.add(folds[op["out"]]["out"])
         continue
       # An accumulator both requantized and dequantized (a value that feeds a quantized layer
       # and a float residual sum): the layer once per consumer, each in its own fused form.

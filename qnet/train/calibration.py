@@ -43,9 +43,11 @@ def calibrate(
 
 
 def learned_clips(config: ml_collections.ConfigDict) -> bool:
-  """Does the student have learned clip levels (LSQ or PACT), to calibrate on the first batch?"""
+  """Does the student have learned clip levels (LSQ or PACT, or an int8 residual stream's
+  steps), to calibrate on the first batch?"""
   q = config.quant
-  return config.model_act != "relu" and (q.weight_quantizer, q.act_quantizer) != ("dorefa",) * 2
+  learned = (q.weight_quantizer, q.act_quantizer) != ("dorefa",) * 2 or q.residual_bits != 32
+  return config.model_act != "relu" and learned
 
 
 def compile_calibrate(mesh: jax.sharding.Mesh, students: tuple[joint.NetSpec, ...]):
