@@ -3,6 +3,7 @@ at a git revision against the working tree's, side by side in ONNX Runtime (and 
 
   PYTHONPATH=. python experiments/qdq_before_after.py --rev=HEAD [--models resnet20,resnet18]
       [--bits 4] [--batch 64] [--threads 1] [--rounds 5] [--seconds 1.0] [--out FILE.json]
+      [--residual_bits 8]
 
 Per network (`deploy_speed.initialised_program`'s initialised weights), the revision's module
 is loaded from `git show REV:qnet/deploy/qdq_onnx.py` beside the current one; each round times
@@ -54,6 +55,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--seconds", type=float, default=1.0)
   parser.add_argument("--openvino", action="store_true")
+  parser.add_argument("--residual_bits", type=int, default=32, help="8: the ResNets' int8 residual stream")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   rev = subprocess.run(["git", "rev-parse", "--short", args.rev], capture_output=True, text=True, check=True).stdout.strip()
@@ -65,7 +67,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     old = module_at(args.rev, tmp)
     for name in args.models.split(","):
-      program = deploy_speed.initialised_program(name, args.bits, args.bits)
+      program = deploy_speed.initialised_program(name, args.bits, args.bits, residual_bits=args.residual_bits)
       files, forms = {}, {}
       for key, make in (("before", old.to_onnx), ("after", qdq_onnx.to_onnx)):
         report: dict = {}
