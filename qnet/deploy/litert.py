@@ -16,6 +16,10 @@ uint8 images in, float32 logits out. What each program op becomes:
   converter divides back to `B`), then the fake quant (round, saturate below at 0) and an
   int8 `MINIMUM` with `n`. XNNPACK requantizes as `round(float(acc + B) M)` half to even, the
   kernel `fit_requant` proves exact, so these codes equal qnet's thresholds.
+* the int8 residual stream (`quant.residual_bits=8`): int8 codes with scale 1 and zero point
+  0 (fake-quant range `[-128, 127]`); a conv into it is an int8 `CONV_2D` with the int8 weight
+  codes and multiplier `|factor / s|` and an int8 output (`round(float(acc) M)`, the program's
+  formula), a block's sum an int8 `ADD` of equal scales (the saturating integer sum).
 * everything else is float, as in the QDQ graph: a layer into the float stream (`dequant`),
   a layer the fit does not cover, the 32-bit layers, BatchNorm, the residual sums; a code
   there differs from qnet's only at a float32 rounding tie.

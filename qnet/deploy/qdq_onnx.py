@@ -230,15 +230,6 @@ def _stream_op(g: Graph, op: dict, x: str, env: dict, arrays, rank: int) -> str:
     return _q_stream(g, g.node("Div", [x, g.const(np.float32(op["step"]))]))
   if kind == "stream_add":
     return _q_stream(g, g.node("Add", [_dq_stream(g, x), _dq_stream(g, env[op["in"][1]][0])]))
-  if kind == "requant" and g.flavour == "onnxruntime":
-    # The per-channel scale as the DQ's own (`(code + 128 - 128) * scale`, the same float32
-    # product as a Mul after it): one elementwise pass fewer. TensorRT wants activation
-    # scales per tensor: there, a Mul.
-    c = len(arrays[op["scale"]])
-    scale = arrays[op["scale"]].astype(np.float32)
-    y = _dq(g, x, scale, np.full(c, _stream_zero(g)), axis=1)
-    y = g.node("Add", [y, g.const(chw(arrays[op["shift"]].astype(np.float32), rank))])
-    return _q_codes(g, y, integer.levels(op["bits"]))
   y = _dq_stream(g, x)
   if kind == "dequant":
     factor = op["factor"]
