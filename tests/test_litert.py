@@ -25,6 +25,17 @@ def _ops(model: bytes) -> collections.Counter:
   )
 
 
+def _debug_run(program, seed: int):
+  """6 random images, qnet's logits and values, and LiteRT's debug outputs (as NCHW, the
+  layout `check_codes` compares: LiteRT's tensors are NHWC already)."""
+  images = np.random.default_rng(seed).integers(0, 256, (6, *program.input_shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  debug = litert.interpreter_fn(litert.to_tflite(program, debug_outputs=True), outputs=True)
+  theirs = {k: np.asarray(v) for k, v in debug(images).items()}
+  theirs = {k: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for k, v in theirs.items()}
+  return images, logits, values, theirs
+
+
 @pytest.mark.parametrize("name,w,a,keep_fp,quantizers", CASES)
 @pytest.mark.heavy
 def test_tflite_runs_int8_kernels_with_qnets_codes(name, w, a, keep_fp, quantizers):
@@ -41,12 +52,7 @@ def test_tflite_runs_int8_kernels_with_qnets_codes(name, w, a, keep_fp, quantize
   if name == "fmnist_cnn" and not keep_fp:  # fc -> requant (as in the QDQ graph's QGemm)
     assert forms["int8 1x1 CONV_2D"] == 1
 
-  images = np.random.default_rng(2).integers(0, 256, (6, *program.input_shape)).astype(np.uint8)
-  logits, values = integer.make_apply(program, with_values=True)(images)
-  debug = litert.interpreter_fn(litert.to_tflite(program, debug_outputs=True), outputs=True)
-  theirs = {k: np.asarray(v) for k, v in debug(images).items()}
-  # The checker compares NCHW runtimes; LiteRT's tensors are NHWC already.
-  theirs = {k: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for k, v in theirs.items()}
+  images, logits, values, theirs = _debug_run(program, seed=2)
   counts = check_codes(program, values, theirs, report, exact_fused=True)
   assert counts and sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
   np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
@@ -75,11 +81,7 @@ def test_tflite_int8_residual_stream_runs_int8_convs_and_adds_with_qnets_codes(w
   assert {f["form"] for f in report.values()} == {"int8 CONV_2D"} and len(report) == 5
   ops = _ops(plain)
   assert ops[("CONV_2D", "int8")] == 5 and ops[("ADD", "int8")] == 2, ops
-  images = np.random.default_rng(3).integers(0, 256, (6, *program.input_shape)).astype(np.uint8)
-  logits, values = integer.make_apply(program, with_values=True)(images)
-  debug = litert.interpreter_fn(litert.to_tflite(program, debug_outputs=True), outputs=True)
-  theirs = {k: np.asarray(v) for k, v in debug(images).items()}
-  theirs = {k: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for k, v in theirs.items()}
+  images, logits, values, theirs = _debug_run(program, seed=3)
   counts = check_codes(program, values, theirs, report, exact_fused=True)
   streams = [op["out"] for op in program.ops if op["op"] in STREAM_OPS]
   assert all(counts[s] == 0 for s in streams), counts  # XNNPACK's int8 conv and add: qnet's formulas
