@@ -266,15 +266,20 @@ def test_tensorrt_flavour_keeps_tensorrts_rules_and_qnets_codes(tmp_path, name, 
 STREAM_CASES = [  # tiny_resnet with an int8 residual stream: w, a, quantizers, per_channel
   (2, 2, ("dorefa", "dorefa"), False),
   (4, 4, ("lsq", "lsq"), True),  # per-channel steps: a multiplier per channel into the stream
+  (4, 4, ("lsq", "lsq"), "negative step"),  # stage 2's step < 0 (LSQ's mirrored grid)
 ]
 
 
 def _stream_program(w, a, quantizers, per_channel):
+  negative = per_channel == "negative step"
+  per_channel = per_channel is True
   shape, ds = (32, 32, 3), DATASETS["cifar10"]
   wq, aq = quantizers
   model, params, stats = random_net(
     "tiny_resnet", shape, residual_bits=8, weight_quantizer=wq, act_quantizer=aq, per_channel=per_channel
   )
+  if negative:  # its multipliers into the stream are negative: the sign goes into the weights
+    params["stage2_stream"]["act_clip"] = -params["stage2_stream"]["act_clip"]
   bits, tree = bits_for(model, shape, w, a, True)
   program = lowering.build_program(
     model, params, stats, bits, input_shape=shape, mean=ds.mean, std=ds.std, per_channel=per_channel,
