@@ -56,7 +56,7 @@ def _nhwc(v):
   return np.transpose(v, (0, 2, 3, 1)) if v.ndim == 4 else v
 
 
-STREAM_OPS = ("stream_quantize", "requant_stream", "stream_add")
+STREAM_OPS = integer.STREAM_OPS
 
 
 def _their_codes(theirs, op) -> np.ndarray:

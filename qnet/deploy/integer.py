@@ -271,9 +271,13 @@ class _Acc:
   # Set for int8 residual-stream codes (value `codes * factor`): the `StreamQuant` path.
   stream: str | None = None
 
+  def plain(self) -> bool:
+    """Nothing folded onto the accumulator yet (no BatchNorm, ReLU or max-pool pending)?"""
+    return self.bn is None and not self.relu and not self.pools
+
   def on_stream(self, path: str) -> bool:
-    """Are these the untouched codes of stream `path` (nothing folded onto them yet)?"""
-    return self.stream == path and self.bn is None and not self.relu and not self.pools
+    """Are these the untouched codes of stream `path`?"""
+    return self.stream == path and self.plain()
 
 
 @dataclasses.dataclass
@@ -482,7 +486,7 @@ class Builder:
       return v
     self.kinds.setdefault(path, ("lsq", "lsq", False))
     step = float(lsq_step(self._clip(path, ACT_CLIP), STREAM_BITS, signed=True))
-    if isinstance(v, _Acc) and v.stream is None and v.bn is None and not v.relu and not v.pools:
+    if isinstance(v, _Acc) and v.stream is None and v.plain():
       scale = np.asarray(v.factor, np.float64) / step
       if np.ndim(scale):
         self.arrays[f"{v.layer}.stream_scale"] = scale.astype(np.float32)
@@ -498,7 +502,7 @@ class Builder:
     return _Acc(out, v.shape, step, path, stream=path)
 
   def add(self, a, b):
-    if isinstance(a, _Acc) and a.stream and a.on_stream(a.stream) and isinstance(b, _Acc) and b.on_stream(a.stream):
+    if isinstance(a, _Acc) and a.stream and a.plain() and isinstance(b, _Acc) and b.on_stream(a.stream):
       out = self._emit("stream_add", [a.name, b.name], a.stream, bits=STREAM_BITS, step=a.factor)
       return _Acc(out, a.shape, a.factor, a.stream, stream=a.stream)
     a, b = self._materialize(a), self._materialize(b)
@@ -803,11 +807,33 @@ def _run_op(op: dict, env: dict, arrays: dict) -> jax.Array:
     return jnp.mean(x, axis=(1, 2))
   if kind == "add":
     return x + env[op["in"][1]]
-  if kind in ("stream_quantize", "requant_stream", "stream_add"):
+  if kind in STREAM_OPS:
     return _stream_op(op, x, env, arrays)
   if kind == "output":
     return x.astype(jnp.float32)
   raise ValueError(f"unknown op {kind!r}")
+
+
+# The ops that write int8 residual-stream codes.
+STREAM_OPS = ("stream_quantize", "requant_stream", "stream_add")
+
+
+def consumers_of(program: Program) -> dict[str, list[dict]]:
+  """Every program value's consumer ops, in program order (the emitters' pattern lookups)."""
+  found: dict[str, list[dict]] = {}
+  for op in program.ops:
+    for name in op["in"]:
+      found.setdefault(name, []).append(op)
+  return found
+
+
+def on_stream_codes(op: dict, stream: Any) -> bool:
+  """Does `op` run on its own in an emitter's stream form: a `stream_quantize` or
+  `stream_add`, or a `requant` / `dequant` whose input is among the `stream` values
+  (a `requant_stream` goes with the integer layer it follows)?"""
+  return op["op"] in ("stream_quantize", "stream_add") or (
+    op["op"] in ("requant", "dequant") and op["in"][0] in stream
+  )
 
 
 def stream_range() -> tuple[int, int]:

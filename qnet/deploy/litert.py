@@ -35,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 
 from qnet.deploy import integer
-from qnet.deploy.onnx_graph import act_range, bn_folds, float_weights, fold_bn, twin_layer
-from qnet.deploy.qdq_onnx import layer_fit
+from qnet.deploy.onnx_graph import act_range, bn_folds, float_weights, fold_bn, twin_layer, twin_stream_requant
+from qnet.deploy.qdq_onnx import layer_fit, stream_fit
 
 
 def _tf():
@@ -134,11 +134,10 @@ def _stream_codes(tf, y):
   return tf.quantization.fake_quant_with_min_max_vars(y, float(lo), float(hi), num_bits=8)
 
 
-def _stream_op(tf, op: dict, x, env, arrays, step: float | None):
-  """A stream op on its own (`qdq_onnx._stream_op`'s forms); `step`: with the float twin, the
-  step of the stream value `x` (kept float there), else None (`x` is codes)."""
+def _stream_op(tf, op: dict, x, env, arrays, twin: bool, step: float | None):
+  """A stream op on its own (`qdq_onnx._stream_op`'s forms); with the float `twin`, the stream
+  stays float and `step` is that of the stream value `x` a `requant` reads."""
   kind = op["op"]
-  twin = step is not None
   if kind == "stream_quantize":
     return x if twin else _stream_codes(tf, x / np.float32(op["step"]))
   if kind == "stream_add":
@@ -149,22 +148,19 @@ def _stream_op(tf, op: dict, x, env, arrays, step: float | None):
     factor = np.asarray(arrays[factor] if isinstance(factor, str) else factor, np.float32)
     y = x if twin else x * factor
     return y + np.asarray(arrays[op["bias"]], np.float32) if op["bias"] else y
-  scale, shift = arrays[op["scale"]].astype(np.float64), arrays[op["shift"]].astype(np.float64)
-  if twin:  # the map on the float values, times the next step, then the quantizer's clip
-    s = float(op["step"])
-    y = x * (scale * s / step).astype(np.float32) + (shift * s).astype(np.float32)
-    return tf.clip_by_value(y, 0.0, np.float32(act_range(op)))
-  return _codes(tf, x * scale.astype(np.float32) + shift.astype(np.float32), integer.levels(op["bits"]))
+  if twin:
+    mul, add, top = twin_stream_requant(op, arrays, step)
+    return tf.clip_by_value(x * mul + add, 0.0, np.float32(top))
+  scale, shift = arrays[op["scale"]].astype(np.float32), arrays[op["shift"]].astype(np.float32)
+  return _codes(tf, x * scale + shift, integer.levels(op["bits"]))
 
 
 def _stream_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
   """An integer conv into the int8 stream (`requant_stream`): an int8 `CONV_2D` with the int8
   weight codes (sign folded), per-channel multiplier `|M|` and an int8 output (XNNPACK's
   `round(float(acc) M)`, the program's formula); a dense or a biased layer in float."""
-  codes, _ = layer_fit(op, nxt, arrays)
-  scale = nxt["scale"]
-  m = np.broadcast_to(np.asarray(arrays[scale] if isinstance(scale, str) else scale, np.float32), codes.shape[-1:])
-  if op["op"] == "conv" and not nxt["bias"] and np.abs(codes).max() <= 127:
+  codes, m, fused = stream_fit(op, nxt, arrays)
+  if fused:
     am = np.abs(m).astype(np.float32)
     w = (codes * np.where(m < 0, -1, 1)).astype(np.float32) * am
     wq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
@@ -227,10 +223,7 @@ def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_output
   tf = _tf()
   report = {} if report is None else report
   folds = bn_folds(program)
-  consumers: dict[str, list[dict]] = {}
-  for op in program.ops:
-    for name in op["in"]:
-      consumers.setdefault(name, []).append(op)
+  consumers = integer.consumers_of(program)
 
   def fn(images):
     env: dict = {"image": images}
@@ -240,11 +233,8 @@ def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_output
       kind, x = op["op"], env.get(op["in"][0], images)
       if op["out"] in done:
         continue
-      if kind in ("stream_quantize", "stream_add") or (kind in ("requant", "dequant") and op["in"][0] in stream):
-        step = stream.get(op["in"][0]) if float_twin else None
-        if float_twin and kind == "stream_quantize":
-          step = float(op["step"])
-        env[op["out"]] = _stream_op(tf, op, x, env, program.arrays, step)
+      if integer.on_stream_codes(op, stream):
+        env[op["out"]] = _stream_op(tf, op, x, env, program.arrays, float_twin, stream.get(op["in"][0]))
         if kind in ("stream_quantize", "stream_add"):
           stream[op["out"]] = float(op["step"])
         elif kind == "requant" and not float_twin:
@@ -270,13 +260,11 @@ def graph_fn(program: integer.Program, *, float_twin: bool = False, debug_output
       elif kind in ("conv", "dense"):
         if op["weight_bits"] == integer.FP or op["in_bits"] == integer.FP:
           bias = program.arrays[op["bias"]] if op.get("bias") else None
-          kernel = float_weights(op, program.arrays)
-          if op["out"] in folds:  # its BatchNorm into its kernel and bias
-            kernel, bias = fold_bn(kernel, bias, folds[op["out"]], program.arrays)
-            done.add(folds[op["out"]]["out"])
+          kernel, bias, bn_out = fold_bn(op, float_weights(op, program.arrays), bias, folds, program.arrays)
           env[op["out"]] = _linear(tf, x, kernel, op, bias)
-          if op["out"] in folds:
-            env[folds[op["out"]]["out"]] = env[op["out"]]
+          if bn_out:  # its BatchNorm folded into its kernel and bias
+            env[bn_out] = env[op["out"]]
+            done.add(bn_out)
           continue
         many = len(consumers[op["out"]]) > 1
         for nxt in consumers[op["out"]]:

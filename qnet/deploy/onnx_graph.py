@@ -17,6 +17,8 @@ exact to the integer program (its activations are not rounded); it is its float 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from qnet.deploy import integer
@@ -180,10 +182,7 @@ def bn_folds(program: integer.Program) -> dict[str, dict]:
   kernel and bias (`fold_bn`), which spares them three elementwise passes over the layer's
   largest output and its layout reorders; a code after it can then differ from qnet's only
   at a float32 rounding tie, as after any float conv."""
-  consumers: dict[str, list[dict]] = {}
-  for op in program.ops:
-    for name in op["in"]:
-      consumers.setdefault(name, []).append(op)
+  consumers = integer.consumers_of(program)
   folds = {}
   for op in program.ops:
     if op["op"] != "conv" or (op["weight_bits"] != integer.FP and op["in_bits"] != integer.FP):
@@ -194,13 +193,18 @@ def bn_folds(program: integer.Program) -> dict[str, dict]:
   return folds
 
 
-def fold_bn(kernel: np.ndarray, bias, bn: dict, arrays) -> tuple[np.ndarray, np.ndarray]:
-  """A float conv's HWIO `kernel` and `bias` (or None) with the BatchNorm op `bn` after it
-  folded in (float32, the multiplier as `float_op` computes it)."""
+def fold_bn(op: dict, kernel: np.ndarray, bias, folds: dict, arrays) -> tuple[np.ndarray, Any, str | None]:
+  """A float conv's HWIO `kernel` and `bias` (or None), with the BatchNorm after it folded in
+  if `op` is in `folds` (float32, the multiplier as `float_op` computes it); and that
+  BatchNorm's output, which the emitter binds to the conv's (None: nothing folded)."""
+  bn = folds.get(op["out"])
+  if bn is None:
+    return kernel, bias, None
   var, scale = arrays[bn["var"]], arrays[bn["scale"]]
   mul = ((np.float32(1.0) / np.sqrt(var + np.float32(bn["eps"]))) * scale).astype(np.float32)
   b = np.zeros(kernel.shape[-1], np.float32) if bias is None else np.asarray(bias, np.float32)
-  return (kernel * mul).astype(np.float32), ((b - arrays[bn["mean"]]) * mul + arrays[bn["bias"]]).astype(np.float32)
+  b = ((b - arrays[bn["mean"]]) * mul + arrays[bn["bias"]]).astype(np.float32)
+  return (kernel * mul).astype(np.float32), b, bn["out"]
 
 
 def code_unit(op: dict, arrays) -> np.ndarray:
@@ -239,16 +243,22 @@ def twin_layer(op: dict, nxt: dict | None, arrays) -> tuple[np.ndarray, np.ndarr
   return kernel, bias, top
 
 
+def twin_stream_requant(op: dict, arrays, step: float) -> tuple[np.ndarray, np.ndarray, float]:
+  """A `requant` of int8 stream codes in a float twin, whose stream values are the codes
+  times `step`: `(mul, add, top)` with the twin's activation `clip(x * mul + add, 0, top)`
+  (the map in code units, times the next step, then the quantizer's clip)."""
+  s = float(op["step"])
+  mul = (arrays[op["scale"]].astype(np.float64) * s / step).astype(np.float32)
+  return mul, (arrays[op["shift"]] * s).astype(np.float32), act_range(op)
+
+
 def _twin_from_stream(g: Graph, op: dict, x: str, rank: int, arrays, step: float) -> str:
-  """A `requant` or `dequant` of int8 stream codes in the float twin, on the stream's float
-  values `x` (the codes times `step`): the map in code units, times the next step, then the
-  quantizer's clip; or the value itself (plus the bias)."""
+  """A `requant` (`twin_stream_requant`) or `dequant` (the value itself, plus the bias) of
+  int8 stream codes in the float twin, on the stream's float values `x`."""
   if op["op"] == "dequant":
     return g.node("Add", [x, g.const(chw(arrays[op["bias"]], rank).astype(np.float32))]) if op["bias"] else x
-  top, s = act_range(op), float(op["step"])
-  mul = (arrays[op["scale"]].astype(np.float64) * s / step).astype(np.float32)
-  y = g.node("Mul", [x, g.const(chw(mul, rank))])
-  y = g.node("Add", [y, g.const(chw((arrays[op["shift"]] * s).astype(np.float32), rank))])
+  mul, add, top = twin_stream_requant(op, arrays, step)
+  y = g.node("Add", [g.node("Mul", [x, g.const(chw(mul, rank))]), g.const(chw(add, rank))])
   return g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(top))])
 
 
@@ -256,10 +266,7 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
   """The program's network in float32 (see the module docstring), as an `onnx.ModelProto`."""
   g = Graph()
   shapes = value_shapes(program)
-  consumers = {}
-  for op in program.ops:
-    for name in op["in"]:
-      consumers.setdefault(name, []).append(op)
+  consumers = integer.consumers_of(program)
   env: dict[str, tuple[str, int]] = {}
   done = set()
   folds = bn_folds(program)
@@ -269,13 +276,13 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
       continue
     x, rank = env.get(op["in"][0], ("image", 4))
     kind = op["op"]
-    if kind in ("stream_quantize", "stream_add"):  # the stream stays float: no rounding
-      y = x if kind == "stream_quantize" else g.node("Add", [x, env[op["in"][1]][0]])
+    if integer.on_stream_codes(op, stream_steps):
+      if kind in ("requant", "dequant"):
+        y = _twin_from_stream(g, op, x, rank, program.arrays, stream_steps[op["in"][0]])
+      else:  # the stream stays float: no rounding
+        y = x if kind == "stream_quantize" else g.node("Add", [x, env[op["in"][1]][0]])
+        stream_steps[op["out"]] = float(op["step"])
       env[op["out"]] = y, rank
-      stream_steps[op["out"]] = float(op["step"])
-      continue
-    if kind in ("requant", "dequant") and op["in"][0] in stream_steps:
-      env[op["out"]] = _twin_from_stream(g, op, x, rank, program.arrays, stream_steps[op["in"][0]]), rank
       continue
     emitted = float_op(g, op, x, rank, program.arrays, env)
     if emitted is not None:
@@ -290,12 +297,11 @@ def to_fp32_onnx(program: integer.Program, opset: int = OPSET):
       # An integer layer per consumer of its accumulator (requant or dequant), each folded.
       for nxt in consumers[op["out"]] if integer_layer else [None]:
         kernel, bias, top = twin_layer(op, nxt, program.arrays)
-        if op["out"] in folds:
-          kernel, bias = fold_bn(kernel, bias, folds[op["out"]], program.arrays)
+        kernel, bias, bn_out = fold_bn(op, kernel, bias, folds, program.arrays)
         y, r = float_layer(g, op, x, rank, kernel, bias, shapes[op["in"][0]])
-        if op["out"] in folds:
-          env[folds[op["out"]]["out"]] = (y, r)
-          done.add(folds[op["out"]]["out"])
+        if bn_out:
+          env[bn_out] = (y, r)
+          done.add(bn_out)
         if nxt is not None:
           if top is not None:
             y = g.node("Clip", [y, g.const(np.float32(0)), g.const(np.float32(top))])

@@ -244,18 +244,26 @@ def _stream_op(g: Graph, op: dict, x: str, env: dict, arrays, rank: int) -> str:
   return _q_codes(g, y, integer.levels(op["bits"]))
 
 
-def _stream_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_shape, report):
+def stream_fit(op: dict, nxt: dict, arrays) -> tuple[np.ndarray, np.ndarray, bool]:
+  """An integer layer into the stream (`requant_stream`): its signed weight codes, the float32
+  multiplier `M = factor / s` per output channel, and whether it takes the fused int8 form (a
+  conv without bias whose codes fit int8; the runtimes then compute `round(float(acc) M)`)."""
+  codes, _ = layer_fit(op, nxt, arrays)
+  scale = nxt["scale"]
+  m = np.asarray(arrays[scale] if isinstance(scale, str) else scale, np.float32)
+  m = np.broadcast_to(m, codes.shape[-1:]).astype(np.float32)
+  return codes, m, op["op"] == "conv" and not nxt["bias"] and np.abs(codes).max() <= 127
+
+
+def _stream_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, report):
   """An integer conv/dense into the int8 stream (`requant_stream`): `round(acc M)` with `M =
   factor / s` per channel. A conv whose weight codes fit int8 is DQ(codes) -> Conv with the
   int8 codes and DQ scale `|M|` (the sign folded into the weights) -> Q: ONNX Runtime's
   QLinearConv with an int8 (uint8 + 128) output, which computes exactly `round(float(acc) M)`,
   the program's formula. Others: a float layer on the codes, its output times `M`, then Q."""
-  codes, _ = layer_fit(op, nxt, arrays)
-  scale = nxt["scale"]
-  m = np.asarray(arrays[scale] if isinstance(scale, str) else scale, np.float32)
-  m = np.broadcast_to(m, codes.shape[-1:]).astype(np.float32)
+  codes, m, fused = stream_fit(op, nxt, arrays)
   dense = op["op"] == "dense"
-  if not dense and rank == 4 and not nxt["bias"] and np.abs(codes).max() <= 127:
+  if fused:
     w = (codes * np.where(m < 0, -1, 1)).astype(np.int8)
     wdq = _dq(g, g.const(oihw(w), "w"), np.abs(m), np.zeros(len(m), np.int8), axis=0)
     y = g.node("Conv", [_dq_codes(g, x), wdq], strides=op["strides"], pads=_pads(op))
@@ -305,7 +313,7 @@ def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_
   """An integer conv/dense with its consumer (`requant`, `dequant` or `requant_stream`);
   (output, rank)."""
   if nxt["op"] == "requant_stream":
-    return _stream_layer(g, op, nxt, x, rank, arrays, in_shape, report)
+    return _stream_layer(g, op, nxt, x, rank, arrays, report)
   dense, mean = op["op"] == "dense", op["op"] == "dense" and rank == 4 and op["reduce"] == "mean"
   codes, fit = layer_fit(op, nxt, arrays, mean)
   max_abs = np.abs(codes).max(axis=tuple(range(codes.ndim - 1)))
@@ -508,10 +516,7 @@ def to_onnx(
   g.flavour = flavour
   report = {} if report is None else report
   shapes = value_shapes(program)
-  consumers: dict[str, list[dict]] = {}
-  for op in program.ops:
-    for name in op["in"]:
-      consumers.setdefault(name, []).append(op)
+  consumers = integer.consumers_of(program)
   env: dict[str, tuple[str, int]] = {}
   done: set[str] = set()
   folds = bn_folds(program)
@@ -532,9 +537,7 @@ def to_onnx(
     if op["out"] in done:
       continue
     x, rank = env.get(op["in"][0], ("image", 4))
-    if kind in ("stream_quantize", "stream_add") or (
-      kind in ("requant", "dequant") and op["in"][0] in stream
-    ):
+    if integer.on_stream_codes(op, stream):
       env[op["out"]] = _stream_op(g, op, x, env, program.arrays, rank), rank
       if kind != "dequant":
         (codes if kind == "requant" else stream).add(op["out"])
@@ -562,13 +565,11 @@ def to_onnx(
     elif kind in ("conv", "dense"):
       if op["weight_bits"] == integer.FP or op["in_bits"] == integer.FP:
         bias = program.arrays[op["bias"]] if op.get("bias") else None
-        kernel = float_weights(op, program.arrays)
-        if op["out"] in folds:  # its BatchNorm into its kernel and bias
-          kernel, bias = fold_bn(kernel, bias, folds[op["out"]], program.arrays)
+        kernel, bias, bn_out = fold_bn(op, float_weights(op, program.arrays), bias, folds, program.arrays)
         env[op["out"]] = float_layer(g, op, x, rank, kernel, bias, shapes[op["in"][0]])
-        if op["out"] in folds:
-          env[folds[op["out"]]["out"]] = env[op["out"]]
-          done.add(folds[op["out"]]["out"])
+        if bn_out:  # its BatchNorm folded into its kernel and bias
+          env[bn_out] = env[op["out"]]
+          done.add(bn_out)
         continue
       # An accumulator both requantized and dequantized (a value that feeds a quantized layer
       # and a float residual sum): the layer once per consumer, each in its own fused form.

@@ -108,7 +108,7 @@ def _make_model(
   width = config.model_width if width == -1 else width
   extra = {"width": width} if width != 1.0 else {}  # only the SimpleCNN models take one
   if config.quant.residual_bits != 32 and models.takes(name, "residual_bits"):
-    extra["residual_bits"] = config.quant.residual_bits  # a teacher of another family: not
+    extra["residual_bits"] = config.quant.residual_bits  # not to a teacher of another family
   if models.is_foreign(name):  # a user's model: quantized by rules (`qnet.models.rules`)
     extra = {"rules": config.quant.rules, "keep_first_last_fp": config.quant.keep_first_last_fp}
   return models.create_model(
