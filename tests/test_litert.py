@@ -81,10 +81,15 @@ def test_tflite_int8_residual_stream_runs_int8_convs_and_adds_with_qnets_codes(w
   assert {f["form"] for f in report.values()} == {"int8 CONV_2D"} and len(report) == 5
   ops = _ops(plain)
   assert ops[("CONV_2D", "int8")] == 5 and ops[("ADD", "int8")] == 2, ops
+  # The BatchNorm + quantizer on the stream: int8 1x1 depthwise convs (TF merges two equal ones:
+  # DoReFa's conv1 and shortcut quantizers of one stream value are the same map).
+  assert ops[("DEPTHWISE_CONV_2D", "int8")] == (1 if quantizers[1] == "dorefa" else 2), ops
   images, logits, values, theirs = _debug_run(program, seed=3)
   counts = check_codes(program, values, theirs, report, exact_fused=True)
   streams = [op["out"] for op in program.ops if op["op"] in STREAM_OPS]
-  assert all(counts[s] == 0 for s in streams), counts  # XNNPACK's int8 conv and add: qnet's formulas
+  on_stream = [op["out"] for op in program.ops if op["op"] == "requant" and op["in"][0] in streams]
+  assert len(on_stream) == 2  # XNNPACK's int8 conv, depthwise conv and add: qnet's formulas
+  assert all(counts[s] == 0 for s in streams + on_stream), counts
   assert sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)
   np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
   twin = litert.interpreter_fn(litert.to_tflite(program, float_twin=True))(images)

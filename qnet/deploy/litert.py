@@ -19,7 +19,9 @@ uint8 images in, float32 logits out. What each program op becomes:
 * the int8 residual stream (`quant.residual_bits=8`): int8 codes with scale 1 and zero point
   0 (fake-quant range `[-128, 127]`); a conv into it is an int8 `CONV_2D` with the int8 weight
   codes and multiplier `|factor / s|` and an int8 output (`round(float(acc) M)`, the program's
-  formula), a block's sum an int8 `ADD` of equal scales (the saturating integer sum).
+  formula), a block's sum an int8 `ADD` of equal scales (the saturating integer sum), the
+  stream's BatchNorm and a block's input quantizer an int8 1x1 `DEPTHWISE_CONV_2D`
+  (`qdq_onnx.stream_requant_fit`'s `K`, `B`, `M`: exact, as the QDQ graph's).
 * everything else is float, as in the QDQ graph: a layer into the float stream (`dequant`),
   a layer the fit does not cover, the 32-bit layers, BatchNorm, the residual sums; a code
   there differs from qnet's only at a float32 rounding tie.
@@ -36,7 +38,7 @@ import numpy as np
 
 from qnet.deploy import integer
 from qnet.deploy.onnx_graph import act_range, bn_folds, float_weights, fold_bn, twin_layer, twin_stream_requant
-from qnet.deploy.qdq_onnx import layer_fit, stream_fit
+from qnet.deploy.qdq_onnx import layer_fit, stream_fit, stream_requant_fit
 
 
 def _tf():
@@ -151,8 +153,18 @@ def _stream_op(tf, op: dict, x, env, arrays, twin: bool, step: float | None):
   if twin:
     mul, add, top = twin_stream_requant(op, arrays, step)
     return tf.clip_by_value(x * mul + add, 0.0, np.float32(top))
+  n = integer.levels(op["bits"])
+  fit = stream_requant_fit(op, arrays) if x.shape.rank == 4 else None
+  if fit is not None:  # an int8 DEPTHWISE_CONV_2D (1x1, weight K per channel), as in the QDQ graph
+    c = len(fit.k)
+    w = (fit.k.astype(np.float32) * fit.m).reshape(1, 1, 1, c)  # per channel on the last axis
+    wq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+      tf.constant(w), tf.constant(-127 * fit.m), tf.constant(127 * fit.m), num_bits=8, narrow_range=True
+    )
+    y = tf.nn.depthwise_conv2d(x, tf.reshape(wq, [1, 1, c, 1]), [1, 1, 1, 1], "VALID")
+    return _codes(tf, y + (fit.b.astype(np.float32) * fit.m), n)
   scale, shift = arrays[op["scale"]].astype(np.float32), arrays[op["shift"]].astype(np.float32)
-  return _codes(tf, x * scale + shift, integer.levels(op["bits"]))
+  return _codes(tf, x * scale + shift, n)
 
 
 def _stream_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):

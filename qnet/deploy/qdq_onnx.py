@@ -39,8 +39,11 @@ int8. What each program op becomes (NCHW inside; uint8 NHWC images in, float32 l
   DQ(codes) -> Conv with the int8 weight codes, DQ scale `|factor / s|` -> Q, which ONNX
   Runtime fuses into a QLinearConv with an 8-bit output computing `round(float(acc) M)`, the
   program's own formula; `stream_add`: DQ + DQ -> Add -> Q, its `QLinearAdd` (scales 1: the
-  saturating integer sum); `stream_quantize`: `v / s` -> Q; the stream's BatchNorm and
-  quantizer (a `requant` of stream codes) the float map on the DQ'd codes.
+  saturating integer sum); `stream_quantize`: `v / s` -> Q; the stream's BatchNorm and a
+  block's input quantizer (a `requant` of stream codes): DQ -> a depthwise 1x1 Conv whose
+  per-channel int8 weight `K`, int32 bias `B` and multiplier `M` are `fit_requant`'s on the
+  codes themselves (`|acc| <= 128`) -> Q -> Clip, a depthwise QLinearConv, exact (a channel
+  that does not fit: the float map on the DQ'd codes).
 
 `to_onnx(program, report=...)` records per integer layer which form it took.
 """
@@ -238,10 +241,35 @@ def _stream_op(g: Graph, op: dict, x: str, env: dict, arrays, rank: int) -> str:
     if op["bias"]:
       y = g.node("Add", [y, g.const(chw(arrays[op["bias"]], rank).astype(np.float32))])
     return y
+  n = integer.levels(op["bits"])
+  if rank == 4:
+    fit = stream_requant_fit(op, arrays)
+    if fit is not None:  # DQ -> depthwise 1x1 Conv -> Q: a QLinearConv, int8 in and out
+      c = len(fit.k)
+      w = _dq(g, g.const(fit.k.astype(np.int8).reshape(c, 1, 1, 1), "w"), fit.m, np.zeros(c, np.int8), axis=0)
+      if g.flavour == "tensorrt":
+        b = g.const((fit.b.astype(np.float32) * fit.m).astype(np.float32), "b")
+      else:
+        b = _dq(g, g.const(fit.b.astype(np.int32), "b"), fit.m, np.zeros(c, np.int32), axis=0)
+      return _q_codes(g, g.node("Conv", [y, w, b], group=c, kernel_shape=[1, 1]), n)
   scale = chw(arrays[op["scale"]].astype(np.float32), rank)
   shift = chw(arrays[op["shift"]].astype(np.float32), rank)
   y = g.node("Add", [g.node("Mul", [y, g.const(scale)]), g.const(shift)])
-  return _q_codes(g, y, integer.levels(op["bits"]))
+  return _q_codes(g, y, n)
+
+
+def stream_requant_fit(op: dict, arrays) -> RequantFit | None:
+  """The stream's BatchNorm and next quantizer (a `requant` of int8 stream codes) as the fused
+  kernels' map (`fit_requant`, proved on every threshold): each channel's code is its own
+  accumulator (a depthwise 1x1 conv of weight 1, `|acc| <= 128`), so ONNX Runtime runs it as a
+  QLinearConv on the int8 stream, not as float ops between layout transposes. None where a
+  channel does not fit (then the float map)."""
+  c = len(arrays[op["scale"]])
+  lo, _ = integer.stream_range()
+  fit = fit_requant(
+    arrays[op["scale"]], arrays[op["shift"]], op["bits"], np.ones(c, np.int64), np.full(c, -lo), integer.STREAM_BITS
+  )
+  return fit if fit.ok.all() else None
 
 
 def stream_fit(op: dict, nxt: dict, arrays) -> tuple[np.ndarray, np.ndarray, bool]:
