@@ -3,11 +3,12 @@ at a git revision against the working tree's, side by side in ONNX Runtime (and 
 
   PYTHONPATH=. python experiments/qdq_before_after.py --rev=HEAD [--models resnet20,resnet18]
       [--bits 4] [--batch 64] [--threads 1] [--rounds 5] [--seconds 1.0] [--out FILE.json]
-      [--residual_bits 8]
+      [--residual_bits 8] [--openvino] [--litert]
 
 Per network (`deploy_speed.initialised_program`'s initialised weights), the revision's module
 is loaded from `git show REV:qnet/deploy/qdq_onnx.py` beside the current one; each round times
-`before`, `after` and ORT's FP32 twin (the order flips each round) and the report gives the
+`before`, `after` and ORT's FP32 twin (the order flips each round; with `--openvino` the QDQ
+files in OpenVINO too, with `--litert` `qnet.deploy.litert`'s int8 file at `REV` and now) and the report gives the
 medians of the per-round ratios `after / before` and of each over FP32, with each file's
 per-layer forms, the load and the CPU's flags.
 """
@@ -27,19 +28,19 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 import deploy_speed  # noqa: E402
 
-from qnet.deploy import onnx_graph, qdq_onnx  # noqa: E402
+from qnet.deploy import litert, onnx_graph, qdq_onnx  # noqa: E402
 from qnet.deploy.runtimes import cpu_flags, load, openvino_fn, ort_fn, time_fn  # noqa: E402
 
 
-def module_at(rev: str, tmp: str):
-  """`qnet.deploy.qdq_onnx` as it was at git revision `rev`."""
+def module_at(rev: str, tmp: str, name: str = "qdq_onnx"):
+  """`qnet.deploy.NAME` as it was at git revision `rev` (its imports are today's modules)."""
   src = subprocess.run(
-    ["git", "show", f"{rev}:qnet/deploy/qdq_onnx.py"], capture_output=True, text=True, check=True
+    ["git", "show", f"{rev}:qnet/deploy/{name}.py"], capture_output=True, text=True, check=True
   ).stdout
-  path = os.path.join(tmp, "qdq_onnx_before.py")
+  path = os.path.join(tmp, f"{name}_before.py")
   with open(path, "w") as f:
     f.write(src)
-  spec = importlib.util.spec_from_file_location("qdq_onnx_before", path)
+  spec = importlib.util.spec_from_file_location(f"{name}_before", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -55,6 +56,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--seconds", type=float, default=1.0)
   parser.add_argument("--openvino", action="store_true")
+  parser.add_argument("--litert", action="store_true", help="also qnet.deploy.litert's int8 file, before and after")
   parser.add_argument("--residual_bits", type=int, default=32, help="8: the ResNets' int8 residual stream")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -66,6 +68,7 @@ def main() -> None:
   results = []
   with tempfile.TemporaryDirectory() as tmp:
     old = module_at(args.rev, tmp)
+    old_litert = module_at(args.rev, tmp, "litert") if args.litert else None
     for name in args.models.split(","):
       program = deploy_speed.initialised_program(name, args.bits, args.bits, residual_bits=args.residual_bits)
       files, forms = {}, {}
@@ -82,6 +85,9 @@ def main() -> None:
         fns[f"ort_{key}"] = ort_fn(path, args.threads)
         if args.openvino and key != "fp32":
           fns[f"ov_{key}"] = openvino_fn(path, args.threads, args.batch)
+      if old_litert is not None:
+        for key, module in (("before", old_litert), ("after", litert)):
+          fns[f"litert_{key}"] = litert.interpreter_fn(module.to_tflite(program), args.threads)
       import numpy as np
 
       x = np.random.default_rng(0).integers(0, 256, (args.batch, *program.input_shape)).astype(np.uint8)
@@ -93,7 +99,7 @@ def main() -> None:
       res = {
         "model": name, "bits": args.bits, "batch": args.batch, "threads": args.threads, "forms": forms,
         "load_before": load_before, "load_after": load(), "images_per_s": dict(rows),
-        "after_over_before": {p: ratio(f"{p}_after", f"{p}_before") for p in ("ort", "ov") if f"{p}_after" in rows},
+        "after_over_before": {p: ratio(f"{p}_after", f"{p}_before") for p in ("ort", "ov", "litert") if f"{p}_after" in rows},
         "over_ort_fp32": {k: ratio(k, "ort_fp32") for k in rows if k != "ort_fp32"},
       }
       results.append(res)
