@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qnet.deploy import integer, litert, onnx_graph
-from test_qdq_onnx import CASES, STREAM_CASES, STREAM_OPS, _program, _stream_program, check_codes
+from test_qdq_onnx import CASES, STREAM_CASES, STREAM_OPS, _int8_weights, _program, _stream_program, check_codes
 
 pytest.importorskip("ai_edge_litert")
 tf = pytest.importorskip("tensorflow")
@@ -78,9 +78,13 @@ def test_tflite_int8_residual_stream_runs_int8_convs_and_adds_with_qnets_codes(w
   program, *_ = _stream_program(w, a, quantizers, per_channel)
   report = {}
   plain = litert.to_tflite(program, report=report)
-  assert {f["form"] for f in report.values()} == {"int8 CONV_2D"} and len(report) == 5
+  fused = _int8_weights(w, quantizers)
+  forms = {"int8 CONV_2D"} if fused else {"float", "float requant"}
+  assert {f["form"] for f in report.values()} == forms and len(report) == 5
   ops = _ops(plain)
-  assert ops[("CONV_2D", "int8")] == 5 and ops[("ADD", "int8")] == 2, ops
+  assert ops[("CONV_2D", "int8")] == 5 * fused and ops[("ADD", "int8")] == 2, ops
+  # The float forms stay float (the converter would quantize their weights itself otherwise).
+  assert ops[("CONV_2D", "float32")] == 1 + 5 * (not fused), ops
   # The BatchNorm + quantizer on the stream: int8 1x1 depthwise convs (TF merges two equal ones:
   # DoReFa's conv1 and shortcut quantizers of one stream value are the same map).
   assert ops[("DEPTHWISE_CONV_2D", "int8")] == (1 if quantizers[1] == "dorefa" else 2), ops

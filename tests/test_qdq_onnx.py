@@ -25,6 +25,8 @@ CASES = [  # name, w, a, keep_fp, quantizers
   # A user's Flax ResNet by rules, every layer quantized: its classifier quantizes a float mean.
   (USER_MODEL, 4, 4, False, ("dorefa", "pact")),
   ("test_rules:BiasCNN", 4, 4, True, ("dorefa", "dorefa")),  # biased convs (Flax's default)
+  # Every layer quantized: qnet's head sums the codes over H, W (an integer `mean` dense).
+  ("tiny_resnet", 4, 4, False, ("lsq", "lsq")),
 ]
 
 
@@ -138,7 +140,9 @@ def test_qdq_graph_fuses_into_int8_kernels_and_its_codes_equal_qnets(tmp_path, n
   mmitf = forms["MatMulIntegerToFloat"] + forms["im2col MatMulIntegerToFloat"]
   assert ops.get("MatMulIntegerToFloat", 0) == mmitf
   assert not ops.get("ConvInteger") and not ops.get("MatMulInteger")
-  if not keep_fp:  # an integer head: a dense into float
+  if not keep_fp and name == "tiny_resnet":  # qnet's mean head: the summed codes, a float MatMul
+    assert report["head"]["form"] == "float" and not forms["MatMulIntegerToFloat"]
+  elif not keep_fp:  # an integer head: a dense into float
     assert forms["MatMulIntegerToFloat"] == 1
   if name == "fmnist_cnn" and not keep_fp:  # fc -> requant (these weights fit; see fit_requant)
     assert forms["QGemm"] == 1
@@ -267,7 +271,15 @@ STREAM_CASES = [  # tiny_resnet with an int8 residual stream: w, a, quantizers, 
   (2, 2, ("dorefa", "dorefa"), False),
   (4, 4, ("lsq", "lsq"), True),  # per-channel steps: a multiplier per channel into the stream
   (4, 4, ("lsq", "lsq"), "negative step"),  # stage 2's step < 0 (LSQ's mirrored grid)
+  # DoReFa's 8-bit weight codes (odd, up to 255) do not fit int8: every conv takes the float
+  # form (into the stream: the float conv of the codes times M, then Q), still exact.
+  (8, 4, ("dorefa", "dorefa"), False),
 ]
+
+
+def _int8_weights(w, quantizers) -> bool:
+  """Do the stream case's weight codes fit int8 (the fused forms)?"""
+  return not (quantizers[0] == "dorefa" and w == 8)
 
 
 def _stream_program(w, a, quantizers, per_channel):
@@ -308,14 +320,16 @@ def test_int8_residual_stream_runs_as_qlinearconv_and_qlinearadd_with_qnets_code
 
   report = {}
   plain = qdq_onnx.to_onnx(program, report=report).SerializeToString()
-  assert {f["form"] for f in report.values()} == {"QLinearConv"} and len(report) == 5
+  fused = _int8_weights(w, quantizers)
+  forms = {"QLinearConv"} if fused else {"float", "float requant"}
+  assert {f["form"] for f in report.values()} == forms and len(report) == 5
   assert sum(f.get("into") == "int8 stream" for f in report.values()) == 3
   ops = _optimized_ops(plain, tmp_path)
   stream_values = {op["out"] for op in program.ops if op["op"] in STREAM_OPS}
   on_stream = [op["out"] for op in program.ops if op["op"] == "requant" and op["in"][0] in stream_values]
   assert len(on_stream) == 2
-  assert ops["QLinearConv"] == 5 + len(on_stream) and ops["QLinearAdd"] == 2, ops
-  assert ops["Conv"] == 1  # the 32-bit stem
+  assert ops["QLinearConv"] == 5 * fused + len(on_stream) and ops["QLinearAdd"] == 2, ops
+  assert ops["Conv"] == 1 + 5 * (not fused)  # the 32-bit stem (and the float forms)
   graphs = {"onnxruntime": qdq_onnx.to_onnx(program, debug_outputs=True)}
   trt = qdq_onnx.to_onnx(program, flavour="tensorrt")
   assert qdq_onnx.tensorrt_violations(trt) == []

@@ -167,6 +167,14 @@ def _stream_op(tf, op: dict, x, env, arrays, twin: bool, step: float | None):
   return _codes(tf, x * scale + shift, n)
 
 
+def _unquantized(tf, x):
+  """Codes `x` as a float tensor the converter leaves float: a layer's float form whose output
+  is fake-quantized would otherwise become an int8 kernel whose float weights the converter
+  quantizes itself (losing DoReFa's 8-bit weight codes, up to 255). The round trip through
+  int32 is exact on codes."""
+  return tf.cast(tf.cast(x, tf.int32), tf.float32)
+
+
 def _stream_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
   """An integer conv into the int8 stream (`requant_stream`): an int8 `CONV_2D` with the int8
   weight codes (sign folded), per-channel multiplier `|M|` and an int8 output (XNNPACK's
@@ -180,7 +188,7 @@ def _stream_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
     )
     report[op["layer"]] = {"form": "int8 CONV_2D", "into": "int8 stream"}
     return _stream_codes(tf, _conv(tf, x, wq, op))
-  y = _linear(tf, x, codes.astype(np.float32), op) * m
+  y = _linear(tf, _unquantized(tf, x), codes.astype(np.float32), op) * m
   if nxt["bias"]:
     y = y + np.asarray(arrays[nxt["bias"]], np.float32) / np.float32(nxt["step"])
   report[op["layer"]] = {"form": "float", "into": "int8 stream"}
@@ -221,6 +229,7 @@ def _integer_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
     report[op["layer"]] = {"form": "float"}
     return _linear(tf, x, kernel, op, bias)
   scale, shift = arrays[nxt["scale"]].astype(np.float32), arrays[nxt["shift"]].astype(np.float32)
+  x = _unquantized(tf, x)
   if mean:
     x = tf.reduce_sum(x, axis=[1, 2])
   y = _linear(tf, x, codes.astype(np.float32), op) * scale + shift
