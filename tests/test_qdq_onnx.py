@@ -358,6 +358,25 @@ def test_int8_residual_stream_runs_as_qlinearconv_and_qlinearadd_with_qnets_code
   np.testing.assert_allclose(fp, logits, atol=0.5 * float(np.abs(logits).max()))  # unrounded: close, not equal
 
 
+def test_stream_requant_falls_back_to_the_float_map_with_qnets_codes_up_to_ties(tmp_path, monkeypatch):
+  """Where a channel of a stream requant did not fit (none has on the test networks), the map
+  runs as float ops on the DQ'd stream codes: no depthwise conv, codes equal up to ties."""
+  monkeypatch.setattr(qdq_onnx, "stream_requant_fit", lambda op, arrays: None)
+  program, *_ = _stream_program(4, 4, ("lsq", "lsq"), True)
+  report = {}
+  assert _optimized_ops(qdq_onnx.to_onnx(program, report=report).SerializeToString(), tmp_path)["QLinearConv"] == 5
+  images = np.random.default_rng(3).integers(0, 256, (8, *program.input_shape)).astype(np.uint8)
+  logits, values = integer.make_apply(program, with_values=True)(images)
+  sess = ort.InferenceSession(qdq_onnx.to_onnx(program, debug_outputs=True).SerializeToString(), providers=["CPUExecutionProvider"])
+  theirs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": images})))
+  streams = {op["out"] for op in program.ops if op["op"] in STREAM_OPS}
+  on_stream = [op["out"] for op in program.ops if op["op"] == "requant" and op["in"][0] in streams]
+  counts = check_codes(program, values, theirs, report, exact_fused=True)
+  assert set(on_stream) <= set(counts)  # each checked: equal, or a tie of the float map
+  assert sum(counts[v] for v in on_stream) <= 0.01 * sum(np.asarray(values[v]).size for v in on_stream)
+  np.testing.assert_array_equal(np.argmax(theirs["logits"], -1), np.argmax(logits, -1))
+
+
 def _tiny(nodes, inits, inputs, outputs, shape=(2, 3)):
   """A model of `nodes` on named initializers (name -> array) and typed graph inputs/outputs."""
   h = onnx.helper
