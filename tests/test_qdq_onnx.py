@@ -331,8 +331,11 @@ def test_int8_residual_stream_runs_as_qlinearconv_and_qlinearadd_with_qnets_code
   assert ops["QLinearConv"] == 5 * fused + len(on_stream) and ops["QLinearAdd"] == 2, ops
   assert ops["Conv"] == 1 + 5 * (not fused)  # the 32-bit stem (and the float forms)
   graphs = {"onnxruntime": qdq_onnx.to_onnx(program, debug_outputs=True)}
-  trt = qdq_onnx.to_onnx(program, flavour="tensorrt")
+  trt_report = {}
+  trt = qdq_onnx.to_onnx(program, flavour="tensorrt", report=trt_report)
   assert qdq_onnx.tensorrt_violations(trt) == []
+  into_stream = {f["form"] for f in trt_report.values() if f.get("into") == "int8 stream"}
+  assert into_stream == ({"int8 Q/DQ Conv"} if fused else {"float"}), trt_report
   graphs["tensorrt"] = qdq_onnx.to_onnx(program, flavour="tensorrt", debug_outputs=True)
   streams = [op["out"] for op in program.ops if op["op"] in STREAM_OPS]
   runs = {}
