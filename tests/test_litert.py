@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qnet.deploy import integer, litert, onnx_graph
-from test_qdq_onnx import CASES, STREAM_CASES, STREAM_OPS, _int8_weights, _program, _stream_program, check_codes
+from test_qdq_onnx import CASES, STREAM_CASES, _int8_weights, _program, _stream_program, check_codes, stream_values
 
 pytest.importorskip("ai_edge_litert")
 tf = pytest.importorskip("tensorflow")
@@ -90,8 +90,7 @@ def test_tflite_int8_residual_stream_runs_int8_convs_and_adds_with_qnets_codes(w
   assert ops[("DEPTHWISE_CONV_2D", "int8")] == (1 if quantizers[1] == "dorefa" else 2), ops
   images, logits, values, theirs = _debug_run(program, seed=3)
   counts = check_codes(program, values, theirs, report, exact_fused=True)
-  streams = [op["out"] for op in program.ops if op["op"] in STREAM_OPS]
-  on_stream = [op["out"] for op in program.ops if op["op"] == "requant" and op["in"][0] in streams]
+  streams, on_stream = stream_values(program)
   assert len(on_stream) == 2  # XNNPACK's int8 conv, depthwise conv and add: qnet's formulas
   assert all(counts[s] == 0 for s in streams + on_stream), counts
   assert sum(counts.values()) <= 0.01 * sum(np.asarray(values[k]).size for k in counts)

@@ -61,6 +61,14 @@ def _nhwc(v):
 STREAM_OPS = integer.STREAM_OPS
 
 
+def stream_values(program) -> tuple[list[str], list[str]]:
+  """The program's int8 stream codes (the stream ops' outputs) and the `requant`s that read
+  them (a block's BatchNorm + input quantizer on the stream)."""
+  streams = [op["out"] for op in program.ops if op["op"] in STREAM_OPS]
+  on_stream = [op["out"] for op in program.ops if op["op"] == "requant" and op["in"][0] in streams]
+  return streams, on_stream
+
+
 def _their_codes(theirs, op) -> np.ndarray:
   """A runtime's code tensor as qnet's integers (NHWC; int8 stream codes held as `uint8 =
   code + 128` back to signed)."""
@@ -325,8 +333,7 @@ def test_int8_residual_stream_runs_as_qlinearconv_and_qlinearadd_with_qnets_code
   assert {f["form"] for f in report.values()} == forms and len(report) == 5
   assert sum(f.get("into") == "int8 stream" for f in report.values()) == 3
   ops = _optimized_ops(plain, tmp_path)
-  stream_values = {op["out"] for op in program.ops if op["op"] in STREAM_OPS}
-  on_stream = [op["out"] for op in program.ops if op["op"] == "requant" and op["in"][0] in stream_values]
+  streams, on_stream = stream_values(program)
   assert len(on_stream) == 2
   assert ops["QLinearConv"] == 5 * fused + len(on_stream) and ops["QLinearAdd"] == 2, ops
   assert ops["Conv"] == 1 + 5 * (not fused)  # the 32-bit stem (and the float forms)
@@ -337,7 +344,6 @@ def test_int8_residual_stream_runs_as_qlinearconv_and_qlinearadd_with_qnets_code
   into_stream = {f["form"] for f in trt_report.values() if f.get("into") == "int8 stream"}
   assert into_stream == ({"int8 Q/DQ Conv"} if fused else {"float"}), trt_report
   graphs["tensorrt"] = qdq_onnx.to_onnx(program, flavour="tensorrt", debug_outputs=True)
-  streams = [op["out"] for op in program.ops if op["op"] in STREAM_OPS]
   runs = {}
   for flavour, graph in graphs.items():
     sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -372,8 +378,7 @@ def test_stream_requant_falls_back_to_the_float_map_with_qnets_codes_up_to_ties(
   logits, values = integer.make_apply(program, with_values=True)(images)
   sess = ort.InferenceSession(qdq_onnx.to_onnx(program, debug_outputs=True).SerializeToString(), providers=["CPUExecutionProvider"])
   theirs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"image": images})))
-  streams = {op["out"] for op in program.ops if op["op"] in STREAM_OPS}
-  on_stream = [op["out"] for op in program.ops if op["op"] == "requant" and op["in"][0] in streams]
+  _, on_stream = stream_values(program)
   counts = check_codes(program, values, theirs, report, exact_fused=True)
   assert set(on_stream) <= set(counts)  # each checked: equal, or a tie of the float map
   assert sum(counts[v] for v in on_stream) <= 0.01 * sum(np.asarray(values[v]).size for v in on_stream)

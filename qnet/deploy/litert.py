@@ -60,6 +60,14 @@ def _pad(tf, x, padding, value: float = 0.0):
   return tf.pad(x, [[0, 0], [t, b], [l, r], [0, 0]], constant_values=value)
 
 
+def _int8_kernel(tf, w: np.ndarray, m: np.ndarray):
+  """Float32 weights `w = K M` (per channel on the last axis) as the converter's int8 weights:
+  the fake quant's range `+-127 M` makes their scale `M`, so the codes are `K` exactly."""
+  return tf.quantization.fake_quant_with_min_max_vars_per_channel(
+    tf.constant(w), tf.constant(-127 * m), tf.constant(127 * m), num_bits=8, narrow_range=True
+  )
+
+
 def _conv(tf, x, kernel, op):
   x = _pad(tf, x, op["padding"])  # zero: code 0 is the value 0 in every quantizer
   return tf.nn.conv2d(x, kernel, strides=[1, *op["strides"], 1], padding="VALID")
@@ -158,10 +166,7 @@ def _stream_op(tf, op: dict, x, env, arrays, twin: bool, step: float | None):
   if fit is not None:  # an int8 DEPTHWISE_CONV_2D (1x1, weight K per channel), as in the QDQ graph
     c = len(fit.k)
     w = (fit.k.astype(np.float32) * fit.m).reshape(1, 1, 1, c)  # per channel on the last axis
-    wq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-      tf.constant(w), tf.constant(-127 * fit.m), tf.constant(127 * fit.m), num_bits=8, narrow_range=True
-    )
-    y = tf.nn.depthwise_conv2d(x, tf.reshape(wq, [1, 1, c, 1]), [1, 1, 1, 1], "VALID")
+    y = tf.nn.depthwise_conv2d(x, tf.reshape(_int8_kernel(tf, w, fit.m), [1, 1, c, 1]), [1, 1, 1, 1], "VALID")
     return _codes(tf, y + (fit.b.astype(np.float32) * fit.m), n)
   scale, shift = arrays[op["scale"]].astype(np.float32), arrays[op["shift"]].astype(np.float32)
   return _codes(tf, x * scale + shift, n)
@@ -183,11 +188,8 @@ def _stream_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
   if fused:
     am = np.abs(m).astype(np.float32)
     w = (codes * np.where(m < 0, -1, 1)).astype(np.float32) * am
-    wq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-      tf.constant(w), tf.constant(-127 * am), tf.constant(127 * am), num_bits=8, narrow_range=True
-    )
     report[op["layer"]] = {"form": "int8 CONV_2D", "into": "int8 stream"}
-    return _stream_codes(tf, _conv(tf, x, wq, op))
+    return _stream_codes(tf, _conv(tf, x, _int8_kernel(tf, w, am), op))
   y = _linear(tf, _unquantized(tf, x), codes.astype(np.float32), op) * m
   if nxt["bias"]:
     y = y + np.asarray(arrays[nxt["bias"]], np.float32) / np.float32(nxt["step"])
@@ -207,10 +209,7 @@ def _integer_layer(tf, op: dict, nxt: dict, x, arrays, report: dict):
     out_channels = w.shape[-1]
     if dense:  # as a 1x1 conv: the converter's FULLY_CONNECTED transposes the weights and
       w = w.reshape(1, 1, *w.shape)  # loses their per-channel axis ("mismatched quantized axes")
-    wq = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-      tf.constant(w), tf.constant(-127 * fit.m), tf.constant(127 * fit.m), num_bits=8,
-      narrow_range=True,
-    )
+    wq = _int8_kernel(tf, w, fit.m)
     if dense:
       x = tf.reshape(x, [-1, 1, 1, int(np.prod(x.shape[1:]))])
       y = tf.nn.conv2d(x, wq, strides=[1, 1, 1, 1], padding="VALID")

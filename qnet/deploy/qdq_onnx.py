@@ -206,6 +206,14 @@ def _q_codes(g: Graph, y: str, n: int) -> str:
   return q
 
 
+def _fit_bias(g: Graph, fit: RequantFit) -> str:
+  """A fused layer's bias `B` at scale `M`: an int32 DQ (ONNX Runtime), or its float value
+  `B M` (TensorRT dequantizes no int32)."""
+  if g.flavour == "tensorrt":
+    return g.const((fit.b.astype(np.float32) * fit.m).astype(np.float32), "b")
+  return _dq(g, g.const(fit.b.astype(np.int32), "b"), fit.m, np.zeros(len(fit.b), np.int32), axis=0)
+
+
 def _float_codes(g: Graph, x: str) -> str:
   """Codes as floats for an integer layer's float form: a Cast (their value in code units),
   not a DQ. ONNX Runtime's WeightBiasQuantization pass takes DQ -> Conv (float weights) -> Q
@@ -256,11 +264,7 @@ def _stream_op(g: Graph, op: dict, x: str, env: dict, arrays, rank: int) -> str:
     if fit is not None:  # DQ -> depthwise 1x1 Conv -> Q: a QLinearConv, int8 in and out
       c = len(fit.k)
       w = _dq(g, g.const(fit.k.astype(np.int8).reshape(c, 1, 1, 1), "w"), fit.m, np.zeros(c, np.int8), axis=0)
-      if g.flavour == "tensorrt":
-        b = g.const((fit.b.astype(np.float32) * fit.m).astype(np.float32), "b")
-      else:
-        b = _dq(g, g.const(fit.b.astype(np.int32), "b"), fit.m, np.zeros(c, np.int32), axis=0)
-      return _q_codes(g, g.node("Conv", [y, w, b], group=c, kernel_shape=[1, 1]), n)
+      return _q_codes(g, g.node("Conv", [y, w, _fit_bias(g, fit)], group=c, kernel_shape=[1, 1]), n)
   scale = chw(arrays[op["scale"]].astype(np.float32), rank)
   shift = chw(arrays[op["shift"]].astype(np.float32), rank)
   y = g.node("Add", [g.node("Mul", [y, g.const(scale)]), g.const(shift)])
@@ -366,10 +370,7 @@ def _integer_layer(g: Graph, op: dict, nxt: dict, x: str, rank: int, arrays, in_
       wdq = _dq(g, g.const(w, "w"), fit.m, np.zeros(c, np.int8), axis=1)
     else:
       wdq = _dq(g, g.const(oihw(w), "w"), fit.m, np.zeros(c, np.int8), axis=0)
-    if g.flavour == "tensorrt":  # a float bias (TensorRT dequantizes no int32)
-      bdq = g.const((fit.b.astype(np.float32) * fit.m).astype(np.float32), "b")
-    else:
-      bdq = _dq(g, g.const(fit.b.astype(np.int32), "b"), fit.m, np.zeros(c, np.int32), axis=0)
+    bdq = _fit_bias(g, fit)
     if dense:
       y = g.node("Gemm", [xdq, wdq, bdq])
     else:
