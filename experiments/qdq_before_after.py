@@ -5,12 +5,13 @@ at a git revision against the working tree's, side by side in ONNX Runtime (and 
       [--bits 4] [--batch 64] [--threads 1] [--rounds 5] [--seconds 1.0] [--out FILE.json]
       [--residual_bits 8] [--openvino] [--litert]
 
-Per network (`deploy_speed.initialised_program`'s initialised weights), the revision's module
-is loaded from `git show REV:qnet/deploy/qdq_onnx.py` beside the current one; each round times
-`before`, `after` and ORT's FP32 twin (the order flips each round; with `--openvino` the QDQ
-files in OpenVINO too, with `--litert` `qnet.deploy.litert`'s int8 file at `REV` and now) and the report gives the
-medians of the per-round ratios `after / before` and of each over FP32, with each file's
-per-layer forms, the load and the CPU's flags.
+Per network (`deploy_speed.initialised_program`'s initialised weights), the revision's
+exporters are loaded from `git show REV:qnet/deploy/{onnx_graph,qdq_onnx,litert}.py` beside the
+current ones (`modules_at`); each round times `before`, `after` and ORT's FP32 twin at `REV`
+and now (the order flips each round; with `--openvino` the QDQ files in OpenVINO too, with
+`--litert` `qnet.deploy.litert`'s int8 file at `REV` and now) and the report gives the medians
+of the per-round ratios `after / before` (`ort_fp32`: the twin's) and of each QDQ file over
+its own revision's FP32 twin, with each file's per-layer forms, the load and the CPU's flags.
 """
 
 from __future__ import annotations
@@ -32,18 +33,29 @@ from qnet.deploy import litert, onnx_graph, qdq_onnx  # noqa: E402
 from qnet.deploy.runtimes import cpu_flags, load, openvino_fn, ort_fn, time_fn  # noqa: E402
 
 
-def module_at(rev: str, tmp: str, name: str = "qdq_onnx"):
-  """`qnet.deploy.NAME` as it was at git revision `rev` (its imports are today's modules)."""
-  src = subprocess.run(
-    ["git", "show", f"{rev}:qnet/deploy/{name}.py"], capture_output=True, text=True, check=True
-  ).stdout
-  path = os.path.join(tmp, f"{name}_before.py")
-  with open(path, "w") as f:
-    f.write(src)
-  spec = importlib.util.spec_from_file_location(f"{name}_before", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def modules_at(rev: str, tmp: str, names=("onnx_graph", "qdq_onnx", "litert")) -> dict:
+  """`qnet.deploy.NAME` for each of `names` as it was at git revision `rev`, in dependency order:
+  each one's `from qnet.deploy...` imports of the others resolve to their `rev` versions too
+  (the rest of qnet is today's), so a change to the float parts (`onnx_graph`) is timed too."""
+  found: dict = {}
+  saved = {n: sys.modules.get(f"qnet.deploy.{n}") for n in names}
+  try:
+    for name in names:
+      src = subprocess.run(
+        ["git", "show", f"{rev}:qnet/deploy/{name}.py"], capture_output=True, text=True, check=True
+      ).stdout
+      path = os.path.join(tmp, f"{name}_before.py")
+      with open(path, "w") as f:
+        f.write(src)
+      spec = importlib.util.spec_from_file_location(f"{name}_before", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      found[name] = sys.modules[f"qnet.deploy.{name}"] = module
+  finally:
+    for name, module in saved.items():
+      if module is not None:
+        sys.modules[f"qnet.deploy.{name}"] = module
+  return found
 
 
 def main() -> None:
@@ -67,15 +79,15 @@ def main() -> None:
   print(json.dumps(meta))
   results = []
   with tempfile.TemporaryDirectory() as tmp:
-    old = module_at(args.rev, tmp)
-    old_litert = module_at(args.rev, tmp, "litert") if args.litert else None
+    old = modules_at(args.rev, tmp)
     for name in args.models.split(","):
       program = deploy_speed.initialised_program(name, args.bits, args.bits, residual_bits=args.residual_bits)
       files, forms = {}, {}
-      for key, make in (("before", old.to_onnx), ("after", qdq_onnx.to_onnx)):
+      for key, make in (("before", old["qdq_onnx"].to_onnx), ("after", qdq_onnx.to_onnx)):
         report: dict = {}
         files[key] = make(program, report=report).SerializeToString()
         forms[key] = dict(collections.Counter(v["form"] for v in report.values()))
+      files["fp32_before"] = old["onnx_graph"].to_fp32_onnx(program).SerializeToString()
       files["fp32"] = onnx_graph.to_fp32_onnx(program).SerializeToString()
       fns = {}
       for key, model in files.items():
@@ -83,10 +95,10 @@ def main() -> None:
         with open(path, "wb") as f:
           f.write(model)
         fns[f"ort_{key}"] = ort_fn(path, args.threads)
-        if args.openvino and key != "fp32":
+        if args.openvino and not key.startswith("fp32"):
           fns[f"ov_{key}"] = openvino_fn(path, args.threads, args.batch)
-      if old_litert is not None:
-        for key, module in (("before", old_litert), ("after", litert)):
+      if args.litert:
+        for key, module in (("before", old["litert"]), ("after", litert)):
           fns[f"litert_{key}"] = litert.interpreter_fn(module.to_tflite(program), args.threads)
       import numpy as np
 
@@ -99,8 +111,10 @@ def main() -> None:
       res = {
         "model": name, "bits": args.bits, "batch": args.batch, "threads": args.threads, "forms": forms,
         "load_before": load_before, "load_after": load(), "images_per_s": dict(rows),
-        "after_over_before": {p: ratio(f"{p}_after", f"{p}_before") for p in ("ort", "ov", "litert") if f"{p}_after" in rows},
-        "over_ort_fp32": {k: ratio(k, "ort_fp32") for k in rows if k != "ort_fp32"},
+        "after_over_before": {p: ratio(f"{p}_after", f"{p}_before") for p in ("ort", "ov", "litert") if f"{p}_after" in rows}
+        | {"ort_fp32": ratio("ort_fp32", "ort_fp32_before")},
+        # each QDQ file over its own revision's FP32 twin
+        "over_ort_fp32": {k: ratio(k, "ort_fp32_before" if k.endswith("_before") else "ort_fp32") for k in rows if not k.startswith("ort_fp32")},
       }
       results.append(res)
       print(f"== {name} W{args.bits}A{args.bits} batch {args.batch} threads {args.threads} "

@@ -109,11 +109,13 @@ def float_op(g: Graph, op: dict, x: str, rank: int, arrays, env) -> tuple[str, i
   kind = op["op"]
   tp = g.TensorProto
   if kind == "preprocess":
-    y = g.node("Cast", [x], to=tp.FLOAT)
+    # Transposed before the arithmetic: ONNX Runtime's per-channel broadcast over NHWC's last
+    # axis (3 channels) ran 5-8x slower than over NCHW's planes (the same values, bit for bit).
+    # Cast first: TensorRT reads a uint8 input only through a Cast.
+    y = g.node("Transpose", [g.node("Cast", [x], to=tp.FLOAT)], perm=[0, 3, 1, 2])
     y = g.node("Div", [y, g.const(np.float32(255.0))])
-    y = g.node("Sub", [y, g.const(np.asarray(op["mean"], np.float32))])
-    y = g.node("Div", [y, g.const(np.asarray(op["std"], np.float32))])
-    return g.node("Transpose", [y], perm=[0, 3, 1, 2]), 4
+    y = g.node("Sub", [y, g.const(chw(np.asarray(op["mean"], np.float32), 4))])
+    return g.node("Div", [y, g.const(chw(np.asarray(op["std"], np.float32), 4))]), 4
   if kind == "batchnorm":
     var, scale = arrays[op["var"]], arrays[op["scale"]]
     mul = (np.float32(1.0) / np.sqrt(var + np.float32(op["eps"]))) * scale
