@@ -3,13 +3,14 @@ at a git revision against the working tree's, side by side in ONNX Runtime (and 
 
   PYTHONPATH=. python experiments/qdq_before_after.py --rev=HEAD [--models resnet20,resnet18]
       [--bits 4] [--batch 64] [--threads 1] [--rounds 5] [--seconds 1.0] [--out FILE.json]
-      [--residual_bits 8] [--openvino] [--litert]
+      [--residual_bits 8] [--openvino] [--litert] [--stablehlo]
 
 Per network (`deploy_speed.initialised_program`'s initialised weights), the revision's
-exporters are loaded from `git show REV:qnet/deploy/{onnx_graph,qdq_onnx,litert}.py` beside the
+exporters are loaded from `git show REV:qnet/deploy/{integer,onnx_graph,qdq_onnx,litert}.py` beside the
 current ones (`modules_at`); each round times `before`, `after` and ORT's FP32 twin at `REV`
 and now (the order flips each round; with `--openvino` the QDQ files in OpenVINO too, with
-`--litert` `qnet.deploy.litert`'s int8 file at `REV` and now) and the report gives the medians
+`--litert` `qnet.deploy.litert`'s int8 file, with `--stablehlo` the integer program through
+`jax.export`, each at `REV` and now) and the report gives the medians
 of the per-round ratios `after / before` (`ort_fp32`: the twin's) and of each QDQ file over
 its own revision's FP32 twin, with each file's per-layer forms, the load and the CPU's flags.
 """
@@ -29,14 +30,15 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 import deploy_speed  # noqa: E402
 
-from qnet.deploy import litert, onnx_graph, qdq_onnx  # noqa: E402
+from qnet.deploy import integer, litert, onnx_graph, qdq_onnx  # noqa: E402
 from qnet.deploy.runtimes import cpu_flags, load, openvino_fn, ort_fn, time_fn  # noqa: E402
 
 
-def modules_at(rev: str, tmp: str, names=("onnx_graph", "qdq_onnx", "litert")) -> dict:
+def modules_at(rev: str, tmp: str, names=("integer", "onnx_graph", "qdq_onnx", "litert")) -> dict:
   """`qnet.deploy.NAME` for each of `names` as it was at git revision `rev`, in dependency order:
   each one's `from qnet.deploy...` imports of the others resolve to their `rev` versions too
-  (the rest of qnet is today's), so a change to the float parts (`onnx_graph`) is timed too."""
+  (the rest of qnet is today's), so a change to the float parts (`onnx_graph`) or to the
+  integer program's ops (`integer`, with `--stablehlo`) is timed too."""
   found: dict = {}
   saved = {n: sys.modules.get(f"qnet.deploy.{n}") for n in names}
   try:
@@ -49,6 +51,7 @@ def modules_at(rev: str, tmp: str, names=("onnx_graph", "qdq_onnx", "litert")) -
         f.write(src)
       spec = importlib.util.spec_from_file_location(f"{name}_before", path)
       module = importlib.util.module_from_spec(spec)
+      sys.modules[spec.name] = module  # (its dataclasses look their module up)
       spec.loader.exec_module(module)
       found[name] = sys.modules[f"qnet.deploy.{name}"] = module
   finally:
@@ -69,6 +72,10 @@ def main() -> None:
   parser.add_argument("--seconds", type=float, default=1.0)
   parser.add_argument("--openvino", action="store_true")
   parser.add_argument("--litert", action="store_true", help="also qnet.deploy.litert's int8 file, before and after")
+  parser.add_argument(
+    "--stablehlo", action="store_true",
+    help="also the integer program through jax.export at REV and now (XLA's CPU threads: all cores)",
+  )
   parser.add_argument("--residual_bits", type=int, default=32, help="8: the ResNets' int8 residual stream")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -102,6 +109,15 @@ def main() -> None:
           fns[f"litert_{key}"] = litert.interpreter_fn(module.to_tflite(program), args.threads)
       import numpy as np
 
+      if args.stablehlo:
+        import jax
+
+        arrays = {k: np.asarray(v) for k, v in integer.runtime_arrays(program).items()}
+        spec = jax.ShapeDtypeStruct((args.batch, *program.input_shape), np.uint8)
+        for key, module in (("before", old["integer"]), ("after", integer)):
+          run = jax.jit(lambda x, m=module: m.interpret(program.ops, arrays, x))
+          call = jax.jit(jax.export.deserialize(jax.export.export(run)(spec).serialize()).call)
+          fns[f"stablehlo_{key}"] = lambda x, c=call: np.asarray(c(x))
       x = np.random.default_rng(0).integers(0, 256, (args.batch, *program.input_shape)).astype(np.uint8)
       load_before, rows = load(), collections.defaultdict(list)
       for r in range(args.rounds):
@@ -111,7 +127,7 @@ def main() -> None:
       res = {
         "model": name, "bits": args.bits, "batch": args.batch, "threads": args.threads, "forms": forms,
         "load_before": load_before, "load_after": load(), "images_per_s": dict(rows),
-        "after_over_before": {p: ratio(f"{p}_after", f"{p}_before") for p in ("ort", "ov", "litert") if f"{p}_after" in rows}
+        "after_over_before": {p: ratio(f"{p}_after", f"{p}_before") for p in ("ort", "ov", "litert", "stablehlo") if f"{p}_after" in rows}
         | {"ort_fp32": ratio("ort_fp32", "ort_fp32_before")},
         # each QDQ file over its own revision's FP32 twin
         "over_ort_fp32": {k: ratio(k, "ort_fp32_before" if k.endswith("_before") else "ort_fp32") for k in rows if not k.startswith("ort_fp32")},

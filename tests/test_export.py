@@ -832,3 +832,25 @@ def test_an_op_the_lowering_cannot_handle_is_one_line_naming_it_and_the_layer():
   with pytest.raises(integer.UnsupportedModel, match=r"^op (erf|tanh|integer_pow|mul|pow)\b.* \(after layer Conv_1\) has no integer lowering"):
     lowering.build_program(model, v["params"], v["batch_stats"], bits, input_shape=shape, mean=ds.mean, std=ds.std)
 
+
+
+@pytest.mark.parametrize("cin,cout", [(16, 16), (3, 8), (16, 32)])
+def test_small_integer_convs_are_widened_on_the_cpu_and_stay_exact(cin, cout):
+  """XLA's CPU int8 conv with fewer than 32 input and output channels is slow: the kernel gets
+  zero output channels up to `CPU_INT8_MIN_CHANNELS` there, sliced off again, and the int32
+  sums equal a float32 reference (exact: every partial sum is an integer far below 2^24)."""
+  rng = np.random.default_rng(cin * cout)
+  x = jnp.asarray(rng.integers(0, 16, (2, 7, 9, cin)), jnp.int8)
+  w = jnp.asarray(rng.integers(-7, 8, (3, 3, cin, cout)), jnp.int8)
+  op = {"strides": [2, 1], "padding": [[1, 1], [0, 2]]}
+  conv = jax.jit(lambda a, b: integer._conv(a, b, op, jnp.int32))
+  got = np.asarray(conv(x, w))
+  want = jax.lax.conv_general_dilated(
+    np.asarray(x, np.float32), np.asarray(w, np.float32), (2, 1), [(1, 1), (0, 2)],
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  assert got.dtype == np.int32 and got.shape == want.shape
+  np.testing.assert_array_equal(got, np.asarray(want))
+  hlo = conv.lower(x, w).as_text()  # lowered for this CPU: the kernel padded, the sums sliced
+  widened = "stablehlo.pad" in hlo and f"3x3x{cin}x{integer.CPU_INT8_MIN_CHANNELS}xi8" in hlo
+  assert widened == (max(cin, cout) < integer.CPU_INT8_MIN_CHANNELS), hlo[:2000]
