@@ -656,7 +656,7 @@ def _int_sum(x_parts, w_parts, fn) -> jax.Array:
   return acc
 
 
-# XLA's CPU int8 convolution takes a generic path, 5-8x slower than float32, when the input and
+# XLA's CPU int8 convolution takes a generic path, 4-9x slower than float32, when the input and
 # the output both have fewer than 32 channels (jax 0.12.0.1, batch 64 at 32x32, 3x3, 16 -> 16
 # channels: 33 ms against 4 ms in float32; 16 -> 32 channels: 6 ms; lab notes, session 18).
 # There the kernel gets zero output channels up to this count, sliced off again (exact).
