@@ -6,7 +6,7 @@ at a git revision against the working tree's, side by side in ONNX Runtime (and 
       [--residual_bits 8] [--openvino] [--litert] [--stablehlo]
 
 Per network (`deploy_speed.initialised_program`'s initialised weights), the revision's
-exporters are loaded from `git show REV:qnet/deploy/{integer,onnx_graph,qdq_onnx,litert}.py` beside the
+exporters are loaded from `git show REV:qnet/deploy/{integer,onnx_graph,qdq_onnx,litert,export}.py` beside the
 current ones (`modules_at`); each round times `before`, `after` and ORT's FP32 twin at `REV`
 and now (the order flips each round; with `--openvino` the QDQ files in OpenVINO too, with
 `--litert` `qnet.deploy.litert`'s int8 file, with `--stablehlo` the integer program through
@@ -30,15 +30,20 @@ import tempfile
 sys.path.insert(0, os.path.dirname(__file__))
 import deploy_speed  # noqa: E402
 
-from qnet.deploy import integer, litert, onnx_graph, qdq_onnx  # noqa: E402
+from qnet.deploy import export, litert, onnx_graph, qdq_onnx  # noqa: E402
 from qnet.deploy.runtimes import cpu_flags, load, openvino_fn, ort_fn, time_fn  # noqa: E402
 
 
-def modules_at(rev: str, tmp: str, names=("integer", "onnx_graph", "qdq_onnx", "litert")) -> dict:
+def modules_at(
+  rev: str, tmp: str, names=("integer", "onnx_graph", "qdq_onnx", "litert", "export")
+) -> dict:
   """`qnet.deploy.NAME` for each of `names` as it was at git revision `rev`, in dependency order:
-  each one's `from qnet.deploy...` imports of the others resolve to their `rev` versions too
-  (the rest of qnet is today's), so a change to the float parts (`onnx_graph`) or to the
-  integer program's ops (`integer`, with `--stablehlo`) is timed too."""
+  each one's imports of the others (`from qnet.deploy import integer` as well as `from
+  qnet.deploy.onnx_graph import ...`) resolve to their `rev` versions too (the rest of qnet is
+  today's), so a change to the float parts (`onnx_graph`) or to the integer program's ops
+  (`integer`, with `--stablehlo`) is timed too."""
+  import qnet.deploy as package
+
   found: dict = {}
   saved = {n: sys.modules.get(f"qnet.deploy.{n}") for n in names}
   try:
@@ -54,10 +59,12 @@ def modules_at(rev: str, tmp: str, names=("integer", "onnx_graph", "qdq_onnx", "
       sys.modules[spec.name] = module  # (its dataclasses look their module up)
       spec.loader.exec_module(module)
       found[name] = sys.modules[f"qnet.deploy.{name}"] = module
+      setattr(package, name, module)  # what `from qnet.deploy import NAME` reads first
   finally:
     for name, module in saved.items():
       if module is not None:
         sys.modules[f"qnet.deploy.{name}"] = module
+        setattr(package, name, module)
   return found
 
 
@@ -109,14 +116,11 @@ def main() -> None:
           fns[f"litert_{key}"] = litert.interpreter_fn(module.to_tflite(program), args.threads)
       import numpy as np
 
-      if args.stablehlo:
+      if args.stablehlo:  # `model.stablehlo` as each revision's export writes it
         import jax
 
-        arrays = {k: np.asarray(v) for k, v in integer.runtime_arrays(program).items()}
-        spec = jax.ShapeDtypeStruct((args.batch, *program.input_shape), np.uint8)
-        for key, module in (("before", old["integer"]), ("after", integer)):
-          run = jax.jit(lambda x, m=module: m.interpret(program.ops, arrays, x))
-          call = jax.jit(jax.export.deserialize(jax.export.export(run)(spec).serialize()).call)
+        for key, module in (("before", old["export"]), ("after", export)):
+          call = jax.jit(jax.export.deserialize(bytearray(module.stablehlo_bytes(program))).call)
           fns[f"stablehlo_{key}"] = lambda x, c=call: np.asarray(c(x))
       x = np.random.default_rng(0).integers(0, 256, (args.batch, *program.input_shape)).astype(np.uint8)
       load_before, rows = load(), collections.defaultdict(list)
